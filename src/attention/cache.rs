@@ -1,0 +1,568 @@
+//! The bounded Λ cache and its fused attention pass (CPU, f32).
+//!
+//! Per layer: a *global store* holding the first `G` tokens' keys unrotated (they are scored
+//! against the query rotated to `D` once they leave the window), and a *ring* of `L` slots holding
+//! the window's keys rotated at their true positions. Nothing else is kept, so the slots in use
+//! never exceed `G + L` whatever the conversation's length. Storage grows until the ring is full
+//! and is never reallocated after that.
+//!
+//! The attention pass is one loop per (token, query head): scores, online softmax and the weighted
+//! value sum together, reading keys in place (no K/V copies, no `repeat_kv`: each query head reads
+//! its KV group's rows directly).
+
+use rayon::prelude::*;
+
+use super::{
+    AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, check_input,
+};
+
+/// One layer's bounded store.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    geometry: LayerGeometry,
+    /// `[slot][kv_head][head_dim]`, unrotated keys of positions `0..global_len`.
+    global_k: Vec<f32>,
+    global_v: Vec<f32>,
+    /// `[slot][kv_head][head_dim]`, rotated keys; slot of position `p` is `p % window`.
+    ring_k: Vec<f32>,
+    ring_v: Vec<f32>,
+    /// Absolute position held by each ring slot.
+    ring_pos: Vec<u64>,
+    /// Tokens this layer has seen.
+    seen: u64,
+}
+
+/// What the cache holds, for the status bar and the benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Tokens fed so far.
+    pub tokens_seen: u64,
+    /// Sinks attended by the next token (in the first full layer).
+    pub attended_global: u64,
+    /// Window tokens attended by the next token (in the first full layer).
+    pub attended_window: u64,
+    /// Tokens no longer attended by anything.
+    pub evicted: u64,
+    /// Cache slots in use, summed over layers.
+    pub slots_in_use: u64,
+    /// Slots the cache can ever hold, summed over layers.
+    pub slot_capacity: u64,
+    /// Bytes of K/V storage allocated now.
+    pub bytes: u64,
+}
+
+impl LayerCache {
+    pub fn new(geometry: LayerGeometry) -> Self {
+        Self {
+            geometry,
+            global_k: Vec::new(),
+            global_v: Vec::new(),
+            ring_k: Vec::new(),
+            ring_v: Vec::new(),
+            ring_pos: Vec::new(),
+            seen: 0,
+        }
+    }
+
+    pub fn geometry(&self) -> LayerGeometry {
+        self.geometry
+    }
+
+    fn row(&self) -> usize {
+        self.geometry.n_kv_heads * self.geometry.head_dim
+    }
+
+    pub fn global_len(&self) -> usize {
+        self.global_k.len() / self.row()
+    }
+
+    /// Ring slots holding a token (they all hold the window once `seen ≥ window`).
+    pub fn ring_len(&self) -> usize {
+        self.ring_pos.len()
+    }
+
+    /// Slots in use: global store plus ring.
+    pub fn slots_in_use(&self) -> usize {
+        self.global_len() + self.ring_len()
+    }
+
+    /// Allocated bytes of K/V storage (capacity, not length: what the process really holds).
+    pub fn bytes(&self) -> usize {
+        4 * (self.global_k.capacity()
+            + self.global_v.capacity()
+            + self.ring_k.capacity()
+            + self.ring_v.capacity())
+            + 8 * self.ring_pos.capacity()
+    }
+
+    /// Positions currently in the ring, oldest first (for tests and the visualizer).
+    pub fn ring_positions(&self) -> Vec<u64> {
+        let mut p = self.ring_pos.clone();
+        p.sort_unstable();
+        p
+    }
+
+    /// Runs Λ attention for a chunk and stores it. See the module doc for the layout.
+    pub fn attend(&mut self, input: &AttentionInput<'_>) -> Result<Vec<f32>, AttentionError> {
+        let LayerGeometry {
+            n_kv_heads,
+            head_dim,
+            window,
+            n_global,
+            distance_limit,
+        } = self.geometry;
+        check_input(input, n_kv_heads, head_dim)?;
+        let n = input.n_tokens;
+        let pos0 = self.seen;
+        let row = self.row();
+
+        // 1. Sinks enter the global store unrotated.
+        for t in 0..n {
+            let pos = pos0 + t as u64;
+            if (pos as usize) < n_global && self.global_len() == pos as usize {
+                self.global_k
+                    .extend_from_slice(&input.k[t * row..(t + 1) * row]);
+                self.global_v
+                    .extend_from_slice(&input.v[t * row..(t + 1) * row]);
+            }
+        }
+
+        // 2. Rotate the chunk's keys and queries at their true positions; queries also at D when
+        //    some sink may already be outside the window of some row.
+        let mut k_rot = input.k.to_vec();
+        input
+            .rope
+            .rotate_rows(&mut k_rot, n_kv_heads, head_dim, |t| pos0 + t as u64);
+        let mut q_loc = input.q.to_vec();
+        input
+            .rope
+            .rotate_rows(&mut q_loc, input.n_heads, head_dim, |t| pos0 + t as u64);
+        let last = pos0 + n as u64 - 1;
+        let needs_global = self.global_len() > 0 && last >= window as u64;
+        let q_glob = if needs_global {
+            let mut q = input.q.to_vec();
+            input
+                .rope
+                .rotate_rows(&mut q, input.n_heads, head_dim, |_| distance_limit);
+            Some(q)
+        } else {
+            None
+        };
+
+        // 3. The fused pass, one task per (token, query head).
+        let group = input.n_heads / n_kv_heads;
+        let mut out = vec![0f32; n * input.n_heads * head_dim];
+        let this = &*self;
+        out.par_chunks_mut(head_dim)
+            .enumerate()
+            .for_each(|(task, acc)| {
+                let (t, h) = (task / input.n_heads, task % input.n_heads);
+                let kv = h / group;
+                let i = pos0 + t as u64;
+                let q_off = (t * input.n_heads + h) * head_dim;
+                let mut softmax = OnlineSoftmax::new(acc);
+                if let Some(qg) = &q_glob {
+                    let q = &qg[q_off..q_off + head_dim];
+                    for j in 0..this.global_len() {
+                        if j as u64 + window as u64 <= i {
+                            let off = j * row + kv * head_dim;
+                            let s = dot(q, &this.global_k[off..off + head_dim]) * input.scale;
+                            softmax.push(s, &this.global_v[off..off + head_dim]);
+                        }
+                    }
+                }
+                let q = &q_loc[q_off..q_off + head_dim];
+                for (slot, &j) in this.ring_pos.iter().enumerate() {
+                    if j <= i && i - j < window as u64 {
+                        let off = slot * row + kv * head_dim;
+                        let s = dot(q, &this.ring_k[off..off + head_dim]) * input.scale;
+                        softmax.push(s, &this.ring_v[off..off + head_dim]);
+                    }
+                }
+                let first = (t + 1).saturating_sub(window);
+                for u in first..=t {
+                    let off = u * row + kv * head_dim;
+                    let s = dot(q, &k_rot[off..off + head_dim]) * input.scale;
+                    softmax.push(s, &input.v[off..off + head_dim]);
+                }
+                softmax.finish();
+            });
+
+        // 4. The chunk's last `window` tokens enter the ring, evicting what left the window.
+        let first = n.saturating_sub(window);
+        for t in first..n {
+            let pos = pos0 + t as u64;
+            let slot = (pos % window as u64) as usize;
+            if slot >= self.ring_pos.len() {
+                let need = (slot + 1).min(window);
+                self.ring_pos.resize(need, u64::MAX);
+                self.ring_k.resize(need * row, 0.0);
+                self.ring_v.resize(need * row, 0.0);
+            }
+            self.ring_pos[slot] = pos;
+            self.ring_k[slot * row..(slot + 1) * row]
+                .copy_from_slice(&k_rot[t * row..(t + 1) * row]);
+            self.ring_v[slot * row..(slot + 1) * row]
+                .copy_from_slice(&input.v[t * row..(t + 1) * row]);
+        }
+        self.seen += n as u64;
+        Ok(out)
+    }
+}
+
+/// Streaming softmax-weighted sum: one pass, one `exp` per key, the accumulator rescaled only
+/// when a new maximum appears.
+struct OnlineSoftmax<'a> {
+    acc: &'a mut [f32],
+    max: f32,
+    sum: f32,
+}
+
+impl<'a> OnlineSoftmax<'a> {
+    fn new(acc: &'a mut [f32]) -> Self {
+        acc.fill(0.0);
+        Self {
+            acc,
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+
+    #[inline]
+    fn push(&mut self, score: f32, v: &[f32]) {
+        if score > self.max {
+            let correction = (self.max - score).exp();
+            self.sum *= correction;
+            for a in self.acc.iter_mut() {
+                *a *= correction;
+            }
+            self.max = score;
+        }
+        let p = (score - self.max).exp();
+        self.sum += p;
+        for (a, x) in self.acc.iter_mut().zip(v) {
+            *a += p * x;
+        }
+    }
+
+    fn finish(self) {
+        if self.sum > 0.0 {
+            let inv = 1.0 / self.sum;
+            for a in self.acc.iter_mut() {
+                *a *= inv;
+            }
+        }
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorize without reassociation flags.
+    let mut lanes = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            lanes[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = lanes.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// The bounded Λ cache of a whole model: one [`LayerCache`] per layer.
+#[derive(Debug, Clone)]
+pub struct LambdaCache {
+    layers: Vec<LayerCache>,
+    params: LambdaParams,
+    next_position: u64,
+}
+
+impl LambdaCache {
+    pub fn new(params: LambdaParams, layers: Vec<LayerGeometry>) -> Self {
+        Self {
+            layers: layers.into_iter().map(LayerCache::new).collect(),
+            params,
+            next_position: 0,
+        }
+    }
+
+    pub fn params(&self) -> LambdaParams {
+        self.params
+    }
+
+    pub fn layers(&self) -> &[LayerCache] {
+        &self.layers
+    }
+
+    /// Counts for the status bar: attended/evicted as seen by the next query of a full layer.
+    pub fn stats(&self) -> CacheStats {
+        let seen = self.next_position;
+        let reference = self
+            .layers
+            .iter()
+            .find(|l| l.geometry.window == self.params.n_local)
+            .or(self.layers.first());
+        let (g, w) = match reference {
+            Some(l) => {
+                let window = l.geometry.window as u64;
+                let next = seen + 1;
+                let in_window = next.min(window);
+                let first_window = next - in_window;
+                let sinks = (l.geometry.n_global as u64).min(first_window);
+                (sinks, in_window.saturating_sub(1))
+            }
+            None => (0, 0),
+        };
+        CacheStats {
+            tokens_seen: seen,
+            attended_global: g,
+            attended_window: w,
+            evicted: seen - g - w,
+            slots_in_use: self.layers.iter().map(|l| l.slots_in_use() as u64).sum(),
+            slot_capacity: self
+                .layers
+                .iter()
+                .map(|l| (l.geometry.n_global + l.geometry.window) as u64)
+                .sum(),
+            bytes: self.layers.iter().map(|l| l.bytes() as u64).sum(),
+        }
+    }
+}
+
+impl AttentionCache for LambdaCache {
+    fn attend(
+        &mut self,
+        layer: usize,
+        input: &AttentionInput<'_>,
+    ) -> Result<Vec<f32>, AttentionError> {
+        let n_layers = self.layers.len();
+        self.layers
+            .get_mut(layer)
+            .ok_or(AttentionError::NoSuchLayer(layer, n_layers))?
+            .attend(input)
+    }
+
+    fn next_position(&self) -> u64 {
+        self.next_position
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.next_position += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{Rope, RopeStyle, reference_lambda_attention};
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    struct Case {
+        t: usize,
+        chunk: usize,
+        g: usize,
+        l: usize,
+        d: Option<u64>,
+        heads: usize,
+        kv: usize,
+    }
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn run(case: &Case, style: RopeStyle) -> f64 {
+        let hd = 16;
+        let mut rng = StdRng::seed_from_u64(
+            (case.t * 31 + case.chunk * 7 + case.g * 3 + case.l + case.kv) as u64,
+        );
+        let q = random(&mut rng, case.t * case.heads * hd);
+        // Large keys make softmax peaky, so a wrong mask shows up as a large error.
+        let k: Vec<f32> = random(&mut rng, case.t * case.kv * hd)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
+        let v = random(&mut rng, case.t * case.kv * hd);
+        let rope = Rope::new(hd, 10_000.0, style);
+        let params = LambdaParams::new(case.g, case.l, case.d).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let expected = reference_lambda_attention(
+            &q, &k, &v, case.t, case.heads, case.kv, hd, params, &rope, scale,
+        );
+        let mut cache = LayerCache::new(LayerGeometry::full(params, case.kv, hd));
+        let mut got = Vec::new();
+        let mut start = 0;
+        while start < case.t {
+            let n = case.chunk.min(case.t - start);
+            let qs = &q[start * case.heads * hd..(start + n) * case.heads * hd];
+            let ks = &k[start * case.kv * hd..(start + n) * case.kv * hd];
+            let vs = &v[start * case.kv * hd..(start + n) * case.kv * hd];
+            let input = AttentionInput {
+                q: qs,
+                k: ks,
+                v: vs,
+                n_tokens: n,
+                n_heads: case.heads,
+                rope: &rope,
+                scale,
+            };
+            got.extend(cache.attend(&input).unwrap());
+            assert!(cache.slots_in_use() <= case.g.min(start + n) + case.l);
+            start += n;
+        }
+        assert_eq!(
+            cache.slots_in_use(),
+            case.g.min(case.t) + case.l.min(case.t)
+        );
+        got.iter()
+            .zip(&expected)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// Oracle test 1 of shared/ALGORITHM.md.
+    #[test]
+    fn matches_reference_on_the_oracle_grid() {
+        let l = 16;
+        let mut checked = 0;
+        for t in [5, l, 4 + l, 100, 61] {
+            for chunk in [1, 7, l, l + 9] {
+                for g in [0, 1, 4, 16] {
+                    for d in [None, Some(5)] {
+                        for (heads, kv) in [(2, 2), (7, 1)] {
+                            let case = Case {
+                                t,
+                                chunk,
+                                g,
+                                l,
+                                d,
+                                heads,
+                                kv,
+                            };
+                            let style = if checked % 2 == 0 {
+                                RopeStyle::Neox
+                            } else {
+                                RopeStyle::Interleaved
+                            };
+                            let err = run(&case, style);
+                            assert!(
+                                err <= 1e-5,
+                                "T={t} chunk={chunk} G={g} L={l} D={d:?} heads={heads}/{kv}: max |Δ| = {err}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 4 * 4 * 2 * 2);
+    }
+
+    #[test]
+    fn large_global_count_and_long_sequence() {
+        // G = 100 as in the spec, with a window of 128 and a sequence far longer.
+        let case = Case {
+            t: 600,
+            chunk: 37,
+            g: 100,
+            l: 128,
+            d: None,
+            heads: 4,
+            kv: 2,
+        };
+        let err = run(&case, RopeStyle::Neox);
+        assert!(err <= 1e-5, "max |Δ| = {err}");
+    }
+
+    /// Oracle test 3: the cache holds exactly min(T, G + L) entries and stops allocating.
+    #[test]
+    fn bounded_after_100k_tokens_without_reallocation() {
+        let params = LambdaParams::new(4, 64, None).unwrap();
+        let (hd, kv) = (8, 1);
+        let mut cache = LayerCache::new(LayerGeometry::full(params, kv, hd));
+        let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut bytes_when_full = None;
+        let mut ring_ptr = None;
+        for t in 0..100_000u64 {
+            let x = random(&mut rng, hd);
+            let input = AttentionInput {
+                q: &x,
+                k: &x,
+                v: &x,
+                n_tokens: 1,
+                n_heads: 1,
+                rope: &rope,
+                scale: 1.0,
+            };
+            let out = cache.attend(&input).unwrap();
+            assert!(out.iter().all(|o| o.is_finite()));
+            let expected = (t + 1).min(4) + (t + 1).min(64);
+            assert_eq!(cache.slots_in_use() as u64, expected);
+            if t + 1 == 68 {
+                bytes_when_full = Some(cache.bytes());
+                ring_ptr = Some(cache.ring_k.as_ptr());
+            }
+            if t >= 68 {
+                assert_eq!(Some(cache.bytes()), bytes_when_full);
+                assert_eq!(Some(cache.ring_k.as_ptr()), ring_ptr);
+            }
+        }
+        let positions = cache.ring_positions();
+        assert_eq!(positions.first(), Some(&(100_000 - 64)));
+        assert_eq!(positions.last(), Some(&99_999));
+    }
+
+    #[test]
+    fn stats_split_attended_and_evicted() {
+        let params = LambdaParams::new(2, 4, None).unwrap();
+        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2)]);
+        let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
+        for _ in 0..10 {
+            let x = [0.5f32, -0.5];
+            let input = AttentionInput {
+                q: &x,
+                k: &x,
+                v: &x,
+                n_tokens: 1,
+                n_heads: 1,
+                rope: &rope,
+                scale: 1.0,
+            };
+            cache.attend(0, &input).unwrap();
+            cache.advance(1);
+        }
+        let s = cache.stats();
+        // The 11th token sees tokens 7..=9 in its window (plus itself) and the 2 sinks.
+        assert_eq!(s.tokens_seen, 10);
+        assert_eq!(s.attended_window, 3);
+        assert_eq!(s.attended_global, 2);
+        assert_eq!(s.evicted, 5);
+        assert_eq!(s.slots_in_use, 6);
+        assert_eq!(s.slot_capacity, 6);
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let params = LambdaParams::new(0, 4, None).unwrap();
+        let mut cache = LayerCache::new(LayerGeometry::full(params, 2, 4));
+        let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
+        let x = [0f32; 8];
+        let input = AttentionInput {
+            q: &x[..4],
+            k: &x,
+            v: &x,
+            n_tokens: 1,
+            n_heads: 3,
+            rope: &rope,
+            scale: 1.0,
+        };
+        assert!(matches!(
+            cache.attend(&input),
+            Err(AttentionError::Shape { what: "q", .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! `lambdachat bench`: speed, cache size and memory, printed as figures (never asserted).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::{Args, Subcommand};
+
+use super::RunArgs;
+use crate::session::Session;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Generate N tokens in one session; print tok/s, cache slots and RSS at checkpoints.
+    Decode(DecodeArgs),
+    /// Time the prefill of a prompt of N tokens.
+    Prefill(PrefillArgs),
+}
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Tokens to generate
+    #[arg(long, default_value_t = 1000)]
+    pub tokens: usize,
+    /// Print a checkpoint every this many tokens [default: tokens / 10]
+    #[arg(long)]
+    pub every: Option<usize>,
+    /// One JSON object per checkpoint instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Prompt length in tokens
+    #[arg(long, default_value_t = 512)]
+    pub tokens: usize,
+    /// Timed repetitions (each in a fresh session)
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resident set size of this process, from /proc (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+const FILLER: &str = "The history of the long river begins in the mountains, where snow melts each spring and feeds a thousand streams. ";
+
+pub fn run(cmd: BenchCommand) -> Result<i32> {
+    match cmd {
+        BenchCommand::Decode(a) => decode(a),
+        BenchCommand::Prefill(a) => prefill(a),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn decode(args: DecodeArgs) -> Result<i32> {
+    let (engine, params) = args.run.load()?;
+    let every = args.every.unwrap_or((args.tokens / 10).max(1)).max(1);
+    let mut session = Session::new(engine.clone(), params, args.run.sampling.params(), None)?;
+    let prompt = engine.tokenizer.encode(FILLER)?;
+    if !args.json {
+        println!(
+            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}",
+            engine.model.info().name,
+            engine.path.display(),
+            rayon::current_num_threads(),
+            params.n_global,
+            params.n_local
+        );
+        println!(
+            "{:>10} {:>10} {:>12} {:>10} {:>10}",
+            "token", "tok/s", "cache slots", "KV MiB", "RSS MiB"
+        );
+    }
+    Device::Cpu.with_context(|| -> Result<()> {
+        let mut logits = session.feed(&prompt)?;
+        let mut mark = Instant::now();
+        for t in 1..=args.tokens {
+            let id = session.sample(&mut logits)?;
+            logits = session.feed(&[id])?;
+            if t % every == 0 || t == args.tokens {
+                let span = (t - 1) % every + 1;
+                let tok_s = span as f64 / mark.elapsed().as_secs_f64();
+                let s = session.stats();
+                let rss = rss_bytes();
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"token": t, "tok_s": tok_s, "cache_slots": s.slots_in_use,
+                            "kv_bytes": s.bytes, "rss_bytes": rss, "tokens_seen": s.tokens_seen})
+                    );
+                } else {
+                    println!(
+                        "{t:>10} {tok_s:>10.2} {:>12} {:>10.1} {:>10.1}",
+                        s.slots_in_use,
+                        mib(s.bytes),
+                        mib(rss)
+                    );
+                }
+                mark = Instant::now();
+            }
+        }
+        Ok(())
+    })?;
+    Ok(0)
+}
+
+fn prefill(args: PrefillArgs) -> Result<i32> {
+    let (engine, params) = args.run.load()?;
+    let mut ids = Vec::new();
+    while ids.len() < args.tokens {
+        ids.extend(engine.tokenizer.encode(FILLER)?);
+    }
+    ids.truncate(args.tokens.max(1));
+    let mut rates = Vec::new();
+    Device::Cpu.with_context(|| -> Result<()> {
+        for _ in 0..args.repeats.max(1) {
+            let mut session =
+                Session::new(engine.clone(), params, args.run.sampling.params(), None)?;
+            let start = Instant::now();
+            session.feed(&ids)?;
+            rates.push(ids.len() as f64 / start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    let best = rates.iter().cloned().fold(0.0, f64::max);
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"tokens": ids.len(), "best_tok_s": best, "mean_tok_s": mean, "runs": rates})
+        );
+    } else {
+        println!(
+            "prefill {} tokens ({}, {} threads): best {best:.1} tok/s, mean {mean:.1} tok/s over {} runs",
+            ids.len(),
+            engine.model.info().name,
+            rayon::current_num_threads(),
+            rates.len()
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,16 @@
+//! lambdachat: chat with a local LLM for as long as you like.
+//!
+//! The model attends through LM-Infinite's Λ-shaped attention over a bounded KV cache, so memory
+//! and per-token latency stay constant however long the conversation grows. See
+//! docs/ARCHITECTURE.md for the map of modules and the data flow of one chat turn.
+
+pub mod attention;
+pub mod chat;
+pub mod cli;
+pub mod engine;
+pub mod fetch;
+pub mod logging;
+pub mod model;
+pub mod sampling;
+pub mod session;
+pub mod tokenizer;

@@ -1,0 +1,101 @@
+//! The plain pre-norm decoder that Qwen2 and Llama share: `x + attn(norm(x))`, then
+//! `x + mlp(norm(x))`, every layer full attention. Architecture files only say how to load it.
+
+use candle_core::Tensor;
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::layers::{
+    Activation, GatedMlp, Linear, SelfAttention, forward_err, lm_head, norm, rms_norm,
+};
+use super::{GgufFile, LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding};
+use crate::attention::{AttentionCache, LambdaParams, LayerGeometry, Rope};
+
+struct Block {
+    attn_norm: RmsNorm,
+    attn: SelfAttention,
+    ffn_norm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+pub struct PreNormDecoder {
+    info: ModelInfo,
+    embed: TokenEmbedding,
+    blocks: Vec<Block>,
+    out_norm: RmsNorm,
+    head: Linear,
+}
+
+/// What differs between the architectures that share this decoder.
+pub struct DecoderVariant {
+    pub qkv_bias: bool,
+    pub rope: Rope,
+    pub rms_eps: f64,
+}
+
+impl PreNormDecoder {
+    pub fn load(
+        gguf: &mut GgufFile,
+        info: ModelInfo,
+        variant: DecoderVariant,
+    ) -> Result<Self, ModelError> {
+        let eps = variant.rms_eps;
+        let embed = TokenEmbedding::load(gguf)?;
+        let mut blocks = Vec::with_capacity(info.n_layers);
+        for i in 0..info.n_layers {
+            let p = format!("blk.{i}");
+            blocks.push(Block {
+                attn_norm: rms_norm(gguf, &format!("{p}.attn_norm.weight"), eps)?,
+                attn: SelfAttention::load(
+                    gguf,
+                    &p,
+                    variant.qkv_bias,
+                    None,
+                    info.n_heads,
+                    info.n_kv_heads,
+                    info.head_dim,
+                    variant.rope.clone(),
+                    1.0 / (info.head_dim as f32).sqrt(),
+                )?,
+                ffn_norm: rms_norm(gguf, &format!("{p}.ffn_norm.weight"), eps)?,
+                mlp: GatedMlp::load(gguf, &p, Activation::Silu)?,
+            });
+        }
+        let out_norm = rms_norm(gguf, "output_norm.weight", eps)?;
+        let head = embed.output_head(gguf)?;
+        Ok(Self {
+            info,
+            embed,
+            blocks,
+            out_norm,
+            head,
+        })
+    }
+}
+
+impl LanguageModel for PreNormDecoder {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn layer_geometry(&self, params: LambdaParams) -> Vec<LayerGeometry> {
+        let g = LayerGeometry::full(params, self.info.n_kv_heads, self.info.head_dim);
+        vec![g; self.info.n_layers]
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut dyn AttentionCache,
+        logits: Logits,
+    ) -> Result<Tensor, ModelError> {
+        let mut x = self.embed.forward(tokens)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let a = b.attn.forward(&norm(&b.attn_norm, &x)?, i, cache)?;
+            x = (x + a).map_err(forward_err)?;
+            let m = b.mlp.forward(&norm(&b.ffn_norm, &x)?)?;
+            x = (x + m).map_err(forward_err)?;
+        }
+        cache.advance(tokens.len());
+        lm_head(&self.out_norm, &self.head, &x, logits)
+    }
+}

@@ -1,0 +1,157 @@
+//! Opening a GGUF file: header, metadata, tensor table, with every failure named.
+//!
+//! candle's reader parses the header; this module checks what it does not (the file is really
+//! GGUF, the tensor data is all there, the quantization types are ones we can run) so that a bad
+//! file fails at open with a one-line reason, before any weight is read.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+
+use super::ModelError;
+
+/// An opened GGUF file: parsed header plus a reader for its tensors.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    reader: BufReader<File>,
+    pub file_len: u64,
+}
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let io = |e: std::io::Error| ModelError::Io(path.to_path_buf(), e);
+        let file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut magic = [0u8; 4];
+        if reader.read_exact(&mut magic).is_err() || &magic != GGUF_MAGIC {
+            return Err(ModelError::NotGguf(path.to_path_buf()));
+        }
+        reader.rewind().map_err(io)?;
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("unknown dtype") || msg.contains("dtype") {
+                ModelError::UnsupportedQuant(path.to_path_buf(), msg)
+            } else {
+                ModelError::Truncated(path.to_path_buf(), msg)
+            }
+        })?;
+        let gguf = Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+            file_len,
+        };
+        gguf.check_tensor_data()?;
+        Ok(gguf)
+    }
+
+    /// Every tensor's bytes must lie inside the file: a truncated download fails here, not
+    /// halfway through loading.
+    fn check_tensor_data(&self) -> Result<(), ModelError> {
+        for (name, info) in &self.content.tensor_infos {
+            let dtype = info.ggml_dtype;
+            let elems = info.shape.elem_count();
+            let bytes = elems / dtype.block_size() * dtype.type_size();
+            let end = self.content.tensor_data_offset + info.offset + bytes as u64;
+            if end > self.file_len {
+                return Err(ModelError::Truncated(
+                    self.path.clone(),
+                    format!(
+                        "tensor '{name}' ends at byte {end} but the file has {} bytes",
+                        self.file_len
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn architecture(&self) -> Result<String, ModelError> {
+        self.string("general.architecture")
+    }
+
+    fn missing(&self, key: &str) -> ModelError {
+        ModelError::MissingMetadata(self.path.clone(), key.to_string())
+    }
+
+    pub fn value(&self, key: &str) -> Option<&gguf_file::Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub fn string(&self, key: &str) -> Result<String, ModelError> {
+        self.value(key)
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// An unsigned integer of any GGUF width.
+    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        use gguf_file::Value::*;
+        let v = self.value(key).ok_or_else(|| self.missing(key))?;
+        let n = match v {
+            U8(x) => *x as i128,
+            I8(x) => *x as i128,
+            U16(x) => *x as i128,
+            I16(x) => *x as i128,
+            U32(x) => *x as i128,
+            I32(x) => *x as i128,
+            U64(x) => *x as i128,
+            I64(x) => *x as i128,
+            _ => return Err(self.missing(key)),
+        };
+        usize::try_from(n).map_err(|_| self.missing(key))
+    }
+
+    pub fn f64(&self, key: &str) -> Result<f64, ModelError> {
+        use gguf_file::Value::*;
+        match self.value(key) {
+            Some(F32(x)) => Ok(*x as f64),
+            Some(F64(x)) => Ok(*x),
+            Some(_) => self.usize(key).map(|x| x as f64),
+            None => Err(self.missing(key)),
+        }
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    pub fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        if !self.has_tensor(name) {
+            return Err(ModelError::MissingTensor(
+                self.path.clone(),
+                name.to_string(),
+            ));
+        }
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::Tensor(name.to_string(), e.to_string()))
+    }
+
+    /// A small tensor (norm weight, bias) dequantized to f32.
+    pub fn f32_tensor(&mut self, name: &str) -> Result<Tensor, ModelError> {
+        let q = self.qtensor(name)?;
+        q.dequantize(&Device::Cpu)
+            .map_err(|e| ModelError::Tensor(name.to_string(), e.to_string()))
+    }
+
+    /// Quantization types and how many tensors use each, most common first.
+    pub fn quant_summary(&self) -> Vec<(GgmlDType, usize)> {
+        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+        for info in self.content.tensor_infos.values() {
+            match counts.iter_mut().find(|(d, _)| *d == info.ggml_dtype) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((info.ggml_dtype, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts
+    }
+}

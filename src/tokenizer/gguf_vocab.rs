@@ -1,0 +1,229 @@
+//! Translation of `tokenizer.ggml.*` metadata into an HF `tokenizer.json` document.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use super::TokenizerError;
+use crate::model::GgufFile;
+
+/// llama.cpp token types (`tokenizer.ggml.token_type`).
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+
+/// Qwen2's pre-tokenizer split (HF tokenizer.json of Qwen2/Qwen2.5, llama.cpp `qwen2`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's (llama.cpp `llama3` / `llama-bpe`): digits in groups of up to three.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The vocabulary as the GGUF stores it.
+pub struct GgufVocab {
+    model: String,
+    pre: Option<String>,
+    tokens: Vec<String>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    unk: Option<u32>,
+    pub add_bos: bool,
+    add_space_prefix: bool,
+}
+
+fn strings(gguf: &GgufFile, key: &str) -> Vec<String> {
+    gguf.value(key)
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| {
+            v.iter()
+                .map(|s| s.to_string().cloned().unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn numbers<T>(
+    gguf: &GgufFile,
+    key: &str,
+    f: impl Fn(&candle_core::quantized::gguf_file::Value) -> Option<T>,
+) -> Vec<T> {
+    gguf.value(key)
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().filter_map(&f).collect())
+        .unwrap_or_default()
+}
+
+impl GgufVocab {
+    pub fn read(gguf: &GgufFile) -> Result<Self, TokenizerError> {
+        let model = gguf
+            .string("tokenizer.ggml.model")
+            .map_err(|e| TokenizerError::Missing(e.to_string()))?;
+        let tokens = strings(gguf, "tokenizer.ggml.tokens");
+        if tokens.is_empty() {
+            return Err(TokenizerError::Missing(
+                "tokenizer.ggml.tokens is empty".into(),
+            ));
+        }
+        let id = |k: &str| gguf.usize(k).ok().map(|v| v as u32);
+        let flag = |k: &str, default: bool| {
+            gguf.value(k)
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(default)
+        };
+        let is_spm = model == "llama";
+        Ok(Self {
+            pre: gguf.string("tokenizer.ggml.pre").ok(),
+            scores: numbers(gguf, "tokenizer.ggml.scores", |v| v.to_f32().ok()),
+            types: numbers(gguf, "tokenizer.ggml.token_type", |v| v.to_i32().ok()),
+            merges: strings(gguf, "tokenizer.ggml.merges"),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            unk: id("tokenizer.ggml.unknown_token_id"),
+            add_bos: flag("tokenizer.ggml.add_bos_token", is_spm),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", is_spm),
+            model,
+            tokens,
+        })
+    }
+
+    /// Control and user-defined tokens become added tokens (matched whole, never split).
+    fn added_tokens(&self) -> Vec<Value> {
+        self.types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
+            .map(|(id, t)| {
+                json!({
+                    "id": id,
+                    "content": self.tokens[id],
+                    "single_word": false,
+                    "lstrip": false,
+                    "rstrip": false,
+                    "normalized": false,
+                    "special": *t == TYPE_CONTROL,
+                })
+            })
+            .collect()
+    }
+
+    pub fn to_tokenizer_json(&self) -> Result<Value, TokenizerError> {
+        match self.model.as_str() {
+            "gpt2" => Ok(self.byte_level_bpe()),
+            "llama" => Ok(self.sentencepiece_bpe()),
+            other => Err(TokenizerError::Unsupported(other.to_string())),
+        }
+    }
+
+    fn vocab_map(&self) -> serde_json::Map<String, Value> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect()
+    }
+
+    /// GPT-2-style byte-level BPE, with the split llama.cpp uses for `tokenizer.ggml.pre`.
+    fn byte_level_bpe(&self) -> Value {
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        let (normalizer, pre_tokenizer) = match self.pre.as_deref() {
+            Some("qwen2") => (
+                json!({"type": "NFC"}),
+                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+            ),
+            Some("llama3" | "llama-bpe" | "llama-v3") => (
+                Value::Null,
+                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+            ),
+            Some("smollm" | "starcoder" | "refact") => (
+                Value::Null,
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            ),
+            _ => (Value::Null, byte_level(true)),
+        };
+        json!({
+            "version": "1.0",
+            "added_tokens": self.added_tokens(),
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": byte_level(true),
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": null,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": false,
+                "byte_fallback": false,
+                "ignore_merges": false,
+                "vocab": self.vocab_map(),
+                "merges": self.merges,
+            }
+        })
+    }
+
+    /// SentencePiece BPE (llama, mistral, gemma): `▁` for spaces, byte fallback, and merges
+    /// recovered from the piece scores as HF's `SentencePieceExtractor` does (every split of a
+    /// piece into two pieces of the vocabulary, ordered by the merged piece's score).
+    fn sentencepiece_bpe(&self) -> Value {
+        let index: HashMap<&str, usize> = self
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let score = |i: usize| self.scores.get(i).copied().unwrap_or(0.0);
+        let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+        for (id, piece) in self.tokens.iter().enumerate() {
+            let is_normal = self.types.get(id).is_none_or(|t| *t == 1);
+            if !is_normal {
+                continue;
+            }
+            for (cut, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(cut);
+                if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                    merges.push((score(id), id, li, ri));
+                }
+            }
+        }
+        merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|(_, _, l, r)| json!([self.tokens[*l], self.tokens[*r]]))
+            .collect();
+        let mut normalizers = Vec::new();
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if self.add_space_prefix {
+            normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+        let unk = self.unk.and_then(|u| self.tokens.get(u as usize)).cloned();
+        json!({
+            "version": "1.0",
+            "added_tokens": self.added_tokens(),
+            "normalizer": {"type": "Sequence", "normalizers": normalizers},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {
+                "type": "BPE",
+                "dropout": null,
+                "unk_token": unk,
+                "continuing_subword_prefix": null,
+                "end_of_word_suffix": null,
+                "fuse_unk": true,
+                "byte_fallback": true,
+                "ignore_merges": false,
+                "vocab": self.vocab_map(),
+                "merges": merges,
+            }
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! Tokenizers rebuilt from GGUF metadata, run by the `tokenizers` crate.
+//!
+//! A GGUF carries its vocabulary (`tokenizer.ggml.*`); we translate it into the equivalent
+//! Hugging Face `tokenizer.json` and let `tokenizers` do the work, so byte-level BPE (with the
+//! pre-tokenizer regex llama.cpp selects by `tokenizer.ggml.pre`) and SentencePiece BPE (with byte
+//! fallback, merges recovered from the scores as HF's converter does) both behave as upstream.
+//! A `tokenizer.json` beside the model file wins when present.
+
+mod gguf_vocab;
+mod stream;
+
+use std::path::Path;
+
+pub use stream::TextStream;
+
+use crate::model::GgufFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("the model has no tokenizer: {0}")]
+    Missing(String),
+    #[error("unsupported tokenizer model '{0}' (supported: gpt2 BPE, llama/gemma SentencePiece)")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Build(String),
+    #[error("token id {0} is outside the vocabulary ({1} tokens)")]
+    BadId(u32, usize),
+}
+
+/// The tokenizer of a model plus the ids that control generation.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Prepend BOS to a fresh sequence (from `tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    vocab_size: usize,
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer for a GGUF model: `tokenizer.json` next to it if present, else the
+    /// GGUF's own vocabulary.
+    pub fn for_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
+        let meta = gguf_vocab::GgufVocab::read(gguf)?;
+        let beside = gguf
+            .path
+            .parent()
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.is_file());
+        let inner = match beside {
+            Some(p) => load_json_file(&p)?,
+            None => {
+                let json = meta.to_tokenizer_json()?;
+                tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+                    .map_err(|e| TokenizerError::Build(e.to_string()))?
+            }
+        };
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            bos: meta.bos,
+            eos: meta.eos,
+            add_bos: meta.add_bos,
+            vocab_size,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Tokenizes text in which special tokens (`<|im_start|>`…) are recognised, as rendered
+    /// chat templates need. No BOS is added here: [`Tokenizer::add_bos`] says when the caller should.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// Decodes ids to text, skipping nothing (special tokens included as text).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(TokenizerError::BadId(*bad, self.vocab_size));
+        }
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// The id of a token's exact text, if it is one token.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+fn load_json_file(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))
+}
