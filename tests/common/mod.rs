@@ -1,0 +1,39 @@
+//! Shared helpers for the integration tests: the real default model (fetched once into the data
+//! dir, as `lambdachat` itself does) and logits comparisons.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use lambdachat::engine::Engine;
+use lambdachat::fetch::{DEFAULT_MODEL, ensure};
+
+pub fn default_model_path() -> PathBuf {
+    ensure(&DEFAULT_MODEL).expect("the default model can be fetched")
+}
+
+pub fn engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| Arc::new(Engine::load(&default_model_path()).expect("model loads")))
+        .clone()
+}
+
+/// max |a − b| / max |b|: a scale-free distance between two logit vectors.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+pub const TEXT: &str = "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided the light from the darkness. And God called the light Day, and the darkness he called Night. And the evening and the morning were the first day.";

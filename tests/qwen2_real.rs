@@ -1,0 +1,121 @@
+//! The real default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) as users run it, quantized: agreement
+//! with candle-transformers' `quantized_qwen2` within the noise floor of quantized activations,
+//! the greedy answer to a fixed question, and turns that feed only their new tokens.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_qwen2::ModelWeights;
+use common::{TEXT, argmax, default_model_path, engine, rel_err};
+use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::model::Logits;
+use lambdachat::sampling::SamplingParams;
+use lambdachat::session::Session;
+
+/// Agreement with candle's quantized model. Quantized matmuls quantize activations to 8 bits,
+/// which amplifies f32 rounding noise: candle disagrees with *itself* by ~1.5% (max-abs relative)
+/// when the same prompt is split differently. So the bound here is calibrated on that floor;
+/// tests/qwen2_exact.rs checks 1e-3 with dequantized weights, where the floor is ~1e-6.
+#[test]
+fn quantized_logits_agree_with_candle_within_its_own_noise_floor() {
+    let engine = engine();
+    let ids = tokens(40);
+    let path = default_model_path();
+    let candle = |split: usize| {
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut m = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+        let a = Tensor::new(&ids[..split], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.forward(&a, 0).unwrap();
+        let b = Tensor::new(&ids[split..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        rows(&m.forward(&b, split).unwrap())[0].clone()
+    };
+    let (theirs, theirs_split) = (candle(39), candle(20));
+    let floor = rel_err(&theirs_split, &theirs);
+    let params = LambdaParams::new(64, 4096, None).unwrap();
+    let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+    let ours = rows(
+        &engine
+            .model
+            .forward(&ids, &mut cache, Logits::Last)
+            .unwrap(),
+    )[0]
+    .clone();
+    let err = rel_err(&ours, &theirs);
+    assert_eq!(argmax(&ours), argmax(&theirs));
+    assert!(
+        err <= (2.0 * floor).max(1e-3),
+        "error {err}, candle's own floor {floor}"
+    );
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    let ids = engine().tokenizer.encode(TEXT).unwrap();
+    assert!(ids.len() >= n, "test text has only {} tokens", ids.len());
+    ids[..n].to_vec()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+#[test]
+fn greedy_answer_is_paris() {
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let params = LambdaParams::new(64, 4096, None).unwrap();
+    let mut session = Session::new(engine(), params, sampling, None).unwrap();
+    let cancel = AtomicBool::new(false);
+    let mut streamed = String::new();
+    let report = Device::Cpu
+        .with_context(|| {
+            session.turn(
+                "What is the capital of France? Answer with one word.",
+                Some(16),
+                &cancel,
+                &mut |t| streamed.push_str(t),
+            )
+        })
+        .unwrap();
+    assert!(report.reply.contains("Paris"), "reply: {:?}", report.reply);
+    assert_eq!(streamed, report.reply);
+}
+
+/// A second turn feeds only its own tokens: history is never prefilled again.
+#[test]
+fn second_turn_feeds_only_new_tokens() {
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let params = LambdaParams::new(64, 4096, None).unwrap();
+    let mut session = Session::new(engine(), params, sampling, None).unwrap();
+    let cancel = AtomicBool::new(false);
+    let first = session
+        .turn("Say hello.", Some(8), &cancel, &mut |_| {})
+        .unwrap();
+    let seen_after_first = session.stats().tokens_seen as usize;
+    let second = session
+        .turn("Now say goodbye.", Some(8), &cancel, &mut |_| {})
+        .unwrap();
+    // The new prompt is the new message with its template framing, not the conversation.
+    assert!(
+        second.prompt_tokens < 20,
+        "{} prompt tokens",
+        second.prompt_tokens
+    );
+    assert!(first.prompt_tokens > second.prompt_tokens);
+    assert!(session.stats().tokens_seen as usize >= seen_after_first + second.prompt_tokens);
+    assert_eq!(session.messages().len(), 4);
+}
