@@ -1,7 +1,5 @@
-use clap::Parser;
-
 fn main() {
-    let cli = lambdachat::cli::Cli::parse();
+    let cli = lambdachat::cli::parse();
     lambdachat::logging::init();
     match lambdachat::cli::run(cli) {
         Ok(code) => std::process::exit(code),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::attention::{AttentionCache, CacheStats, LambdaCache, LambdaParams};
 use crate::chat::{Message, Role, TemplateError};
 use crate::engine::Engine;
-use crate::model::{Logits, ModelError};
+use crate::model::{Logits, ModelError, candle_msg};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::{TextStream, TokenizerError};
 
@@ -130,7 +130,7 @@ impl Session {
         logits
             .flatten_all()
             .and_then(|l| l.to_vec1::<f32>())
-            .map_err(|e| SessionError::Logits(e.to_string()))
+            .map_err(|e| SessionError::Logits(candle_msg(&e)))
     }
 
     /// Samples the next token and remembers it for the repeat penalty.

@@ -3,6 +3,7 @@
 
 mod ask;
 mod bench;
+mod chat;
 mod inspect;
 
 use std::path::PathBuf;
@@ -29,6 +30,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Chat in the terminal (the default when no command is given).
+    Chat(chat::ChatArgs),
     /// Answer one prompt, streaming the reply to stdout.
     Ask(ask::AskArgs),
     /// Measure decode and prefill speed, cache size and memory.
@@ -140,6 +143,18 @@ fn cap_to_training_length(p: LambdaParams, train_len: usize) -> Result<LambdaPar
     )?)
 }
 
+/// Parses the command line; with no command (`lambdachat`, `lambdachat --model x.gguf`) the
+/// chat starts.
+pub fn parse() -> Cli {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let is_meta = matches!(first, "-h" | "--help" | "-V" | "--version" | "help");
+    if !is_meta && (args.len() == 1 || first.starts_with('-')) {
+        args.insert(1, "chat".into());
+    }
+    Cli::parse_from(args)
+}
+
 pub fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
         Some(p) => Ok(p.clone()),
@@ -149,6 +164,7 @@ pub fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
 
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Chat(c) => chat::run(c),
         Command::Ask(a) => ask::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Inspect(i) => inspect::run(i),

@@ -1,6 +1,7 @@
 //! Token embeddings kept quantized: rows are dequantized on lookup, so the table (151,936 × 896
 //! for Qwen2.5-0.5B) costs its GGUF size in memory, not four bytes a weight.
 
+use crate::model::candle_msg;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
@@ -34,7 +35,7 @@ impl TokenEmbedding {
         } else {
             QMatMul::from_arc(self.table.clone())
         }
-        .map_err(|e| ModelError::Tensor("output.weight".into(), e.to_string()))?;
+        .map_err(|e| ModelError::Tensor("output.weight".into(), candle_msg(&e)))?;
         Ok(Linear::from_qmatmul(weight))
     }
 }

@@ -4,6 +4,7 @@
 //! GGUF, the tensor data is all there, the quantization types are ones we can run) so that a bad
 //! file fails at open with a one-line reason, before any weight is read.
 
+use crate::model::candle_msg;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ impl GgufFile {
         }
         reader.rewind().map_err(io)?;
         let content = gguf_file::Content::read(&mut reader).map_err(|e| {
-            let msg = e.to_string();
+            let msg = candle_msg(&e);
             if msg.contains("unknown dtype") || msg.contains("dtype") {
                 ModelError::UnsupportedQuant(path.to_path_buf(), msg)
             } else {
@@ -132,14 +133,14 @@ impl GgufFile {
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| ModelError::Tensor(name.to_string(), e.to_string()))
+            .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))
     }
 
     /// A small tensor (norm weight, bias) dequantized to f32.
     pub fn f32_tensor(&mut self, name: &str) -> Result<Tensor, ModelError> {
         let q = self.qtensor(name)?;
         q.dequantize(&Device::Cpu)
-            .map_err(|e| ModelError::Tensor(name.to_string(), e.to_string()))
+            .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))
     }
 
     /// Quantization types and how many tensors use each, most common first.

@@ -3,6 +3,7 @@
 //!
 //! Activations are 2-D `[tokens, features]` f32 tensors (batch size is always 1 in a chat).
 
+use crate::model::candle_msg;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -15,7 +16,7 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 /// Converts candle errors inside a forward pass.
 pub fn forward_err(e: candle_core::Error) -> ModelError {
-    ModelError::Forward(e.to_string())
+    ModelError::Forward(candle_msg(&e))
 }
 
 /// A quantized weight matrix with an optional f32 bias.
@@ -27,8 +28,8 @@ pub struct Linear {
 impl Linear {
     pub fn load(gguf: &mut GgufFile, name: &str, with_bias: bool) -> Result<Self> {
         let q = gguf.qtensor(&format!("{name}.weight"))?;
-        let weight =
-            QMatMul::from_qtensor(q).map_err(|e| ModelError::Tensor(name.into(), e.to_string()))?;
+        let weight = QMatMul::from_qtensor(q)
+            .map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))?;
         let bias = if with_bias {
             Some(gguf.f32_tensor(&format!("{name}.bias"))?)
         } else {
@@ -52,7 +53,7 @@ impl Linear {
 
 pub fn rms_norm(gguf: &mut GgufFile, name: &str, eps: f64) -> Result<RmsNorm> {
     let q = gguf.qtensor(name)?;
-    RmsNorm::from_qtensor(q, eps).map_err(|e| ModelError::Tensor(name.into(), e.to_string()))
+    RmsNorm::from_qtensor(q, eps).map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))
 }
 
 pub fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {

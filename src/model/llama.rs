@@ -5,6 +5,7 @@
 use super::decoder::{DecoderVariant, PreNormDecoder};
 use super::{GgufFile, ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
+use crate::model::candle_msg;
 
 pub fn load(gguf: &mut GgufFile, arch: &str) -> Result<PreNormDecoder, ModelError> {
     let info = common_info(gguf, arch)?;
@@ -24,7 +25,7 @@ fn rope(gguf: &mut GgufFile, info: &ModelInfo) -> Result<Rope, ModelError> {
     let factors = gguf
         .f32_tensor("rope_freqs.weight")?
         .to_vec1::<f32>()
-        .map_err(|e| ModelError::Tensor("rope_freqs.weight".into(), e.to_string()))?;
+        .map_err(|e| ModelError::Tensor("rope_freqs.weight".into(), candle_msg(&e)))?;
     if factors.len() != base.half_dim() {
         return Err(ModelError::Tensor(
             "rope_freqs.weight".into(),

@@ -105,6 +105,13 @@ pub fn load_gguf(path: &Path) -> Result<(Box<dyn LanguageModel>, GgufFile), Mode
     Ok((model, gguf))
 }
 
+/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
+/// users get one line.
+pub fn candle_msg(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or_default().trim().to_string()
+}
+
 /// Reads the hyper-parameters every decoder-only GGUF shares, under the `{arch}.` prefix.
 pub(crate) fn common_info(gguf: &GgufFile, arch: &str) -> Result<ModelInfo, ModelError> {
     let key = |k: &str| format!("{arch}.{k}");

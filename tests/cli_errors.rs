@@ -1,0 +1,236 @@
+//! Bad input through the real binary: each case is a clear one-line error with a non-zero exit,
+//! no panic, and no file left that could be taken for a model.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
+
+fn lambdachat() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lambdachat"));
+    // Never let a test reach for the network: the Hub probe fails at once.
+    c.env("HF_ENDPOINT", "http://127.0.0.1:9");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    lambdachat()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Exit ≠ 0, no panic, and the error is one line containing `needle`.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line: {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "missing {needle:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    let out = run(&["ask", "--model", "/nonexistent/model.gguf", "hi"]);
+    assert_clean_error(&out, "cannot read /nonexistent/model.gguf");
+}
+
+#[test]
+fn a_file_that_is_not_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.gguf");
+    std::fs::write(&path, "just some text, not a model").unwrap();
+    let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
+    assert_clean_error(&out, "is not a GGUF file");
+}
+
+#[test]
+fn a_truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.gguf");
+    let mut src = std::fs::File::open(common::default_model_path()).unwrap();
+    let mut head = vec![0u8; 20 << 20];
+    src.read_exact(&mut head).unwrap();
+    std::fs::write(&path, head).unwrap();
+    let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
+    assert_clean_error(&out, "is truncated or corrupt");
+}
+
+#[test]
+fn an_unsupported_architecture_lists_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bert.gguf");
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let arch = gguf_file::Value::String("bert".into());
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("w", &t)]).unwrap();
+    let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
+    assert_clean_error(
+        &out,
+        "unsupported architecture 'bert' (supported: qwen2, llama, gemma3)",
+    );
+}
+
+/// A GGUF v3 with one tensor of ggml type 99, which no build knows.
+fn write_gguf_with_unknown_type(path: &Path) {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // string
+    s(&mut b, "qwen2");
+    s(&mut b, "w");
+    b.extend(1u32.to_le_bytes());
+    b.extend(32u64.to_le_bytes());
+    b.extend(99u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().div_ceil(32) * 32 + 256, 0);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn an_unsupported_quantization_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.gguf");
+    write_gguf_with_unknown_type(&path);
+    let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
+    assert_clean_error(&out, "uses a quantization type this build cannot run");
+}
+
+#[test]
+fn nonsensical_lambda_parameters_fail_before_loading() {
+    let model = ["--model", "/nonexistent.gguf"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--n-local", "0"], "n_local must be at least 1"),
+        (
+            &["--distance-limit", "0"],
+            "distance_limit 0 must be between 1 and n_local",
+        ),
+        (
+            &["--n-local", "100", "--distance-limit", "101"],
+            "distance_limit 101 must be between 1 and n_local (100)",
+        ),
+        (
+            &["--n-local", "10", "--n-global", "11"],
+            "n_global 11 is larger than n_local 10",
+        ),
+        (&["--n-local=-3"], "invalid value '-3'"),
+        (
+            &["--temperature", "-1"],
+            "temperature must be a finite number",
+        ),
+        (&["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["ask"];
+        args.extend_from_slice(&model);
+        args.extend_from_slice(flags);
+        args.push("hi");
+        assert_clean_error(&run(&args), needle);
+    }
+}
+
+#[test]
+fn a_prompt_on_stdin_that_is_not_utf8() {
+    let mut child = lambdachat()
+        .args(["ask", "--model", "/nonexistent.gguf", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"caf\xe9 au lait")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_clean_error(&out, "not valid UTF-8 (invalid byte at offset 3)");
+}
+
+/// A fetch that cannot complete (no Hub, no pip) leaves no model file behind, and a half
+/// download left by an earlier interrupted run is never taken for the model.
+#[test]
+fn an_interrupted_default_model_download_is_never_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let name = lambdachat::fetch::DEFAULT_MODEL.file_name;
+    std::fs::write(models.join(format!("{name}.partial")), vec![0u8; 1000]).unwrap();
+    let out = lambdachat()
+        .args(["ask", "hi"])
+        .env("LAMBDACHAT_DATA_DIR", dir.path())
+        .env("PATH", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "fetching the default model");
+    assert!(!models.join(name).exists());
+}
+
+/// Ctrl-C during generation stops cleanly: exit 130, and what was generated is printed.
+#[test]
+fn ctrl_c_during_generation_keeps_the_text() {
+    let model = common::default_model_path();
+    let mut child = lambdachat()
+        .args([
+            "ask",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "4000",
+        ])
+        .arg("Write a very long story about a lighthouse keeper.")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut stdout = child.stdout.take().unwrap();
+    let start = Instant::now();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut signalled = false;
+    loop {
+        let n = stdout.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+        if !signalled && text.len() > 40 {
+            signalled = true;
+            Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no end after Ctrl-C"
+        );
+    }
+    let status = child.wait().unwrap();
+    assert!(signalled, "the model wrote too little to interrupt");
+    assert_eq!(status.code(), Some(130));
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.trim().len() > 20, "generated text lost: {text:?}");
+}
