@@ -135,10 +135,7 @@ fn nonsensical_lambda_parameters_fail_before_loading() {
             "n_global 11 is larger than n_local 10",
         ),
         (&["--n-local=-3"], "invalid value '-3'"),
-        (
-            &["--temperature", "-1"],
-            "temperature must be a finite number",
-        ),
+        (&["--temperature=-1"], "temperature must be a finite number"),
         (&["--top-p", "1.5"], "top_p must be in (0, 1]"),
     ];
     for (flags, needle) in cases {
