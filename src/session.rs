@@ -155,10 +155,10 @@ impl Session {
         let mut ids = std::mem::take(&mut self.pending);
         if self.cache.next_position() == 0 && ids.is_empty() && tok.add_bos {
             let bos_text = tok.bos.and_then(|b| tok.id_to_token(b));
-            if let (Some(bos), Some(text)) = (tok.bos, bos_text) {
-                if !delta.starts_with(&text) {
-                    ids.push(bos);
-                }
+            if let (Some(bos), Some(text)) = (tok.bos, bos_text)
+                && !delta.starts_with(&text)
+            {
+                ids.push(bos);
             }
         }
         ids.extend(tok.encode(delta)?);

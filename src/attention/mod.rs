@@ -178,7 +178,7 @@ pub(crate) fn check_input(
             });
         }
     }
-    if n_kv_heads == 0 || input.n_heads % n_kv_heads != 0 {
+    if n_kv_heads == 0 || !input.n_heads.is_multiple_of(n_kv_heads) {
         return Err(AttentionError::Gqa(input.n_heads, n_kv_heads));
     }
     Ok(())

@@ -152,7 +152,7 @@ impl GgufFile {
                 None => counts.push((info.ggml_dtype, 1)),
             }
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         counts
     }
 }

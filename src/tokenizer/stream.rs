@@ -27,13 +27,14 @@ impl TextStream {
         self.ids.push(id);
         let before = tok.decode(&self.ids[self.prefix..self.read])?;
         let after = tok.decode(&self.ids[self.prefix..])?;
-        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
-            if let Some(delta) = after.get(before.len()..) {
-                let delta = delta.to_string();
-                self.prefix = self.read;
-                self.read = self.ids.len();
-                return Ok(Some(delta));
-            }
+        if after.len() > before.len()
+            && !after.ends_with('\u{FFFD}')
+            && let Some(delta) = after.get(before.len()..)
+        {
+            let delta = delta.to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            return Ok(Some(delta));
         }
         Ok(None)
     }
