@@ -6,12 +6,12 @@
 //! never exceed `G + L` whatever the conversation's length. Storage grows until the ring is full
 //! and is never reallocated after that.
 //!
-//! The attention pass is one loop per (token, query head): scores, online softmax and the weighted
-//! value sum together, reading keys in place (no K/V copies, no `repeat_kv`: each query head reads
-//! its KV group's rows directly).
+//! The attention pass (`kernel.rs`) runs one task per (token, KV group), reading keys and values
+//! in place: no K/V copies, no `repeat_kv`.
 
 use rayon::prelude::*;
 
+use super::kernel::{Rows, Segment, attend_group};
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, check_input,
 };
@@ -113,6 +113,9 @@ impl LayerCache {
         } = self.geometry;
         check_input(input, n_kv_heads, head_dim)?;
         let n = input.n_tokens;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let pos0 = self.seen;
         let row = self.row();
 
@@ -149,44 +152,65 @@ impl LayerCache {
             None
         };
 
-        // 3. The fused pass, one task per (token, query head).
+        // 3. One task per (token, KV group): every query head of the group is served by one
+        //    read of the keys and values it may see.
         let group = input.n_heads / n_kv_heads;
+        let width = group * head_dim;
         let mut out = vec![0f32; n * input.n_heads * head_dim];
         let this = &*self;
-        out.par_chunks_mut(head_dim)
+        let window = window as u64;
+        out.par_chunks_mut(width)
             .enumerate()
-            .for_each(|(task, acc)| {
-                let (t, h) = (task / input.n_heads, task % input.n_heads);
-                let kv = h / group;
+            .for_each_init(Vec::new, |scratch, (task, out)| {
+                let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
                 let i = pos0 + t as u64;
-                let q_off = (t * input.n_heads + h) * head_dim;
-                let mut softmax = OnlineSoftmax::new(acc);
-                if let Some(qg) = &q_glob {
-                    let q = &qg[q_off..q_off + head_dim];
-                    for j in 0..this.global_len() {
-                        if j as u64 + window as u64 <= i {
-                            let off = j * row + kv * head_dim;
-                            let s = dot(q, &this.global_k[off..off + head_dim]) * input.scale;
-                            softmax.push(s, &this.global_v[off..off + head_dim]);
-                        }
-                    }
-                }
-                let q = &q_loc[q_off..q_off + head_dim];
-                for (slot, &j) in this.ring_pos.iter().enumerate() {
-                    if j <= i && i - j < window as u64 {
-                        let off = slot * row + kv * head_dim;
-                        let s = dot(q, &this.ring_k[off..off + head_dim]) * input.scale;
-                        softmax.push(s, &this.ring_v[off..off + head_dim]);
-                    }
-                }
-                let first = (t + 1).saturating_sub(window);
-                for u in first..=t {
-                    let off = u * row + kv * head_dim;
-                    let s = dot(q, &k_rot[off..off + head_dim]) * input.scale;
-                    softmax.push(s, &input.v[off..off + head_dim]);
-                }
-                softmax.finish();
+                let q_off = task * width;
+                let view = |keys, values, len| Rows {
+                    keys,
+                    values,
+                    stride: row,
+                    offset: kv * head_dim,
+                    len,
+                };
+                let sinks = Segment {
+                    rows: view(
+                        &this.global_k,
+                        &this.global_v,
+                        if q_glob.is_some() {
+                            this.global_len()
+                        } else {
+                            0
+                        },
+                    ),
+                    queries: q_glob
+                        .as_deref()
+                        .map_or(&[][..], |q| &q[q_off..q_off + width]),
+                    visible: |j: usize| j as u64 + window <= i,
+                };
+                let queries = &q_loc[q_off..q_off + width];
+                let ring = Segment {
+                    rows: view(&this.ring_k, &this.ring_v, this.ring_len()),
+                    queries,
+                    visible: |slot: usize| {
+                        let j = this.ring_pos[slot];
+                        j <= i && i - j < window
+                    },
+                };
+                let chunk = Segment {
+                    rows: view(&k_rot, input.v, n),
+                    queries,
+                    visible: |u: usize| u <= t && ((t - u) as u64) < window,
+                };
+                attend_group(
+                    [&sinks, &ring, &chunk],
+                    group,
+                    head_dim,
+                    input.scale,
+                    out,
+                    scratch,
+                );
             });
+        let window = window as usize;
 
         // 4. The chunk's last `window` tokens enter the ring, evicting what left the window.
         let first = n.saturating_sub(window);
@@ -208,68 +232,6 @@ impl LayerCache {
         self.seen += n as u64;
         Ok(out)
     }
-}
-
-/// Streaming softmax-weighted sum: one pass, one `exp` per key, the accumulator rescaled only
-/// when a new maximum appears.
-struct OnlineSoftmax<'a> {
-    acc: &'a mut [f32],
-    max: f32,
-    sum: f32,
-}
-
-impl<'a> OnlineSoftmax<'a> {
-    fn new(acc: &'a mut [f32]) -> Self {
-        acc.fill(0.0);
-        Self {
-            acc,
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-        }
-    }
-
-    #[inline]
-    fn push(&mut self, score: f32, v: &[f32]) {
-        if score > self.max {
-            let correction = (self.max - score).exp();
-            self.sum *= correction;
-            for a in self.acc.iter_mut() {
-                *a *= correction;
-            }
-            self.max = score;
-        }
-        let p = (score - self.max).exp();
-        self.sum += p;
-        for (a, x) in self.acc.iter_mut().zip(v) {
-            *a += p * x;
-        }
-    }
-
-    fn finish(self) {
-        if self.sum > 0.0 {
-            let inv = 1.0 / self.sum;
-            for a in self.acc.iter_mut() {
-                *a *= inv;
-            }
-        }
-    }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize without reassociation flags.
-    let mut lanes = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            lanes[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = lanes.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 /// The bounded Λ cache of a whole model: one [`LayerCache`] per layer.

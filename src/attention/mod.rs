@@ -7,6 +7,7 @@
 //! storage and eviction, so model files never deal with positions beyond asking for them.
 
 mod cache;
+mod kernel;
 mod reference;
 mod rope;
 

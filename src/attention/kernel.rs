@@ -1,0 +1,228 @@
+//! The attention arithmetic of one query row for one KV group, on the CPU.
+//!
+//! All query heads that share a KV head (GQA) are served together, so each key and value row is
+//! read from memory once per group instead of once per head, and nothing is copied or repeated.
+//! Three passes over a scratch buffer laid out head-major: scores (dot products), softmax (a
+//! branch-free exp that the compiler vectorizes), then the weighted value sum. Scores of keys
+//! the rule hides are −∞ and contribute exactly zero.
+
+/// Keys and values stored `[slot][kv_head][head_dim]`, viewed for one KV head.
+pub(super) struct Rows<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    /// Floats between consecutive slots (`n_kv_heads · head_dim`).
+    pub stride: usize,
+    /// Offset of this KV head inside a slot.
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Rows<'_> {
+    #[inline]
+    fn key(&self, j: usize, d: usize) -> &[f32] {
+        &self.keys[j * self.stride + self.offset..][..d]
+    }
+
+    #[inline]
+    fn value(&self, j: usize, d: usize) -> &[f32] {
+        &self.values[j * self.stride + self.offset..][..d]
+    }
+}
+
+/// One segment of keys a row may see, the queries it is scored with, and which slots are visible.
+pub(super) struct Segment<'a, F: Fn(usize) -> bool> {
+    pub rows: Rows<'a>,
+    /// `group × head_dim` queries, rotated as this segment needs (true distance or clamped).
+    pub queries: &'a [f32],
+    pub visible: F,
+}
+
+/// Scores every visible key of `segments` against its queries (scaled), softmax per head, and
+/// writes the `group × head_dim` outputs to `out`. `scratch` is reused between calls.
+pub(super) fn attend_group<const N: usize>(
+    segments: [&dyn SegmentView; N],
+    group: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let n_keys: usize = segments.iter().map(|s| s.len()).sum();
+    scratch.clear();
+    scratch.resize(group * n_keys + group, f32::NEG_INFINITY);
+    let (scores, sums) = scratch.split_at_mut(group * n_keys);
+    // Pass 1: scores, head-major (`scores[g * n_keys + j]`).
+    let mut base = 0;
+    for seg in &segments {
+        seg.score(scores, base, n_keys, group, head_dim, scale);
+        base += seg.len();
+    }
+    // Pass 2: softmax numerators per head; `sums` keeps the denominators.
+    for (g, sum) in sums.iter_mut().enumerate() {
+        let row = &mut scores[g * n_keys..(g + 1) * n_keys];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut s = 0f32;
+        for x in row.iter_mut() {
+            let p = if *x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(*x - max)
+            };
+            *x = p;
+            s += p;
+        }
+        *sum = s;
+    }
+    // Pass 3: weighted sum of values, each value row read once for the whole group.
+    out.fill(0.0);
+    let mut base = 0;
+    for seg in &segments {
+        seg.accumulate(scores, base, n_keys, group, head_dim, out);
+        base += seg.len();
+    }
+    for (g, sum) in sums.iter().enumerate() {
+        if *sum > 0.0 {
+            let inv = 1.0 / sum;
+            out[g * head_dim..(g + 1) * head_dim]
+                .iter_mut()
+                .for_each(|x| *x *= inv);
+        }
+    }
+}
+
+/// Type-erased view of a [`Segment`], so that segments with different visibility rules share
+/// one kernel call.
+pub(super) trait SegmentView {
+    fn len(&self) -> usize;
+    #[allow(clippy::too_many_arguments)]
+    fn score(
+        &self,
+        scores: &mut [f32],
+        base: usize,
+        n_keys: usize,
+        group: usize,
+        head_dim: usize,
+        scale: f32,
+    );
+    fn accumulate(
+        &self,
+        probs: &[f32],
+        base: usize,
+        n_keys: usize,
+        group: usize,
+        head_dim: usize,
+        out: &mut [f32],
+    );
+}
+
+impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
+    fn len(&self) -> usize {
+        self.rows.len
+    }
+
+    fn score(
+        &self,
+        scores: &mut [f32],
+        base: usize,
+        n_keys: usize,
+        group: usize,
+        head_dim: usize,
+        scale: f32,
+    ) {
+        for j in 0..self.rows.len {
+            if !(self.visible)(j) {
+                continue;
+            }
+            let k = self.rows.key(j, head_dim);
+            for g in 0..group {
+                let q = &self.queries[g * head_dim..(g + 1) * head_dim];
+                scores[g * n_keys + base + j] = dot(q, k) * scale;
+            }
+        }
+    }
+
+    fn accumulate(
+        &self,
+        probs: &[f32],
+        base: usize,
+        n_keys: usize,
+        group: usize,
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        for j in 0..self.rows.len {
+            let v = self.rows.value(j, head_dim);
+            for g in 0..group {
+                let p = probs[g * n_keys + base + j];
+                if p != 0.0 {
+                    let o = &mut out[g * head_dim..(g + 1) * head_dim];
+                    for (a, x) in o.iter_mut().zip(v) {
+                        *a += p * x;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler vectorize without reassociation flags.
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `e^x` for `x ≤ 0`, branch-free so loops over it vectorize: `n = round(x / ln 2)` by the
+/// 1.5·2²³ trick, `r = x − n·ln 2` with ln 2 split in two (Cody–Waite, so `r` stays exact), `e^r`
+/// (|r| ≤ ½ ln 2) from a degree-7 Taylor polynomial, times `2^n` built in the exponent bits.
+/// Relative error below 5e-7. Inputs below −87.3 give the smallest normal float, not 0; the
+/// caller maps −∞ (masked) to exactly 0.
+#[inline(always)]
+pub(super) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, n·LN2_HI is exact
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.max(-87.33);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_on_the_softmax_range() {
+        let mut worst = 0f64;
+        let mut x = -80.0f32;
+        while x <= 0.0 {
+            let exact = (x as f64).exp();
+            let rel = ((fast_exp(x) as f64 - exact) / exact).abs();
+            worst = worst.max(rel);
+            x += 0.001;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(-1000.0) < 1e-37);
+    }
+}
