@@ -119,3 +119,37 @@ fn second_turn_feeds_only_new_tokens() {
     assert!(session.stats().tokens_seen as usize >= seen_after_first + second.prompt_tokens);
     assert_eq!(session.messages().len(), 4);
 }
+
+/// The model's own Jinja template (with its default system prompt) renders as ChatML, and the
+/// end-of-turn token is a stop token.
+#[test]
+fn the_gguf_chat_template_renders_chatml() {
+    use lambdachat::chat::{Message, Role};
+    let engine = engine();
+    assert!(!engine.template.is_fallback());
+    let text = engine
+        .template
+        .render(&[Message::new(Role::User, "Hi")], true)
+        .unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    assert!(
+        text.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    let with_system = engine
+        .template
+        .render(
+            &[
+                Message::new(Role::System, "Be brief."),
+                Message::new(Role::User, "Hi"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        with_system,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    );
+    let im_end = engine.tokenizer.token_id("<|im_end|>").unwrap();
+    assert!(engine.is_stop(im_end));
+}

@@ -102,6 +102,23 @@ impl LayerCache {
         p
     }
 
+    /// Extends the ring to `slots` slots. Capacity doubles, as a `Vec`'s would, but stops at
+    /// exactly `window` slots, so a full ring holds no slack whatever the window size.
+    fn grow_ring(&mut self, slots: usize) {
+        let row = self.row();
+        if slots > self.ring_pos.capacity() {
+            let window = self.geometry.window;
+            let target = (2 * self.ring_pos.capacity()).clamp(slots, window);
+            let extra = target - self.ring_pos.len();
+            self.ring_pos.reserve_exact(extra);
+            self.ring_k.reserve_exact(extra * row);
+            self.ring_v.reserve_exact(extra * row);
+        }
+        self.ring_pos.resize(slots, u64::MAX);
+        self.ring_k.resize(slots * row, 0.0);
+        self.ring_v.resize(slots * row, 0.0);
+    }
+
     /// Runs Λ attention for a chunk and stores it. See the module doc for the layout.
     pub fn attend(&mut self, input: &AttentionInput<'_>) -> Result<Vec<f32>, AttentionError> {
         let LayerGeometry {
@@ -119,7 +136,11 @@ impl LayerCache {
         let pos0 = self.seen;
         let row = self.row();
 
-        // 1. Sinks enter the global store unrotated.
+        // 1. Sinks enter the global store unrotated (its storage is sized once, exactly).
+        if pos0 < n_global as u64 && self.global_k.capacity() == 0 {
+            self.global_k.reserve_exact(n_global * row);
+            self.global_v.reserve_exact(n_global * row);
+        }
         for t in 0..n {
             let pos = pos0 + t as u64;
             if (pos as usize) < n_global && self.global_len() == pos as usize {
@@ -218,10 +239,7 @@ impl LayerCache {
             let pos = pos0 + t as u64;
             let slot = (pos % window as u64) as usize;
             if slot >= self.ring_pos.len() {
-                let need = (slot + 1).min(window);
-                self.ring_pos.resize(need, u64::MAX);
-                self.ring_k.resize(need * row, 0.0);
-                self.ring_v.resize(need * row, 0.0);
+                self.grow_ring((slot + 1).min(window));
             }
             self.ring_pos[slot] = pos;
             self.ring_k[slot * row..(slot + 1) * row]
@@ -465,6 +483,8 @@ mod tests {
             let expected = (t + 1).min(4) + (t + 1).min(64);
             assert_eq!(cache.slots_in_use() as u64, expected);
             if t + 1 == 68 {
+                // Exactly G + L slots of K and V (f32) and L positions: no slack.
+                assert_eq!(cache.bytes(), (4 + 64) * 2 * hd * 4 + 64 * 8);
                 bytes_when_full = Some(cache.bytes());
                 ring_ptr = Some(cache.ring_k.as_ptr());
             }

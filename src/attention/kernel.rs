@@ -6,6 +6,9 @@
 //! branch-free exp that the compiler vectorizes), then the weighted value sum. Scores of keys
 //! the rule hides are −∞ and contribute exactly zero.
 
+/// How many slots ahead of use rows are prefetched.
+const PREFETCH_AHEAD: usize = 8;
+
 /// Keys and values stored `[slot][kv_head][head_dim]`, viewed for one KV head.
 pub(super) struct Rows<'a> {
     pub keys: &'a [f32],
@@ -18,6 +21,24 @@ pub(super) struct Rows<'a> {
 }
 
 impl Rows<'_> {
+    /// Asks the CPU to start loading slot `j` of `data` (each row is a few cache lines). Rows are
+    /// strided and cross a 4 KiB page every few slots, where hardware prefetchers stop; without
+    /// this, the pass waits on memory rather than computing.
+    #[inline(always)]
+    fn prefetch(&self, data: &[f32], j: usize, d: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if j < self.len {
+            let start = j * self.stride + self.offset;
+            for line in (0..d).step_by(16) {
+                // SAFETY: prefetch is a hint that never faults; the address is inside `data`.
+                unsafe {
+                    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                    _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(start + line) as *const i8);
+                }
+            }
+        }
+    }
+
     #[inline]
     fn key(&self, j: usize, d: usize) -> &[f32] {
         &self.keys[j * self.stride + self.offset..][..d]
@@ -59,19 +80,7 @@ pub(super) fn attend_group<const N: usize>(
     }
     // Pass 2: softmax numerators per head; `sums` keeps the denominators.
     for (g, sum) in sums.iter_mut().enumerate() {
-        let row = &mut scores[g * n_keys..(g + 1) * n_keys];
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut s = 0f32;
-        for x in row.iter_mut() {
-            let p = if *x == f32::NEG_INFINITY {
-                0.0
-            } else {
-                fast_exp(*x - max)
-            };
-            *x = p;
-            s += p;
-        }
-        *sum = s;
+        *sum = softmax_numerators(&mut scores[g * n_keys..(g + 1) * n_keys]);
     }
     // Pass 3: weighted sum of values, each value row read once for the whole group.
     out.fill(0.0);
@@ -129,14 +138,34 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         head_dim: usize,
         scale: f32,
     ) {
+        let blocked = head_dim.is_multiple_of(16);
+        let mut d = [0f32; 4];
         for j in 0..self.rows.len {
+            self.rows
+                .prefetch(self.rows.keys, j + PREFETCH_AHEAD, head_dim);
             if !(self.visible)(j) {
                 continue;
             }
             let k = self.rows.key(j, head_dim);
-            for g in 0..group {
-                let q = &self.queries[g * head_dim..(g + 1) * head_dim];
-                scores[g * n_keys + base + j] = dot(q, k) * scale;
+            // Up to four heads per sweep over the key: independent FMA chains, one key load.
+            let mut g = 0;
+            while g < group {
+                let n = (group - g).min(4);
+                let q = &self.queries[g * head_dim..(g + n) * head_dim];
+                match (blocked, n) {
+                    (true, 4) => d = dots::<4>(q, k, head_dim),
+                    (true, 3) => d[..3].copy_from_slice(&dots::<3>(q, k, head_dim)),
+                    (true, 2) => d[..2].copy_from_slice(&dots::<2>(q, k, head_dim)),
+                    _ => {
+                        for (x, dx) in d.iter_mut().enumerate().take(n) {
+                            *dx = dot(&q[x * head_dim..(x + 1) * head_dim], k);
+                        }
+                    }
+                }
+                for (x, dx) in d.iter().enumerate().take(n) {
+                    scores[(g + x) * n_keys + base + j] = dx * scale;
+                }
+                g += n;
             }
         }
     }
@@ -151,6 +180,8 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         out: &mut [f32],
     ) {
         for j in 0..self.rows.len {
+            self.rows
+                .prefetch(self.rows.values, j + PREFETCH_AHEAD, head_dim);
             let v = self.rows.value(j, head_dim);
             for g in 0..group {
                 let p = probs[g * n_keys + base + j];
@@ -165,9 +196,36 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
     }
 }
 
+/// Sum of 16 lanes as a tree (4 dependent adds, not 15), so reductions do not serialize.
+#[inline(always)]
+fn tree_sum(l: [f32; 16]) -> f32 {
+    let mut h = [0f32; 8];
+    for i in 0..8 {
+        h[i] = l[i] + l[i + 8];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `N` dot products of consecutive query rows with one key, in 16-lane blocks (`head_dim` a
+/// multiple of 16).
+#[inline(always)]
+fn dots<const N: usize>(q: &[f32], k: &[f32], head_dim: usize) -> [f32; N] {
+    let mut acc = [[0f32; 16]; N];
+    for (c, kc) in k.chunks_exact(16).enumerate() {
+        for (g, a) in acc.iter_mut().enumerate() {
+            let qc = &q[g * head_dim + c * 16..g * head_dim + c * 16 + 16];
+            for l in 0..16 {
+                a[l] += qc[l] * kc[l];
+            }
+        }
+    }
+    acc.map(tree_sum)
+}
+
 #[inline]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize without reassociation flags.
+    // Sixteen independent lanes vectorize without reassociation flags.
     let mut lanes = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
@@ -181,7 +239,47 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[l] += x[l] * y[l];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    tree_sum(lanes) + tail
+}
+
+/// In place `x ← e^(x − max)` (−∞ → 0) over a row of scores; returns the sum. Max and sum run
+/// in 16 lanes so neither reduction is a serial chain.
+fn softmax_numerators(row: &mut [f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let chunks = row.chunks_exact(16);
+    let tail_max = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    for c in chunks {
+        for l in 0..16 {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    let max = m.iter().fold(tail_max, |a, &x| a.max(x));
+    let mut sums = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            let p = if c[l] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                fast_exp(c[l] - max)
+            };
+            c[l] = p;
+            sums[l] += p;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            fast_exp(*x - max)
+        };
+        tail += *x;
+    }
+    tree_sum(sums) + tail
 }
 
 /// `e^x` for `x ≤ 0`, branch-free so loops over it vectorize: `n = round(x / ln 2)` by the

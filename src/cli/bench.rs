@@ -27,6 +27,10 @@ pub struct DecodeArgs {
     /// Print a checkpoint every this many tokens [default: tokens / 10]
     #[arg(long)]
     pub every: Option<usize>,
+    /// Prefill this many tokens of filler text first, to measure decoding at that depth
+    /// (as llama-bench's `-d`)
+    #[arg(long, default_value_t = 0)]
+    pub context: usize,
     /// One JSON object per checkpoint instead of a table
     #[arg(long)]
     pub json: bool,
@@ -80,15 +84,16 @@ fn decode(args: DecodeArgs) -> Result<i32> {
     let (engine, params) = args.run.load()?;
     let every = args.every.unwrap_or((args.tokens / 10).max(1)).max(1);
     let mut session = Session::new(engine.clone(), params, args.run.sampling.params(), None)?;
-    let prompt = engine.tokenizer.encode(FILLER)?;
+    let prompt = filler_tokens(&engine, args.context.max(1))?;
     if !args.json {
         println!(
-            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}",
+            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, after {} prompt tokens",
             engine.model.info().name,
             engine.path.display(),
             rayon::current_num_threads(),
             params.n_global,
-            params.n_local
+            params.n_local,
+            prompt.len()
         );
         println!(
             "{:>10} {:>10} {:>12} {:>10} {:>10}",
@@ -171,13 +176,15 @@ fn candle_decode(path: &std::path::Path, prompt: &[u32], n: usize) -> Result<f64
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// `n` tokens of repeated filler text.
+fn filler_tokens(engine: &crate::engine::Engine, n: usize) -> Result<Vec<u32>> {
+    let one = engine.tokenizer.encode(FILLER)?;
+    Ok(one.iter().copied().cycle().take(n.max(1)).collect())
+}
+
 fn prefill(args: PrefillArgs) -> Result<i32> {
     let (engine, params) = args.run.load()?;
-    let mut ids = Vec::new();
-    while ids.len() < args.tokens {
-        ids.extend(engine.tokenizer.encode(FILLER)?);
-    }
-    ids.truncate(args.tokens.max(1));
+    let ids = filler_tokens(&engine, args.tokens)?;
     let mut rates = Vec::new();
     Device::Cpu.with_context(|| -> Result<()> {
         for _ in 0..args.repeats.max(1) {
