@@ -2,7 +2,10 @@
 
 use std::collections::HashMap;
 
+use ahash::AHashMap;
 use serde_json::{Value, json};
+use tokenizers::AddedToken;
+use tokenizers::models::bpe::BPE;
 
 use super::TokenizerError;
 use crate::model::GgufFile;
@@ -87,43 +90,66 @@ impl GgufVocab {
     }
 
     /// Control and user-defined tokens become added tokens (matched whole, never split).
-    fn added_tokens(&self) -> Vec<Value> {
-        self.types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
-            .map(|(id, t)| {
-                json!({
-                    "id": id,
-                    "content": self.tokens[id],
-                    "single_word": false,
-                    "lstrip": false,
-                    "rstrip": false,
-                    "normalized": false,
-                    "special": *t == TYPE_CONTROL,
-                })
-            })
-            .collect()
-    }
-
-    pub fn to_tokenizer_json(&self) -> Result<Value, TokenizerError> {
-        match self.model.as_str() {
-            "gpt2" => Ok(self.byte_level_bpe()),
-            "llama" => Ok(self.sentencepiece_bpe()),
-            other => Err(TokenizerError::Unsupported(other.to_string())),
+    fn added_tokens(&self) -> (Vec<AddedToken>, Vec<AddedToken>) {
+        let (mut special, mut user) = (Vec::new(), Vec::new());
+        for (id, t) in self.types.iter().enumerate() {
+            let token =
+                || AddedToken::from(self.tokens[id].clone(), *t == TYPE_CONTROL).normalized(false);
+            match *t {
+                TYPE_CONTROL => special.push(token()),
+                TYPE_USER_DEFINED => user.push(token()),
+                _ => {}
+            }
         }
+        (special, user)
     }
 
-    fn vocab_map(&self) -> serde_json::Map<String, Value> {
-        self.tokens
+    /// The tokenizer: normalizer, pre-tokenizer and decoder from a small `tokenizer.json`
+    /// document, the BPE model built directly from the vocabulary (a JSON round trip of 262k
+    /// tokens and their merges would cost a second at every start).
+    pub fn build(&self) -> Result<tokenizers::Tokenizer, TokenizerError> {
+        let err = |e: tokenizers::Error| TokenizerError::Build(e.to_string());
+        let (shell, merges, spm) = match self.model.as_str() {
+            "gpt2" => (self.byte_level_shell(), self.gpt2_merges(), false),
+            "llama" => (
+                self.sentencepiece_shell(),
+                self.sentencepiece_merges(),
+                true,
+            ),
+            other => return Err(TokenizerError::Unsupported(other.to_string())),
+        };
+        let mut tok =
+            tokenizers::Tokenizer::from_bytes(shell.to_string().as_bytes()).map_err(err)?;
+        let vocab: AHashMap<String, u32> = self
+            .tokens
             .iter()
             .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
+        if spm {
+            builder = builder.byte_fallback(true).fuse_unk(true);
+            if let Some(unk) = self.unk.and_then(|u| self.tokens.get(u as usize)) {
+                builder = builder.unk_token(unk.clone());
+            }
+        }
+        tok.with_model(builder.build().map_err(err)?);
+        let (special, user) = self.added_tokens();
+        tok.add_special_tokens(special).map_err(err)?;
+        tok.add_tokens(user).map_err(err)?;
+        Ok(tok)
+    }
+
+    fn gpt2_merges(&self) -> Vec<(String, String)> {
+        self.merges
+            .iter()
+            .filter_map(|m| m.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
     }
 
     /// GPT-2-style byte-level BPE, with the split llama.cpp uses for `tokenizer.ggml.pre`.
-    fn byte_level_bpe(&self) -> Value {
+    fn byte_level_shell(&self) -> Value {
         let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": use_regex});
         let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
         let (normalizer, pre_tokenizer) = match self.pre.as_deref() {
@@ -142,32 +168,13 @@ impl GgufVocab {
             ),
             _ => (Value::Null, byte_level(true)),
         };
-        json!({
-            "version": "1.0",
-            "added_tokens": self.added_tokens(),
-            "normalizer": normalizer,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": byte_level(true),
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                "unk_token": null,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": false,
-                "byte_fallback": false,
-                "ignore_merges": false,
-                "vocab": self.vocab_map(),
-                "merges": self.merges,
-            }
-        })
+        shell(normalizer, pre_tokenizer, byte_level(true))
     }
 
-    /// SentencePiece BPE (llama, mistral, gemma): `▁` for spaces, byte fallback, and merges
-    /// recovered from the piece scores as HF's `SentencePieceExtractor` does (every split of a
-    /// piece into two pieces of the vocabulary, ordered by the merged piece's score).
-    fn sentencepiece_bpe(&self) -> Value {
+    /// SentencePiece BPE merges (llama, mistral, gemma), recovered from the piece scores as HF's
+    /// `SentencePieceExtractor` does: every split of a piece into two pieces of the vocabulary,
+    /// ordered by the merged piece's score.
+    fn sentencepiece_merges(&self) -> Vec<(String, String)> {
         let index: HashMap<&str, usize> = self
             .tokens
             .iter()
@@ -189,10 +196,15 @@ impl GgufVocab {
             }
         }
         merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let merges: Vec<Value> = merges
+        merges
             .iter()
-            .map(|(_, _, l, r)| json!([self.tokens[*l], self.tokens[*r]]))
-            .collect();
+            .map(|(_, _, l, r)| (self.tokens[*l].clone(), self.tokens[*r].clone()))
+            .collect()
+    }
+
+    /// SentencePiece's text handling: `▁` for spaces (and a dummy prefix where the model adds
+    /// one), byte fallback in decoding.
+    fn sentencepiece_shell(&self) -> Value {
         let mut normalizers = Vec::new();
         let mut decoders = vec![
             json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
@@ -204,26 +216,23 @@ impl GgufVocab {
             decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
         }
         normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-        let unk = self.unk.and_then(|u| self.tokens.get(u as usize)).cloned();
-        json!({
-            "version": "1.0",
-            "added_tokens": self.added_tokens(),
-            "normalizer": {"type": "Sequence", "normalizers": normalizers},
-            "pre_tokenizer": null,
-            "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": decoders},
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                "unk_token": unk,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": true,
-                "byte_fallback": true,
-                "ignore_merges": false,
-                "vocab": self.vocab_map(),
-                "merges": merges,
-            }
-        })
+        shell(
+            json!({"type": "Sequence", "normalizers": normalizers}),
+            Value::Null,
+            json!({"type": "Sequence", "decoders": decoders}),
+        )
     }
+}
+
+/// A `tokenizer.json` with everything but the vocabulary, which [`GgufVocab::build`] adds.
+fn shell(normalizer: Value, pre_tokenizer: Value, decoder: Value) -> Value {
+    json!({
+        "version": "1.0",
+        "added_tokens": [],
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": decoder,
+        "model": {"type": "BPE", "vocab": {}, "merges": []}
+    })
 }

@@ -49,11 +49,7 @@ impl Tokenizer {
             .filter(|p| p.is_file());
         let inner = match beside {
             Some(p) => load_json_file(&p)?,
-            None => {
-                let json = meta.to_tokenizer_json()?;
-                tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
-                    .map_err(|e| TokenizerError::Build(e.to_string()))?
-            }
+            None => meta.build()?,
         };
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self {
