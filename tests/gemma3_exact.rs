@@ -9,8 +9,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Tensor;
-use common::{TEXT, rel_err};
+use common::{TEXT, rel_err, rows};
 use lambdachat::attention::{LambdaCache, LambdaParams, LayerGeometry, ReferenceCache};
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{GEMMA3_270M, ensure};
@@ -34,10 +33,6 @@ fn tokens(n: usize) -> Vec<u32> {
     ids.truncate(n);
     assert_eq!(ids.len(), n);
     ids
-}
-
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().unwrap()
 }
 
 #[test]

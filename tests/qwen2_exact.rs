@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
-use common::{TEXT, argmax, default_model_path, rel_err};
+use common::{argmax, default_model_path, rel_err, rows, text_tokens};
 use lambdachat::attention::{LambdaCache, LambdaParams, ReferenceCache};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
@@ -30,13 +30,7 @@ fn engine() -> Arc<Engine> {
 }
 
 fn tokens(n: usize) -> Vec<u32> {
-    let ids = engine().tokenizer.encode(TEXT).unwrap();
-    assert!(ids.len() >= n, "test text has only {} tokens", ids.len());
-    ids[..n].to_vec()
-}
-
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().unwrap()
+    text_tokens(&engine(), n)
 }
 
 /// For T ≤ n_local nothing is evicted or clamped: our logits equal ordinary causal attention as

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
-use common::{TEXT, argmax, default_model_path, engine, rel_err};
+use common::{argmax, default_model_path, engine, rel_err, rows, text_tokens};
 use lambdachat::attention::{LambdaCache, LambdaParams};
 use lambdachat::model::Logits;
 use lambdachat::sampling::SamplingParams;
@@ -59,13 +59,7 @@ fn quantized_logits_agree_with_candle_within_its_own_noise_floor() {
 }
 
 fn tokens(n: usize) -> Vec<u32> {
-    let ids = engine().tokenizer.encode(TEXT).unwrap();
-    assert!(ids.len() >= n, "test text has only {} tokens", ids.len());
-    ids[..n].to_vec()
-}
-
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
-    t.to_vec2::<f32>().unwrap()
+    text_tokens(&engine(), n)
 }
 
 #[test]

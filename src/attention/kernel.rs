@@ -73,10 +73,15 @@ pub(super) fn attend_group<const N: usize>(
     scratch.resize(group * n_keys + group, f32::NEG_INFINITY);
     let (scores, sums) = scratch.split_at_mut(group * n_keys);
     // Pass 1: scores, head-major (`scores[g * n_keys + j]`).
-    let mut base = 0;
+    let mut at = Placement {
+        base: 0,
+        n_keys,
+        group,
+        head_dim,
+    };
     for seg in &segments {
-        seg.score(scores, base, n_keys, group, head_dim, scale);
-        base += seg.len();
+        seg.score(scores, at, scale);
+        at.base += seg.len();
     }
     // Pass 2: softmax numerators per head; `sums` keeps the denominators.
     for (g, sum) in sums.iter_mut().enumerate() {
@@ -84,10 +89,10 @@ pub(super) fn attend_group<const N: usize>(
     }
     // Pass 3: weighted sum of values, each value row read once for the whole group.
     out.fill(0.0);
-    let mut base = 0;
+    at.base = 0;
     for seg in &segments {
-        seg.accumulate(scores, base, n_keys, group, head_dim, out);
-        base += seg.len();
+        seg.accumulate(scores, at, out);
+        at.base += seg.len();
     }
     for (g, sum) in sums.iter().enumerate() {
         if *sum > 0.0 {
@@ -99,29 +104,25 @@ pub(super) fn attend_group<const N: usize>(
     }
 }
 
+/// Where a segment's keys sit in the head-major score buffer of one kernel call.
+#[derive(Clone, Copy)]
+pub(super) struct Placement {
+    /// Index of the segment's first key among all keys of the call.
+    base: usize,
+    /// Keys of the call (the stride between heads in the buffer).
+    n_keys: usize,
+    group: usize,
+    head_dim: usize,
+}
+
 /// Type-erased view of a [`Segment`], so that segments with different visibility rules share
 /// one kernel call.
 pub(super) trait SegmentView {
     fn len(&self) -> usize;
-    #[allow(clippy::too_many_arguments)]
-    fn score(
-        &self,
-        scores: &mut [f32],
-        base: usize,
-        n_keys: usize,
-        group: usize,
-        head_dim: usize,
-        scale: f32,
-    );
-    fn accumulate(
-        &self,
-        probs: &[f32],
-        base: usize,
-        n_keys: usize,
-        group: usize,
-        head_dim: usize,
-        out: &mut [f32],
-    );
+    /// Writes this segment's scaled scores; hidden keys keep their −∞.
+    fn score(&self, scores: &mut [f32], at: Placement, scale: f32);
+    /// Adds this segment's probability-weighted values to `out` (`group × head_dim`).
+    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]);
 }
 
 impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
@@ -129,15 +130,13 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         self.rows.len
     }
 
-    fn score(
-        &self,
-        scores: &mut [f32],
-        base: usize,
-        n_keys: usize,
-        group: usize,
-        head_dim: usize,
-        scale: f32,
-    ) {
+    fn score(&self, scores: &mut [f32], at: Placement, scale: f32) {
+        let Placement {
+            base,
+            n_keys,
+            group,
+            head_dim,
+        } = at;
         let blocked = head_dim.is_multiple_of(16);
         let mut d = [0f32; 4];
         for j in 0..self.rows.len {
@@ -170,15 +169,13 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         }
     }
 
-    fn accumulate(
-        &self,
-        probs: &[f32],
-        base: usize,
-        n_keys: usize,
-        group: usize,
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
+    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+        let Placement {
+            base,
+            n_keys,
+            group,
+            head_dim,
+        } = at;
         for j in 0..self.rows.len {
             self.rows
                 .prefetch(self.rows.values, j + PREFETCH_AHEAD, head_dim);

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use candle_core::Tensor;
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{DEFAULT_MODEL, ensure};
 
@@ -37,3 +38,15 @@ pub fn argmax(v: &[f32]) -> usize {
 }
 
 pub const TEXT: &str = "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided the light from the darkness. And God called the light Day, and the darkness he called Night. And the evening and the morning were the first day.";
+
+/// The first `n` tokens of [`TEXT`].
+pub fn text_tokens(engine: &Engine, n: usize) -> Vec<u32> {
+    let ids = engine.tokenizer.encode(TEXT).unwrap();
+    assert!(ids.len() >= n, "test text has only {} tokens", ids.len());
+    ids[..n].to_vec()
+}
+
+/// Logits `[rows, vocab]` as nested vectors.
+pub fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
