@@ -42,8 +42,10 @@ impl Engine {
             id.and_then(|i| tokenizer.id_to_token(i))
                 .unwrap_or_default()
         };
+        let fallback = ChatTemplate::fallback_for(|t| tokenizer.token_id(t).is_some());
         let template = ChatTemplate::new(
             gguf.string("tokenizer.chat_template").ok(),
+            fallback,
             token_text(tokenizer.bos),
             token_text(tokenizer.eos),
         )?;

@@ -41,6 +41,10 @@ pub enum TemplateError {
 /// ChatML, for models that ship no template.
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Gemma's turn format, for Gemma models that ship no template (base checkpoints): the
+/// vocabulary has the turn tokens, ChatML's would be split into plain text.
+pub const GEMMA: &str = "{{ bos_token }}{% for message in messages %}{% if message.role == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = 'user' %}{% endif %}<start_of_turn>{{ role }}\n{{ message.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
 /// End-of-turn markers of the common template families; those that appear in a template and in
 /// the vocabulary end generation.
 pub const END_OF_TURN_MARKERS: &[&str] = &[
@@ -64,14 +68,16 @@ pub struct ChatTemplate {
 const NAME: &str = "chat";
 
 impl ChatTemplate {
-    /// Compiles `source`, or ChatML when `None`.
+    /// Compiles `source`; when `None`, `fallback` (ChatML or Gemma's format, see
+    /// [`ChatTemplate::fallback_for`]).
     pub fn new(
         source: Option<String>,
+        fallback: &str,
         bos_token: String,
         eos_token: String,
     ) -> Result<Self, TemplateError> {
         let is_fallback = source.is_none();
-        let source = source.unwrap_or_else(|| CHATML.to_string());
+        let source = source.unwrap_or_else(|| fallback.to_string());
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -92,6 +98,16 @@ impl ChatTemplate {
             eos_token,
             is_fallback,
         })
+    }
+
+    /// The format to use when a model ships no template: Gemma's when its vocabulary has
+    /// Gemma's turn tokens, else ChatML.
+    pub fn fallback_for(has_token: impl Fn(&str) -> bool) -> &'static str {
+        if has_token("<start_of_turn>") && has_token("<end_of_turn>") {
+            GEMMA
+        } else {
+            CHATML
+        }
     }
 
     pub fn source(&self) -> &str {
@@ -128,7 +144,7 @@ mod tests {
 
     #[test]
     fn chatml_fallback() {
-        let t = ChatTemplate::new(None, String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(None, CHATML, String::new(), String::new()).unwrap();
         assert!(t.is_fallback());
         let s = t.render(&[Message::new(Role::User, "hi")], true).unwrap();
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
@@ -137,7 +153,7 @@ mod tests {
     #[test]
     fn python_methods_tojson_and_raise_exception() {
         let src = "{% for m in messages %}{{ m.content.strip().upper() }}|{{ m.role | tojson }}{% endfor %}{% if messages|length > 1 %}{{ raise_exception('only one') }}{% endif %}";
-        let t = ChatTemplate::new(Some(src.into()), "<s>".into(), "</s>".into()).unwrap();
+        let t = ChatTemplate::new(Some(src.into()), CHATML, "<s>".into(), "</s>".into()).unwrap();
         let one = [Message::new(Role::User, "  hi ")];
         assert_eq!(t.render(&one, false).unwrap(), "HI|\"user\"");
         let two = [one[0].clone(), Message::new(Role::Assistant, "x")];
@@ -148,7 +164,7 @@ mod tests {
     #[test]
     fn trim_and_lstrip_blocks_as_in_hf() {
         let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
-        let t = ChatTemplate::new(Some(src.into()), String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(Some(src.into()), CHATML, String::new(), String::new()).unwrap();
         assert_eq!(
             t.render(&[Message::new(Role::User, "a")], false).unwrap(),
             "    a\n"
@@ -156,9 +172,31 @@ mod tests {
     }
 
     #[test]
+    fn gemma_fallback_when_the_vocabulary_has_turn_tokens() {
+        let gemma = |t: &str| t == "<start_of_turn>" || t == "<end_of_turn>";
+        assert_eq!(ChatTemplate::fallback_for(gemma), GEMMA);
+        assert_eq!(ChatTemplate::fallback_for(|_| false), CHATML);
+        let t = ChatTemplate::new(None, GEMMA, "<bos>".into(), "<eos>".into()).unwrap();
+        let msgs = [
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello"),
+            Message::new(Role::User, "Bye"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
     fn bad_template_is_an_error() {
         assert!(matches!(
-            ChatTemplate::new(Some("{% for %}".into()), String::new(), String::new()),
+            ChatTemplate::new(
+                Some("{% for %}".into()),
+                CHATML,
+                String::new(),
+                String::new()
+            ),
             Err(TemplateError::Parse(_))
         ));
     }

@@ -66,7 +66,14 @@ pub fn run(args: InspectArgs) -> Result<i32> {
     println!(
         "chat template   {}",
         if engine.template.is_fallback() {
-            "none in the file: ChatML is used".to_string()
+            format!(
+                "none in the file: {} is used",
+                if engine.template.source() == crate::chat::template::GEMMA {
+                    "Gemma's turn format"
+                } else {
+                    "ChatML"
+                }
+            )
         } else {
             format!("from the file ({} bytes)", engine.template.source().len())
         }
