@@ -100,20 +100,12 @@ impl Session {
         })
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     pub fn messages(&self) -> &[Message] {
         &self.messages
     }
 
     pub fn stats(&self) -> CacheStats {
         self.cache.stats()
-    }
-
-    pub fn cache(&self) -> &LambdaCache {
-        &self.cache
     }
 
     /// Runs tokens through the model in chunks and returns the last token's logits.

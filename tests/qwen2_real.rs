@@ -62,14 +62,19 @@ fn tokens(n: usize) -> Vec<u32> {
     text_tokens(&engine(), n)
 }
 
-#[test]
-fn greedy_answer_is_paris() {
+/// A session on the default model with greedy sampling and the default Λ parameters.
+fn greedy_session() -> Session {
     let sampling = SamplingParams {
         temperature: 0.0,
         ..SamplingParams::default()
     };
     let params = LambdaParams::new(64, 4096, None).unwrap();
-    let mut session = Session::new(engine(), params, sampling, None).unwrap();
+    Session::new(engine(), params, sampling, None).unwrap()
+}
+
+#[test]
+fn greedy_answer_is_paris() {
+    let mut session = greedy_session();
     let cancel = AtomicBool::new(false);
     let mut streamed = String::new();
     let report = Device::Cpu
@@ -89,12 +94,7 @@ fn greedy_answer_is_paris() {
 /// A second turn feeds only its own tokens: history is never prefilled again.
 #[test]
 fn second_turn_feeds_only_new_tokens() {
-    let sampling = SamplingParams {
-        temperature: 0.0,
-        ..SamplingParams::default()
-    };
-    let params = LambdaParams::new(64, 4096, None).unwrap();
-    let mut session = Session::new(engine(), params, sampling, None).unwrap();
+    let mut session = greedy_session();
     let cancel = AtomicBool::new(false);
     let first = session
         .turn("Say hello.", Some(8), &cancel, &mut |_| {})

@@ -64,10 +64,6 @@ impl LayerCache {
         }
     }
 
-    pub fn geometry(&self) -> LayerGeometry {
-        self.geometry
-    }
-
     fn row(&self) -> usize {
         self.geometry.n_kv_heads * self.geometry.head_dim
     }
@@ -267,14 +263,6 @@ impl LambdaCache {
             params,
             next_position: 0,
         }
-    }
-
-    pub fn params(&self) -> LambdaParams {
-        self.params
-    }
-
-    pub fn layers(&self) -> &[LayerCache] {
-        &self.layers
     }
 
     /// Counts for the status bar: attended/evicted as seen by the next query of a full layer.
