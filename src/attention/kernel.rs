@@ -104,6 +104,23 @@ pub(super) fn attend_group<const N: usize>(
     }
 }
 
+/// The probability each key got, averaged over the group's heads, read back from the scratch
+/// buffer of the last [`attend_group`] call (keys in segment order). For the inspect view.
+pub(super) fn mean_probabilities(scratch: &[f32], group: usize) -> Vec<f32> {
+    let n_keys = (scratch.len() - group) / group;
+    let (scores, sums) = scratch.split_at(group * n_keys);
+    let mut mean = vec![0f32; n_keys];
+    for (g, sum) in sums.iter().enumerate() {
+        if *sum > 0.0 {
+            let w = 1.0 / (sum * group as f32);
+            for (m, p) in mean.iter_mut().zip(&scores[g * n_keys..(g + 1) * n_keys]) {
+                *m += p * w;
+            }
+        }
+    }
+    mean
+}
+
 /// Where a segment's keys sit in the head-major score buffer of one kernel call.
 #[derive(Clone, Copy)]
 pub(super) struct Placement {

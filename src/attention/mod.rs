@@ -10,10 +10,14 @@ mod cache;
 mod kernel;
 mod reference;
 mod rope;
+mod snapshot;
 
 pub use cache::{CacheStats, LambdaCache, LayerCache};
-pub use reference::{ReferenceCache, reference_lambda_attention};
+pub use reference::{
+    ReferenceCache, reference_lambda_attention, reference_lambda_attention_pinned,
+};
 pub use rope::{Rope, RopeStyle};
+pub use snapshot::SnapshotError;
 
 /// Defaults from the issue: 64 sinks, a 4096-token window, clamped distance = window.
 pub const DEFAULT_N_GLOBAL: usize = 64;
@@ -78,6 +82,8 @@ pub struct LayerGeometry {
     /// Sinks of this layer: `G`, or 0 on sliding-window layers (they had no global branch).
     pub n_global: usize,
     pub distance_limit: u64,
+    /// Whether pinned tokens apply (layers with a global branch; not model sliding layers).
+    pub pinnable: bool,
 }
 
 impl LayerGeometry {
@@ -89,6 +95,7 @@ impl LayerGeometry {
             window: params.n_local,
             n_global: params.n_global,
             distance_limit: params.distance_limit,
+            pinnable: true,
         }
     }
 
@@ -106,6 +113,7 @@ impl LayerGeometry {
             window,
             n_global: 0,
             distance_limit: window as u64,
+            pinnable: false,
         }
     }
 }

@@ -6,6 +6,8 @@
 //! eviction and the kernel. [`ReferenceCache`] wraps it for whole-model runs: it keeps every key,
 //! which also makes it the "vanilla" full attention when `L` exceeds the sequence.
 
+use std::ops::Range;
+
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, Rope, RopeStyle,
     check_input,
@@ -40,10 +42,12 @@ fn reference_rows(
     n_kv: usize,
     head_dim: usize,
     geometry: (usize, usize, u64),
+    pinned: &[Range<u64>],
     rope: &Rope,
     scale: f32,
 ) -> Vec<f64> {
     let (g, l, d) = geometry;
+    let is_global = |j: usize| j < g || pinned.iter().any(|r| r.contains(&(j as u64)));
     let n_q = q.len() / (n_heads * head_dim);
     let group = n_heads / n_kv;
     let mut out = vec![0f64; q.len()];
@@ -63,7 +67,7 @@ fn reference_rows(
                 let dot = if i - j < l {
                     let kr = &k_rot[j * n_kv + kv];
                     q_local.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>()
-                } else if j < g {
+                } else if is_global(j) {
                     let kj = &k[(j * n_kv + kv) * head_dim..][..head_dim];
                     q_global
                         .iter()
@@ -108,6 +112,26 @@ pub fn reference_lambda_attention(
     rope: &Rope,
     scale: f32,
 ) -> Vec<f64> {
+    reference_lambda_attention_pinned(
+        q, k, v, t, n_heads, n_kv, head_dim, params, &[], rope, scale,
+    )
+}
+
+/// The oracle with a set P of pinned positions, treated like `j < G` (shared/ALGORITHM.md).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_lambda_attention_pinned(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    params: LambdaParams,
+    pinned: &[Range<u64>],
+    rope: &Rope,
+    scale: f32,
+) -> Vec<f64> {
     reference_rows(
         q,
         0,
@@ -118,6 +142,7 @@ pub fn reference_lambda_attention(
         n_kv,
         head_dim,
         (params.n_global, params.n_local, params.distance_limit),
+        pinned,
         rope,
         scale,
     )
@@ -168,6 +193,7 @@ impl AttentionCache for ReferenceCache {
             geometry.n_kv_heads,
             geometry.head_dim,
             (geometry.n_global, geometry.window, geometry.distance_limit),
+            &[],
             input.rope,
             input.scale,
         );

@@ -108,6 +108,27 @@ impl Rope {
             }
         }
     }
+
+    /// The inverse of [`Self::rotate_rows`]: turns keys rotated to their positions back into
+    /// unrotated keys (pinning a token that already sits, rotated, in the window).
+    pub fn unrotate_rows(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        head_dim: usize,
+        positions: impl Fn(usize) -> u64,
+    ) {
+        let half = self.half_dim();
+        let mut cos = vec![0f32; half];
+        let mut sin = vec![0f32; half];
+        for (r, row) in x.chunks_mut(heads * head_dim).enumerate() {
+            self.angles(positions(r), &mut cos, &mut sin);
+            sin.iter_mut().for_each(|s| *s = -*s);
+            for head in row.chunks_mut(head_dim) {
+                self.rotate(head, &cos, &sin);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,242 @@
+//! The bounded cache as a safetensors file, so a saved conversation resumes exactly where it
+//! stopped without running its history through the model again.
+//!
+//! Per layer `i`: `layers.i.{global_k, global_v, ring_k, ring_v}` (f32, `[slots, kv·head_dim]`)
+//! and `layers.i.{global_pos, ring_pos}` (u64). The header's metadata holds the Λ parameters,
+//! each layer's token count, the pinned ranges and a format tag. Loading checks every shape
+//! against the model's own geometry: a snapshot from another model or other parameters is
+//! refused, never half-used.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use super::{LambdaCache, LambdaParams, LayerCache, LayerGeometry};
+
+const FORMAT: &str = "lambdachat-kv-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a KV snapshot: {0}")]
+    Format(String),
+    #[error("the snapshot does not fit this model or these Λ parameters: {0}")]
+    Mismatch(String),
+}
+
+impl From<safetensors::SafeTensorError> for SnapshotError {
+    fn from(e: safetensors::SafeTensorError) -> Self {
+        Self::Format(e.to_string())
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Header {
+    n_global: usize,
+    n_local: usize,
+    distance_limit: u64,
+    next_position: u64,
+    seen: Vec<u64>,
+    pinned: Vec<(u64, u64)>,
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn u64_bytes(x: &[u64]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl LambdaCache {
+    /// Serializes the whole cache (what is attended now, nothing else).
+    pub fn to_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let row = l.geometry.n_kv_heads * l.geometry.head_dim;
+            let (g, r) = (l.global_pos.len(), l.ring_pos.len());
+            let mut add = |name: &str, dtype, shape: Vec<usize>, data| {
+                buffers.push((format!("layers.{i}.{name}"), dtype, shape, data))
+            };
+            add("global_k", Dtype::F32, vec![g, row], f32_bytes(&l.global_k));
+            add("global_v", Dtype::F32, vec![g, row], f32_bytes(&l.global_v));
+            add("global_pos", Dtype::U64, vec![g], u64_bytes(&l.global_pos));
+            add("ring_k", Dtype::F32, vec![r, row], f32_bytes(&l.ring_k));
+            add("ring_v", Dtype::F32, vec![r, row], f32_bytes(&l.ring_v));
+            add("ring_pos", Dtype::U64, vec![r], u64_bytes(&l.ring_pos));
+        }
+        let header = Header {
+            n_global: self.params.n_global,
+            n_local: self.params.n_local,
+            distance_limit: self.params.distance_limit,
+            next_position: self.next_position,
+            seen: self.layers.iter().map(|l| l.seen).collect(),
+            pinned: self.pinned.iter().map(|r| (r.start, r.end)).collect(),
+        };
+        let header =
+            serde_json::to_string(&header).map_err(|e| SnapshotError::Format(e.to_string()))?;
+        let metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("lambda".to_string(), header),
+        ]);
+        let views = buffers
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                TensorView::new(*dtype, shape.clone(), data).map(|v| (name.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(safetensors::serialize(views, Some(metadata))?)
+    }
+
+    /// Rebuilds a cache saved by [`Self::to_snapshot`] for a model with `layers` geometry under
+    /// `params`; anything that does not match is an error.
+    pub fn from_snapshot(
+        bytes: &[u8],
+        params: LambdaParams,
+        layers: Vec<LayerGeometry>,
+    ) -> Result<Self, SnapshotError> {
+        let (_, meta) = SafeTensors::read_metadata(bytes)?;
+        let info = meta.metadata().clone().unwrap_or_default();
+        if info.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(SnapshotError::Format(format!("missing format tag {FORMAT}")));
+        }
+        let header: Header = serde_json::from_str(info.get("lambda").map_or("", String::as_str))
+            .map_err(|e| SnapshotError::Format(e.to_string()))?;
+        let saved = (header.n_global, header.n_local, header.distance_limit);
+        let wanted = (params.n_global, params.n_local, params.distance_limit);
+        if saved != wanted {
+            return Err(SnapshotError::Mismatch(format!(
+                "saved with (n_global, n_local, distance_limit) = {saved:?}, asked for {wanted:?}"
+            )));
+        }
+        if header.seen.len() != layers.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "{} layers saved, the model has {}",
+                header.seen.len(),
+                layers.len()
+            )));
+        }
+        let tensors = SafeTensors::deserialize(bytes)?;
+        let mut cache = LambdaCache::new(params, layers);
+        for (i, layer) in cache.layers.iter_mut().enumerate() {
+            load_layer(&tensors, i, layer, header.seen[i])?;
+        }
+        cache.next_position = header.next_position;
+        let pinned: Vec<Range<u64>> = header.pinned.iter().map(|&(s, e)| s..e).collect();
+        cache.pinned = pinned.clone();
+        for layer in &mut cache.layers {
+            if layer.geometry.pinnable {
+                layer.pinned = pinned.clone();
+                // Pins made just before saving may not have reached the global store yet.
+                layer.pins_to_copy = true;
+            }
+        }
+        Ok(cache)
+    }
+}
+
+fn load_layer(
+    tensors: &SafeTensors<'_>,
+    i: usize,
+    layer: &mut LayerCache,
+    seen: u64,
+) -> Result<(), SnapshotError> {
+    let row = layer.geometry.n_kv_heads * layer.geometry.head_dim;
+    let get = |name: &str, dtype: Dtype, width: usize| -> Result<(usize, &[u8]), SnapshotError> {
+        let t = tensors.tensor(&format!("layers.{i}.{name}"))?;
+        let rows = t.shape().first().copied().unwrap_or(0);
+        let expected: Vec<usize> = if width == 1 {
+            vec![rows]
+        } else {
+            vec![rows, width]
+        };
+        if t.dtype() != dtype || t.shape() != expected.as_slice() {
+            return Err(SnapshotError::Mismatch(format!(
+                "layers.{i}.{name} is {:?} {:?}, expected {dtype:?} [_, {width}]",
+                t.dtype(),
+                t.shape()
+            )));
+        }
+        Ok((rows, t.data()))
+    };
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let u64s = |b: &[u8]| -> Vec<u64> {
+        b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    };
+    let (g, global_k) = get("global_k", Dtype::F32, row)?;
+    let (g_v, global_v) = get("global_v", Dtype::F32, row)?;
+    let (g_p, global_pos) = get("global_pos", Dtype::U64, 1)?;
+    let (r, ring_k) = get("ring_k", Dtype::F32, row)?;
+    let (r_v, ring_v) = get("ring_v", Dtype::F32, row)?;
+    let (r_p, ring_pos) = get("ring_pos", Dtype::U64, 1)?;
+    if g != g_v || g != g_p || r != r_v || r != r_p || r > layer.geometry.window {
+        return Err(SnapshotError::Mismatch(format!(
+            "layer {i}: inconsistent slot counts (global {g}/{g_v}/{g_p}, ring {r}/{r_v}/{r_p}, window {})",
+            layer.geometry.window
+        )));
+    }
+    layer.global_k = f32s(global_k);
+    layer.global_v = f32s(global_v);
+    layer.global_pos = u64s(global_pos);
+    layer.ring_k = f32s(ring_k);
+    layer.ring_v = f32s(ring_v);
+    layer.ring_pos = u64s(ring_pos);
+    layer.seen = seen;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{AttentionCache, AttentionInput, Rope, RopeStyle};
+
+    fn feed(cache: &mut LambdaCache, rope: &Rope, values: &[f32]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for x in values.chunks(4) {
+            let input = AttentionInput {
+                q: x,
+                k: x,
+                v: x,
+                n_tokens: 1,
+                n_heads: 1,
+                rope,
+                scale: 0.5,
+            };
+            for layer in 0..2 {
+                out.extend(cache.attend(layer, &input).unwrap());
+            }
+            cache.advance(1);
+        }
+        out
+    }
+
+    #[test]
+    fn a_restored_cache_continues_exactly() {
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let geometry = vec![LayerGeometry::full(params, 1, 4); 2];
+        let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
+        let tokens: Vec<f32> = (0..4 * 40).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect();
+        let mut original = LambdaCache::new(params, geometry.clone());
+        feed(&mut original, &rope, &tokens[..4 * 25]);
+        original.pin(20..22);
+        let bytes = original.to_snapshot().unwrap();
+        let mut restored = LambdaCache::from_snapshot(&bytes, params, geometry.clone()).unwrap();
+        assert_eq!(restored.stats(), original.stats());
+        assert_eq!(restored.pinned(), original.pinned());
+        let a = feed(&mut original, &rope, &tokens[4 * 25..]);
+        let b = feed(&mut restored, &rope, &tokens[4 * 25..]);
+        assert_eq!(a, b);
+
+        let other = LambdaParams::new(2, 16, None).unwrap();
+        let err = LambdaCache::from_snapshot(&bytes, other, geometry).unwrap_err();
+        assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
+        let err = LambdaCache::from_snapshot(b"garbage", params, vec![]).unwrap_err();
+        assert!(matches!(err, SnapshotError::Format(_)), "{err}");
+    }
+}
