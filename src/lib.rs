@@ -7,10 +7,14 @@
 pub mod attention;
 pub mod chat;
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod logging;
 pub mod model;
 pub mod sampling;
 pub mod session;
+pub mod store;
 pub mod tokenizer;
+pub mod tui;
+pub mod worker;

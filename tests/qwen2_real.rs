@@ -13,7 +13,7 @@ use common::{argmax, default_model_path, engine, rel_err, rows, text_tokens};
 use lambdachat::attention::{LambdaCache, LambdaParams};
 use lambdachat::model::Logits;
 use lambdachat::sampling::SamplingParams;
-use lambdachat::session::Session;
+use lambdachat::session::{Session, TurnEvent};
 
 /// Agreement with candle's quantized model. Quantized matmuls quantize activations to 8 bits,
 /// which amplifies f32 rounding noise: candle disagrees with *itself* by ~1.5% (max-abs relative)
@@ -83,7 +83,11 @@ fn greedy_answer_is_paris() {
                 "What is the capital of France? Answer with one word.",
                 Some(16),
                 &cancel,
-                &mut |t| streamed.push_str(t),
+                &mut |e| {
+                    if let TurnEvent::Text(t) = e {
+                        streamed.push_str(t)
+                    }
+                },
             )
         })
         .unwrap();

@@ -99,8 +99,10 @@ impl LayerCache {
             let pos = self.global_pos[slot];
             if pos < n_global || is_pinned(&self.pinned, pos) {
                 self.global_pos[keep] = pos;
-                self.global_k.copy_within(slot * row..(slot + 1) * row, keep * row);
-                self.global_v.copy_within(slot * row..(slot + 1) * row, keep * row);
+                self.global_k
+                    .copy_within(slot * row..(slot + 1) * row, keep * row);
+                self.global_v
+                    .copy_within(slot * row..(slot + 1) * row, keep * row);
                 keep += 1;
             }
         }
@@ -440,7 +442,10 @@ impl LambdaCache {
             .pinned
             .iter()
             .flat_map(|r| {
-                [r.start..r.end.min(range.start), r.start.max(range.end)..r.end]
+                [
+                    r.start..r.end.min(range.start),
+                    r.start.max(range.end)..r.end,
+                ]
             })
             .filter(|r| !r.is_empty())
             .collect();
@@ -760,7 +765,10 @@ mod tests {
         let pins = [3..4u64, 20..26, 40..43];
         let mut rng = StdRng::seed_from_u64(11);
         let q = random(&mut rng, t * heads * hd);
-        let k: Vec<f32> = random(&mut rng, t * kv * hd).iter().map(|x| x * 3.0).collect();
+        let k: Vec<f32> = random(&mut rng, t * kv * hd)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
         let v = random(&mut rng, t * kv * hd);
         for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
             let rope = Rope::new(hd, 10_000.0, style);
@@ -794,14 +802,28 @@ mod tests {
             // rows ≥ 44 that would see it; compare rows before that pin took effect exactly and
             // the others against an oracle without token 3.
             let expected_late = reference_lambda_attention_pinned(
-                &q, &k, &v, t, heads, kv, hd, params, &pins[1..], &rope, scale,
+                &q,
+                &k,
+                &v,
+                t,
+                heads,
+                kv,
+                hd,
+                params,
+                &pins[1..],
+                &rope,
+                scale,
             );
             let row = heads * hd;
             let err = got
                 .iter()
                 .enumerate()
                 .map(|(x, a)| {
-                    let e = if x < 19 * row { expected[x] } else { expected_late[x] };
+                    let e = if x < 19 * row {
+                        expected[x]
+                    } else {
+                        expected_late[x]
+                    };
                     (*a as f64 - e).abs()
                 })
                 .fold(0.0, f64::max);

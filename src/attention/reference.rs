@@ -113,7 +113,17 @@ pub fn reference_lambda_attention(
     scale: f32,
 ) -> Vec<f64> {
     reference_lambda_attention_pinned(
-        q, k, v, t, n_heads, n_kv, head_dim, params, &[], rope, scale,
+        q,
+        k,
+        v,
+        t,
+        n_heads,
+        n_kv,
+        head_dim,
+        params,
+        &[],
+        rope,
+        scale,
     )
 }
 

@@ -98,7 +98,9 @@ impl LambdaCache {
         let (_, meta) = SafeTensors::read_metadata(bytes)?;
         let info = meta.metadata().clone().unwrap_or_default();
         if info.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(SnapshotError::Format(format!("missing format tag {FORMAT}")));
+            return Err(SnapshotError::Format(format!(
+                "missing format tag {FORMAT}"
+            )));
         }
         let header: Header = serde_json::from_str(info.get("lambda").map_or("", String::as_str))
             .map_err(|e| SnapshotError::Format(e.to_string()))?;
@@ -221,7 +223,9 @@ mod tests {
         let params = LambdaParams::new(2, 8, None).unwrap();
         let geometry = vec![LayerGeometry::full(params, 1, 4); 2];
         let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
-        let tokens: Vec<f32> = (0..4 * 40).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect();
+        let tokens: Vec<f32> = (0..4 * 40)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0)
+            .collect();
         let mut original = LambdaCache::new(params, geometry.clone());
         feed(&mut original, &rope, &tokens[..4 * 25]);
         original.pin(20..22);

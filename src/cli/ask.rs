@@ -9,7 +9,8 @@ use candle_core::Device;
 use clap::Args;
 
 use super::RunArgs;
-use crate::session::{Session, StopReason};
+use crate::config::Config;
+use crate::session::{Session, StopReason, TurnEvent};
 
 #[derive(Args)]
 pub struct AskArgs {
@@ -50,9 +51,10 @@ fn read_prompt(arg: Option<String>) -> Result<String> {
     Ok(text)
 }
 
-pub fn run(args: AskArgs) -> Result<i32> {
+pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
+    let settings = args.run.settings(config)?;
     let prompt = read_prompt(args.prompt.clone())?;
-    let (engine, params) = args.run.load()?;
+    let (engine, params) = settings.load()?;
     if args.verbose {
         eprintln!(
             "model {} ({}) loaded in {:.2}s; Λ: n_global {}, n_local {}, distance_limit {}",
@@ -71,14 +73,16 @@ pub fn run(args: AskArgs) -> Result<i32> {
     let mut session = Session::new(
         engine,
         params,
-        args.run.sampling.params(),
-        args.system.clone(),
+        settings.sampling.clone(),
+        args.system.clone().or_else(|| config.system.clone()),
     )?;
     let report = Device::Cpu.with_context(|| {
         let mut out = std::io::stdout().lock();
-        session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |text| {
-            let _ = out.write_all(text.as_bytes());
-            let _ = out.flush();
+        session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |e| {
+            if let TurnEvent::Text(text) = e {
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
         })
     })?;
     println!();

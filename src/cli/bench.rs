@@ -7,6 +7,7 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 
 use super::RunArgs;
+use crate::config::Config;
 use crate::session::Session;
 
 #[derive(Subcommand)]
@@ -69,10 +70,10 @@ pub fn rss_bytes() -> u64 {
 
 const FILLER: &str = "The history of the long river begins in the mountains, where snow melts each spring and feeds a thousand streams. ";
 
-pub fn run(cmd: BenchCommand) -> Result<i32> {
+pub fn run(cmd: BenchCommand, config: &Config) -> Result<i32> {
     match cmd {
-        BenchCommand::Decode(a) => decode(a),
-        BenchCommand::Prefill(a) => prefill(a),
+        BenchCommand::Decode(a) => decode(a, config),
+        BenchCommand::Prefill(a) => prefill(a, config),
     }
 }
 
@@ -80,10 +81,11 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-fn decode(args: DecodeArgs) -> Result<i32> {
-    let (engine, params) = args.run.load()?;
+fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
+    let settings = args.run.settings(config)?;
+    let (engine, params) = settings.load()?;
     let every = args.every.unwrap_or((args.tokens / 10).max(1)).max(1);
-    let mut session = Session::new(engine.clone(), params, args.run.sampling.params(), None)?;
+    let mut session = Session::new(engine.clone(), params, settings.sampling.clone(), None)?;
     let prompt = filler_tokens(&engine, args.context.max(1))?;
     if !args.json {
         println!(
@@ -182,14 +184,15 @@ fn filler_tokens(engine: &crate::engine::Engine, n: usize) -> Result<Vec<u32>> {
     Ok(one.iter().copied().cycle().take(n.max(1)).collect())
 }
 
-fn prefill(args: PrefillArgs) -> Result<i32> {
-    let (engine, params) = args.run.load()?;
+fn prefill(args: PrefillArgs, config: &Config) -> Result<i32> {
+    let settings = args.run.settings(config)?;
+    let (engine, params) = settings.load()?;
     let ids = filler_tokens(&engine, args.tokens)?;
     let mut rates = Vec::new();
     Device::Cpu.with_context(|| -> Result<()> {
         for _ in 0..args.repeats.max(1) {
             let mut session =
-                Session::new(engine.clone(), params, args.run.sampling.params(), None)?;
+                Session::new(engine.clone(), params, settings.sampling.clone(), None)?;
             let start = Instant::now();
             session.feed(&ids)?;
             rates.push(ids.len() as f64 / start.elapsed().as_secs_f64());

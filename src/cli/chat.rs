@@ -1,31 +1,94 @@
-//! `lambdachat chat` (the default command): a line-based conversation on stdin/stdout, one
-//! session for as long as the user likes, with the Λ cache's counters after each reply.
+//! `lambdachat chat` (the default command): the full-screen chat, or with `--plain` (or without
+//! a terminal) a line-based conversation on stdin/stdout.
 
 use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result};
+use std::io::IsTerminal;
+
+use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use clap::Args;
 
-use super::RunArgs;
-use crate::session::Session;
+use super::{RunArgs, RunSettings};
+use crate::config::Config;
+use crate::session::{Session, TurnEvent};
+use crate::tui::app::App;
+use crate::tui::keymap::Keymap;
+use crate::tui::theme::Theme;
+use crate::worker::WorkerOptions;
 
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
     pub run: RunArgs,
-    /// System prompt
+    /// System prompt of a new conversation
     #[arg(long)]
     pub system: Option<String>,
-    /// Longest reply, in tokens
-    #[arg(long, default_value_t = 2048)]
-    pub max_tokens: usize,
+    /// Longest reply, in tokens [default: 2048]
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Resume a saved conversation: the latest, or the one with this id
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Line-based chat on stdin/stdout instead of the full-screen UI (also used when either is
+    /// not a terminal)
+    #[arg(long)]
+    pub plain: bool,
 }
 
-pub fn run(args: ChatArgs) -> Result<i32> {
-    let (engine, params) = args.run.load()?;
+/// Longest reply when neither the flag nor the config file says.
+const DEFAULT_MAX_TOKENS: usize = 2048;
+
+pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
+    let settings = args.run.settings(config)?;
+    let max_tokens = args
+        .max_tokens
+        .or(config.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let system = args.system.clone().or_else(|| config.system.clone());
+    let resume = match args.resume.as_deref() {
+        None => None,
+        Some("latest") => Some(None),
+        Some(id) => Some(Some(id.parse::<i64>().map_err(|_| {
+            anyhow!("--resume takes a session id (a number), not \"{id}\"; `lambdachat sessions` lists them")
+        })?)),
+    };
+    let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    if args.plain || !terminal {
+        if resume.is_some() {
+            bail!("--resume needs the full-screen chat (a terminal, without --plain)");
+        }
+        return plain(settings, system, max_tokens);
+    }
+    // Bad keymap or theme entries stop here, before the screen changes.
+    let keymap = Keymap::from_config(config)?;
+    let theme = Theme::from_config(config)?;
+    let size = crossterm::terminal::size().unwrap_or((80, 24));
+    let app = App::new(keymap, theme, size);
+    let store = crate::fetch::data_dir().ok().map(|d| {
+        let _ = std::fs::create_dir_all(&d);
+        d.join("sessions.db")
+    });
+    let options = WorkerOptions {
+        load: Box::new(move || settings.load()),
+        sampling: args.run.settings(config)?.sampling,
+        max_tokens,
+        system,
+        store,
+        resume,
+    };
+    crate::tui::run(app, options)?;
+    Ok(0)
+}
+
+/// The line-based chat: one conversation on stdin/stdout, the cache's counters after each reply.
+fn plain(settings: RunSettings, system: Option<String>, max_tokens: usize) -> Result<i32> {
+    let (engine, params) = settings.load()?;
     let generating = Arc::new(AtomicBool::new(false));
     let cancel = Arc::new(AtomicBool::new(false));
     {
@@ -47,7 +110,7 @@ pub fn run(args: ChatArgs) -> Result<i32> {
         params.n_global,
         params.n_local
     );
-    let mut session = Session::new(engine, params, args.run.sampling.params(), args.system)?;
+    let mut session = Session::new(engine, params, settings.sampling, system)?;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -61,9 +124,11 @@ pub fn run(args: ChatArgs) -> Result<i32> {
         generating.store(true, Ordering::Relaxed);
         let report = Device::Cpu.with_context(|| {
             let mut out = std::io::stdout().lock();
-            session.turn(&message, Some(args.max_tokens), &cancel, &mut |t| {
-                let _ = out.write_all(t.as_bytes());
-                let _ = out.flush();
+            session.turn(&message, Some(max_tokens), &cancel, &mut |e| {
+                if let TurnEvent::Text(t) = e {
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                }
             })
         });
         generating.store(false, Ordering::Relaxed);

@@ -18,11 +18,7 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<i32> {
-    let model_args = match args.path {
-        Some(p) => super::ModelArgs { model: Some(p) },
-        None => args.model,
-    };
-    let path = resolve_model(&model_args)?;
+    let path = resolve_model(args.path.as_deref().or(args.model.model.as_deref()))?;
     let engine = Engine::load(&path)?;
     let info = engine.model.info();
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

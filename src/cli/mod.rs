@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::attention::{DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::fetch;
 use crate::sampling::SamplingParams;
@@ -24,13 +25,16 @@ use crate::sampling::SamplingParams;
     about = "Chat with a local LLM that never runs out of context (LM-Infinite Λ-attention over a bounded KV cache)"
 )]
 pub struct Cli {
+    /// Config file [default: $LAMBDACHAT_CONFIG, else ~/.config/lambdachat/config.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Chat in the terminal (the default when no command is given).
+    /// Chat in the terminal, full screen (the default when no command is given).
     Chat(chat::ChatArgs),
     /// Answer one prompt, streaming the reply to stdout.
     Ask(ask::AskArgs),
@@ -49,52 +53,42 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
 }
 
-/// The Λ-attention parameters.
+/// The Λ-attention parameters (flags beat the config file, which beats the defaults).
 #[derive(Args, Clone, Debug)]
 pub struct LambdaArgs {
-    /// Leading tokens every query attends to (attention sinks: BOS, system prompt)
-    #[arg(long, default_value_t = DEFAULT_N_GLOBAL)]
-    pub n_global: usize,
-    /// Window of recent tokens attended at their true distance (capped at the training length)
-    #[arg(long, default_value_t = DEFAULT_N_LOCAL)]
-    pub n_local: usize,
+    /// Leading tokens every query attends to (attention sinks: BOS, system prompt) [default: 64]
+    #[arg(long)]
+    pub n_global: Option<usize>,
+    /// Window of recent tokens attended at their true distance, capped at the training length
+    /// [default: 4096]
+    #[arg(long)]
+    pub n_local: Option<usize>,
     /// Distance at which sinks outside the window are seen [default: n_local]
     #[arg(long)]
     pub distance_limit: Option<u64>,
 }
 
-/// Sampling flags.
+/// Sampling flags (flags beat the config file, which beats the defaults).
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
-    /// 0 = greedy
-    #[arg(long, default_value_t = SamplingParams::default().temperature)]
-    pub temperature: f32,
-    /// 0 disables
-    #[arg(long, default_value_t = SamplingParams::default().top_k)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = SamplingParams::default().top_p)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = SamplingParams::default().min_p)]
-    pub min_p: f32,
-    /// 1.0 disables
-    #[arg(long, default_value_t = SamplingParams::default().repeat_penalty)]
-    pub repeat_penalty: f32,
-    #[arg(long, default_value_t = SamplingParams::default().seed)]
-    pub seed: u64,
-}
-
-impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
-            seed: self.seed,
-            ..SamplingParams::default()
-        }
-    }
+    /// 0 = greedy [default: 0.7]
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// 0 disables [default: 40]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// [default: 0.9]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// [default: 0.05]
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// 1.0 disables [default: 1.1]
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// [default: 1719258]
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// Everything a command that runs a model needs.
@@ -108,19 +102,54 @@ pub struct RunArgs {
     pub sampling: SamplingArgs,
 }
 
+/// The model, Λ parameters and sampling after flags, config file and defaults are merged and
+/// checked: what a command runs with.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub model: Option<PathBuf>,
+    pub lambda: LambdaParams,
+    pub sampling: SamplingParams,
+}
+
 impl RunArgs {
-    /// Validates the flags, then loads the model (fetching the default one if needed).
-    pub fn load(&self) -> Result<(Arc<Engine>, LambdaParams)> {
-        // Bad flags fail before any download or load.
-        let requested = LambdaParams::new(
-            self.lambda.n_global,
-            self.lambda.n_local,
-            self.lambda.distance_limit,
+    /// Merges flags over the config file over the defaults, and validates the result before
+    /// any download or load.
+    pub fn settings(&self, config: &Config) -> Result<RunSettings> {
+        let (f, c) = (&self.lambda, &config.lambda);
+        let lambda = LambdaParams::new(
+            f.n_global.or(c.n_global).unwrap_or(DEFAULT_N_GLOBAL),
+            f.n_local.or(c.n_local).unwrap_or(DEFAULT_N_LOCAL),
+            f.distance_limit.or(c.distance_limit),
         )?;
-        self.sampling.params().validate()?;
-        let path = resolve_model(&self.model)?;
+        let (f, c, d) = (&self.sampling, &config.sampling, SamplingParams::default());
+        let sampling = SamplingParams {
+            temperature: f.temperature.or(c.temperature).unwrap_or(d.temperature),
+            top_k: f.top_k.or(c.top_k).unwrap_or(d.top_k),
+            top_p: f.top_p.or(c.top_p).unwrap_or(d.top_p),
+            min_p: f.min_p.or(c.min_p).unwrap_or(d.min_p),
+            repeat_penalty: f
+                .repeat_penalty
+                .or(c.repeat_penalty)
+                .unwrap_or(d.repeat_penalty),
+            seed: f.seed.or(c.seed).unwrap_or(d.seed),
+            ..d
+        };
+        sampling.validate()?;
+        Ok(RunSettings {
+            model: self.model.model.clone().or_else(|| config.model.clone()),
+            lambda,
+            sampling,
+        })
+    }
+}
+
+impl RunSettings {
+    /// Loads the model (fetching the default one if needed) and caps `n_local` to its training
+    /// length.
+    pub fn load(&self) -> Result<(Arc<Engine>, LambdaParams)> {
+        let path = resolve_model(self.model.as_deref())?;
         let engine = Engine::load(&path)?;
-        let params = cap_to_training_length(requested, engine.model.info().context_length)?;
+        let params = cap_to_training_length(self.lambda, engine.model.info().context_length)?;
         Ok((Arc::new(engine), params))
     }
 }
@@ -155,18 +184,19 @@ pub fn parse() -> Cli {
     Cli::parse_from(args)
 }
 
-pub fn resolve_model(args: &ModelArgs) -> Result<PathBuf> {
-    match &args.model {
-        Some(p) => Ok(p.clone()),
+pub fn resolve_model(model: Option<&std::path::Path>) -> Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.to_path_buf()),
         None => fetch::ensure(&fetch::DEFAULT_MODEL).context("fetching the default model"),
     }
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
+    let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Chat(c) => chat::run(c),
-        Command::Ask(a) => ask::run(a),
-        Command::Bench(b) => bench::run(b),
+        Command::Chat(c) => chat::run(c, &config),
+        Command::Ask(a) => ask::run(a, &config),
+        Command::Bench(b) => bench::run(b, &config),
         Command::Inspect(i) => inspect::run(i),
     }
 }

@@ -74,6 +74,24 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Build(e.to_string()))
     }
 
+    /// [`Self::encode`], plus the byte offset in `text` where each token starts (for mapping
+    /// tokens back to the characters the conversation pane shows).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<usize>), TokenizerError> {
+        let e = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        let starts = e
+            .get_offsets()
+            .iter()
+            .map(|(s, _)| (*s).min(text.len()))
+            .collect();
+        Ok((e.get_ids().to_vec(), starts))
+    }
+
     /// Decodes ids to text, skipping nothing (special tokens included as text).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {

@@ -1,0 +1,718 @@
+//! The UI's state and its update function (The Elm Architecture): every key, paste, resize and
+//! worker event becomes a [`Msg`]; [`App::update`] changes the state and returns [`Effect`]s for
+//! the event loop to carry out (commands to the worker, the clipboard, quitting). It does no I/O,
+//! so it is tested without a terminal or a model.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::commands::{self, SlashCommand};
+use super::conversation::Conversation;
+use super::input::Editor;
+use super::keymap::{Action, Key, Keymap};
+use super::theme::Theme;
+use crate::chat::Role;
+use crate::session::StopReason;
+use crate::store::SessionSummary;
+use crate::worker::{Command, Event, InspectView, Settings, Timeline};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Key(KeyEvent),
+    Paste(String),
+    /// Mouse wheel: rows, negative up.
+    Wheel(i32),
+    Resize(u16, u16),
+    Worker(Event),
+    /// SIGTERM / SIGHUP: save and quit.
+    Terminate,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Worker(Command),
+    /// Stop the reply in progress (sets the worker's cancel flag at once).
+    Cancel,
+    /// Put text on the clipboard (OSC 52).
+    Copy(String),
+    /// Leave the event loop (the worker has saved and stopped).
+    Exit,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Loading(String),
+    Failed { reason: String, hint: String },
+    Ready,
+}
+
+/// A reply in progress.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generation {
+    /// Prompt tokens run through the model, of all.
+    pub prefill: Option<(usize, usize)>,
+    pub generated: usize,
+    pub tok_s: f64,
+    /// Whether the reply's assistant message exists yet.
+    pub streaming: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub text: String,
+    pub error: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SessionList {
+    pub items: Vec<SessionSummary>,
+    pub selected: usize,
+    pub renaming: Option<Editor>,
+    pub confirm_delete: bool,
+}
+
+pub enum Overlay {
+    Help,
+    Sessions(SessionList),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inspect {
+    pub message: usize,
+    pub cursor: usize,
+    /// The worker's numbers for the message (`None` until they arrive).
+    pub view: Option<InspectView>,
+}
+
+pub struct App {
+    pub keymap: Keymap,
+    pub theme: Theme,
+    pub model: String,
+    pub phase: Phase,
+    pub settings: Option<Settings>,
+    pub conversation: Conversation,
+    pub input: Editor,
+    pub generation: Option<Generation>,
+    pub timeline: Timeline,
+    pub visualizer: bool,
+    pub inspect: Option<Inspect>,
+    pub overlay: Option<Overlay>,
+    pub notice: Option<Notice>,
+    pub session_id: Option<i64>,
+    pub title: String,
+    /// Decode speed of the last reply.
+    pub last_tok_s: Option<f64>,
+    /// Terminal size.
+    pub size: (u16, u16),
+    /// Saving and stopping; the loop exits when the worker reports it stopped.
+    pub quitting: bool,
+}
+
+/// Rows the conversation scrolls per wheel step and per line key.
+const SCROLL_STEP: usize = 3;
+
+impl App {
+    pub fn new(keymap: Keymap, theme: Theme, size: (u16, u16)) -> Self {
+        Self {
+            keymap,
+            theme,
+            model: String::new(),
+            phase: Phase::Loading("starting…".into()),
+            settings: None,
+            conversation: Conversation::default(),
+            input: Editor::default(),
+            generation: None,
+            timeline: Timeline::default(),
+            visualizer: true,
+            inspect: None,
+            overlay: None,
+            notice: None,
+            session_id: None,
+            title: "New chat".into(),
+            last_tok_s: None,
+            size,
+            quitting: false,
+        }
+    }
+
+    fn note(&mut self, text: impl Into<String>) {
+        self.notice = Some(Notice {
+            text: text.into(),
+            error: false,
+        });
+    }
+
+    fn error(&mut self, text: impl Into<String>) {
+        self.notice = Some(Notice {
+            text: text.into(),
+            error: true,
+        });
+    }
+
+    /// Rows of the conversation pane that a page key scrolls.
+    fn page(&self) -> usize {
+        (self.size.1 as usize).saturating_sub(8).max(1)
+    }
+
+    pub fn update(&mut self, msg: Msg) -> Vec<Effect> {
+        match msg {
+            Msg::Key(k) => self.key(k),
+            Msg::Paste(text) => {
+                match &mut self.overlay {
+                    Some(Overlay::Sessions(SessionList {
+                        renaming: Some(editor),
+                        ..
+                    })) => editor.insert_str(&text.replace(['\n', '\r'], " ")),
+                    _ => self.input.insert_str(&text),
+                }
+                Vec::new()
+            }
+            Msg::Wheel(rows) if rows < 0 => {
+                self.conversation.scroll_up(rows.unsigned_abs() as usize);
+                Vec::new()
+            }
+            Msg::Wheel(rows) => {
+                self.conversation.scroll_down(rows as usize);
+                Vec::new()
+            }
+            Msg::Resize(w, h) => {
+                self.size = (w, h);
+                Vec::new()
+            }
+            Msg::Worker(e) => self.worker_event(e),
+            Msg::Terminate => self.quit(),
+        }
+    }
+
+    fn quit(&mut self) -> Vec<Effect> {
+        if self.quitting {
+            return Vec::new();
+        }
+        self.quitting = true;
+        self.note("saving…");
+        vec![Effect::Cancel, Effect::Worker(Command::Shutdown)]
+    }
+
+    fn key(&mut self, event: KeyEvent) -> Vec<Effect> {
+        let key = Key::from_event(&event);
+        let action = self
+            .keymap
+            .action(&key)
+            .filter(|_| !key.is_printable() || self.input.is_empty());
+        if action == Some(Action::Quit) {
+            return self.quit();
+        }
+        if self.quitting {
+            return Vec::new();
+        }
+        if let Phase::Failed { .. } = self.phase {
+            return Vec::new();
+        }
+        if self.overlay.is_some() {
+            return self.overlay_key(key, action);
+        }
+        if self.inspect.is_some()
+            && let Some(effects) = self.inspect_key(key, action)
+        {
+            return effects;
+        }
+        match action {
+            Some(a) => self.action(a),
+            None => {
+                self.edit(key);
+                Vec::new()
+            }
+        }
+    }
+
+    fn action(&mut self, action: Action) -> Vec<Effect> {
+        match action {
+            Action::Send => return self.send(),
+            Action::Newline => self.input.insert_char('\n'),
+            Action::Stop => {
+                if self.generation.is_some() {
+                    self.note("stopping…");
+                    return vec![Effect::Cancel];
+                }
+                self.notice = None;
+            }
+            Action::Quit => return self.quit(),
+            Action::Help => self.overlay = Some(Overlay::Help),
+            Action::Visualizer => self.visualizer = !self.visualizer,
+            Action::Inspect => return self.start_inspect(),
+            Action::Sessions => return vec![Effect::Worker(Command::ListSessions)],
+            Action::Regenerate => return self.regenerate(),
+            Action::Complete => {
+                if let Some((line, _)) = commands::complete(self.input.text()).first() {
+                    self.input.set(line);
+                }
+            }
+            Action::HistoryPrev => {
+                if !self.input.up() {
+                    self.input.history_prev();
+                }
+            }
+            Action::HistoryNext => {
+                if !self.input.down() {
+                    self.input.history_next();
+                }
+            }
+            Action::ScrollUp => self.conversation.scroll_up(SCROLL_STEP),
+            Action::ScrollDown => self.conversation.scroll_down(SCROLL_STEP),
+            Action::PageUp => self.conversation.scroll_up(self.page()),
+            Action::PageDown => self.conversation.scroll_down(self.page()),
+            Action::Top => self.conversation.to_top(),
+            Action::Bottom => self.conversation.to_bottom(),
+        }
+        Vec::new()
+    }
+
+    /// Keys that edit the message.
+    fn edit(&mut self, key: Key) {
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        let alt = key.modifiers.contains(KeyModifiers::ALT);
+        let e = &mut self.input;
+        match key.code {
+            KeyCode::Char('a') if ctrl => e.home(),
+            KeyCode::Char('e') if ctrl => e.end(),
+            KeyCode::Char('w') if ctrl => e.delete_word(),
+            KeyCode::Char('u') if ctrl => e.delete_to_line_start(),
+            KeyCode::Char(c) if !ctrl && !alt => e.insert_char(c),
+            KeyCode::Backspace if ctrl || alt => e.delete_word(),
+            KeyCode::Backspace => e.backspace(),
+            KeyCode::Delete => e.delete(),
+            KeyCode::Left if ctrl || alt => e.word_left(),
+            KeyCode::Right if ctrl || alt => e.word_right(),
+            KeyCode::Left => e.left(),
+            KeyCode::Right => e.right(),
+            KeyCode::Home => e.home(),
+            KeyCode::End => e.end(),
+            KeyCode::Up => {
+                e.up();
+            }
+            KeyCode::Down => {
+                e.down();
+            }
+            _ => {}
+        }
+    }
+
+    fn send(&mut self) -> Vec<Effect> {
+        if self.input.text().trim().is_empty() {
+            return Vec::new();
+        }
+        if self.input.text().starts_with('/') {
+            let line = self.input.text().to_string();
+            let Some(settings) = self.settings.clone() else {
+                self.error("the model is still loading");
+                return Vec::new();
+            };
+            return match commands::parse(&line, &settings) {
+                Ok(c) => {
+                    self.input.take();
+                    self.slash(c)
+                }
+                Err(e) => {
+                    self.error(e);
+                    Vec::new()
+                }
+            };
+        }
+        if self.phase != Phase::Ready {
+            self.error("the model is still loading; your message is kept");
+            return Vec::new();
+        }
+        if self.generation.is_some() {
+            self.error("a reply is in progress: Esc stops it; your message is kept");
+            return Vec::new();
+        }
+        let text = self.input.take();
+        self.conversation.push(Role::User, text.clone());
+        self.conversation.to_bottom();
+        self.generation = Some(Generation::default());
+        self.notice = None;
+        vec![Effect::Worker(Command::Send(text))]
+    }
+
+    fn regenerate(&mut self) -> Vec<Effect> {
+        if self.generation.is_some() {
+            self.error("a reply is in progress");
+            return Vec::new();
+        }
+        vec![Effect::Worker(Command::Regenerate)]
+    }
+
+    /// Message index from a 1-based number, or the default.
+    fn message_index(&self, n: Option<usize>, default: Option<usize>) -> Option<usize> {
+        match n {
+            Some(n) if n <= self.conversation.messages.len() => Some(n - 1),
+            Some(_) => None,
+            None => default,
+        }
+    }
+
+    fn slash(&mut self, command: SlashCommand) -> Vec<Effect> {
+        let busy = self.generation.is_some();
+        let worker = |c| vec![Effect::Worker(c)];
+        match command {
+            SlashCommand::Help => self.overlay = Some(Overlay::Help),
+            SlashCommand::Quit => return self.quit(),
+            SlashCommand::Sessions => return worker(Command::ListSessions),
+            SlashCommand::Copy(n) => return self.copy(n),
+            SlashCommand::ShowSettings => {
+                if let Some(s) = &self.settings {
+                    let p = &s.sampling;
+                    let text = format!(
+                        "temperature {} · top_p {} · top_k {} · min_p {} · repeat_penalty {} · max_tokens {} · n_global {} · n_local {} · D {}",
+                        p.temperature,
+                        p.top_p,
+                        p.top_k,
+                        p.min_p,
+                        p.repeat_penalty,
+                        s.max_tokens,
+                        s.params.n_global,
+                        s.params.n_local,
+                        s.params.distance_limit
+                    );
+                    self.note(text);
+                }
+            }
+            _ if busy => self.error("wait for the reply to finish (Esc stops it)"),
+            SlashCommand::New => return worker(Command::NewSession),
+            SlashCommand::Clear => {
+                let mut effects = Vec::new();
+                if let Some(id) = self.session_id {
+                    effects.push(Effect::Worker(Command::DeleteSession(id)));
+                }
+                effects.push(Effect::Worker(Command::NewSession));
+                return effects;
+            }
+            SlashCommand::System(text) => return worker(Command::SetSystem(text)),
+            SlashCommand::SetSampling(p) => return worker(Command::SetSampling(p)),
+            SlashCommand::SetMaxTokens(n) => return worker(Command::SetMaxTokens(n)),
+            SlashCommand::SetLambda(p) => return worker(Command::SetLambda(p)),
+            SlashCommand::Regen => return self.regenerate(),
+            SlashCommand::Pin(n) => {
+                let last = self.conversation.messages.len().checked_sub(1);
+                match self.message_index(n, last) {
+                    Some(i) => return worker(Command::Pin(i)),
+                    None => self.error("no such message"),
+                }
+            }
+            SlashCommand::Unpin(n) => {
+                let last_pinned = self.conversation.messages.iter().rposition(|m| m.pinned);
+                match self.message_index(n, last_pinned) {
+                    Some(i) => return worker(Command::Unpin(i)),
+                    None => self.error("no pinned message"),
+                }
+            }
+            SlashCommand::Export(file) => {
+                let name = file.unwrap_or_else(|| match self.session_id {
+                    Some(id) => format!("lambdachat-{id}.md"),
+                    None => "lambdachat.md".into(),
+                });
+                return worker(Command::Export(name.into()));
+            }
+        }
+        Vec::new()
+    }
+
+    fn copy(&mut self, n: Option<usize>) -> Vec<Effect> {
+        let (text, what) = match n {
+            Some(n) => match self.conversation.code_block(n) {
+                Some(code) => (code.to_string(), format!("code block {n}")),
+                None => {
+                    let count = self.conversation.code_count();
+                    self.error(format!("no code block {n} (there are {count})"));
+                    return Vec::new();
+                }
+            },
+            None => match self
+                .conversation
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::Assistant)
+            {
+                Some(m) => (m.content.clone(), "the last reply".to_string()),
+                None => {
+                    self.error("nothing to copy yet");
+                    return Vec::new();
+                }
+            },
+        };
+        self.note(format!(
+            "copied {what} ({} lines) to the clipboard (OSC 52)",
+            text.lines().count()
+        ));
+        vec![Effect::Copy(text)]
+    }
+
+    fn start_inspect(&mut self) -> Vec<Effect> {
+        let Some(message) = self.conversation.messages.len().checked_sub(1) else {
+            self.error("nothing to inspect yet");
+            return Vec::new();
+        };
+        self.inspect = Some(Inspect {
+            message,
+            cursor: usize::MAX,
+            view: None,
+        });
+        vec![Effect::Worker(Command::Inspect(message))]
+    }
+
+    /// Keys of inspect mode; `None` lets the key through to the normal handling.
+    fn inspect_key(&mut self, key: Key, action: Option<Action>) -> Option<Vec<Effect>> {
+        let count = self.conversation.messages.len();
+        let inspect = self.inspect.as_mut()?;
+        let tokens = inspect.view.as_ref().map_or(0, |v| v.tokens.len());
+        let mut moved_to = None;
+        match key.code {
+            KeyCode::Esc => {
+                self.inspect = None;
+                return Some(Vec::new());
+            }
+            KeyCode::Left => inspect.cursor = inspect.cursor.min(tokens).saturating_sub(1),
+            KeyCode::Right => {
+                inspect.cursor = (inspect.cursor.saturating_add(1)).min(tokens.saturating_sub(1))
+            }
+            KeyCode::Home => inspect.cursor = 0,
+            KeyCode::End => inspect.cursor = tokens.saturating_sub(1),
+            KeyCode::Up if inspect.message > 0 => moved_to = Some(inspect.message - 1),
+            KeyCode::Down if inspect.message + 1 < count => moved_to = Some(inspect.message + 1),
+            KeyCode::Up | KeyCode::Down => {}
+            _ if action == Some(Action::Inspect) => {
+                self.inspect = None;
+                return Some(Vec::new());
+            }
+            _ => return None,
+        }
+        if let Some(m) = moved_to {
+            *inspect = Inspect {
+                message: m,
+                cursor: 0,
+                view: None,
+            };
+            return Some(vec![Effect::Worker(Command::Inspect(m))]);
+        }
+        Some(Vec::new())
+    }
+
+    fn overlay_key(&mut self, key: Key, action: Option<Action>) -> Vec<Effect> {
+        let Some(Overlay::Sessions(list)) = &mut self.overlay else {
+            // Help: any key closes it.
+            self.overlay = None;
+            return Vec::new();
+        };
+        if let Some(editor) = &mut list.renaming {
+            match key.code {
+                KeyCode::Esc => list.renaming = None,
+                KeyCode::Enter => {
+                    let title = editor.text().trim().to_string();
+                    list.renaming = None;
+                    if let (false, Some(s)) = (title.is_empty(), list.items.get(list.selected)) {
+                        return vec![Effect::Worker(Command::RenameSession(s.id, title))];
+                    }
+                }
+                KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
+                    editor.insert_char(c)
+                }
+                KeyCode::Backspace => editor.backspace(),
+                KeyCode::Left => editor.left(),
+                KeyCode::Right => editor.right(),
+                _ => {}
+            }
+            return Vec::new();
+        }
+        let confirm = std::mem::take(&mut list.confirm_delete);
+        let selected = list.items.get(list.selected).map(|s| s.id);
+        match key.code {
+            KeyCode::Up => list.selected = list.selected.saturating_sub(1),
+            KeyCode::Down => {
+                list.selected = (list.selected + 1).min(list.items.len().saturating_sub(1))
+            }
+            KeyCode::Enter => {
+                if let Some(id) = selected {
+                    self.overlay = None;
+                    return vec![Effect::Worker(Command::OpenSession(id))];
+                }
+            }
+            KeyCode::Char('r') => {
+                if let Some(s) = list.items.get(list.selected) {
+                    let mut e = Editor::default();
+                    e.set(&s.title);
+                    list.renaming = Some(e);
+                }
+            }
+            KeyCode::Char('d') => {
+                if let Some(id) = selected {
+                    if confirm {
+                        return vec![Effect::Worker(Command::DeleteSession(id))];
+                    }
+                    list.confirm_delete = true;
+                }
+            }
+            KeyCode::Char('n') => {
+                self.overlay = None;
+                return vec![Effect::Worker(Command::NewSession)];
+            }
+            _ if action == Some(Action::Stop) || action == Some(Action::Sessions) => {
+                self.overlay = None
+            }
+            _ => {}
+        }
+        Vec::new()
+    }
+
+    fn worker_event(&mut self, event: Event) -> Vec<Effect> {
+        match event {
+            Event::Loading(s) => self.phase = Phase::Loading(s),
+            Event::Ready { model, settings } => {
+                self.phase = Phase::Ready;
+                self.model = model;
+                self.settings = Some(settings);
+            }
+            Event::LoadFailed { reason, hint } => self.phase = Phase::Failed { reason, hint },
+            Event::Opened {
+                id,
+                title,
+                messages,
+            } => {
+                self.session_id = id;
+                self.title = title;
+                self.conversation = Conversation::default();
+                for m in messages {
+                    self.conversation.push(m.role, m.content);
+                }
+                self.inspect = None;
+                self.generation = None;
+            }
+            Event::Prefill { done, total } => {
+                let g = self.generation.get_or_insert_with(Generation::default);
+                g.prefill = Some((done, total));
+            }
+            Event::Text(t) => {
+                let g = self.generation.get_or_insert_with(Generation::default);
+                g.generated += 1;
+                if !g.streaming {
+                    g.streaming = true;
+                    self.conversation.push(Role::Assistant, String::new());
+                }
+                let width = self.size.0;
+                self.conversation.append(&t, width, &self.theme);
+            }
+            Event::Progress {
+                generated,
+                tok_s,
+                stats,
+            } => {
+                if let Some(g) = &mut self.generation {
+                    g.generated = generated;
+                    g.tok_s = tok_s;
+                }
+                self.timeline.stats = stats;
+                self.timeline.window_start =
+                    (stats.tokens_seen + 1).saturating_sub(self.timeline.n_local);
+            }
+            Event::Finished {
+                stop,
+                prompt_tokens,
+                generated,
+                tok_s,
+                replied,
+            } => {
+                let streamed = self.generation.take().is_some_and(|g| g.streaming);
+                let prefill_cut = !replied;
+                if replied && !streamed {
+                    // A reply with no visible text (stopped at once, or only an end token).
+                    self.conversation.push(Role::Assistant, String::new());
+                }
+                self.last_tok_s = Some(tok_s);
+                match stop {
+                    StopReason::Cancelled if prefill_cut => self.note(format!(
+                        "stopped during the prompt ({prompt_tokens} tokens read; the rest is read with your next message)"
+                    )),
+                    StopReason::Cancelled => self.note(format!("stopped after {generated} tokens")),
+                    StopReason::Length => self.note(format!(
+                        "the reply reached max_tokens ({generated}); /set max_tokens N allows longer ones"
+                    )),
+                    StopReason::EndOfTurn => {
+                        if self.notice.as_ref().is_some_and(|n| n.text == "stopping…") {
+                            self.notice = None;
+                        }
+                    }
+                }
+                if let Some(inspect) = &self.inspect {
+                    return vec![Effect::Worker(Command::Inspect(inspect.message))];
+                }
+            }
+            Event::Regenerating => {
+                if self
+                    .conversation
+                    .messages
+                    .last()
+                    .is_some_and(|m| m.role == Role::Assistant)
+                {
+                    self.conversation.messages.pop();
+                }
+                self.generation = Some(Generation::default());
+                self.conversation.to_bottom();
+            }
+            Event::Timeline(t) => self.apply_timeline(t),
+            Event::Inspect(view) => {
+                if let Some(inspect) = &mut self.inspect
+                    && inspect.message == view.message
+                {
+                    let n = view.tokens.len();
+                    inspect.cursor = inspect.cursor.min(n.saturating_sub(1));
+                    inspect.view = Some(view);
+                }
+            }
+            Event::Sessions(items) => match &mut self.overlay {
+                Some(Overlay::Sessions(list)) => {
+                    list.selected = list.selected.min(items.len().saturating_sub(1));
+                    list.items = items;
+                }
+                _ => {
+                    let selected = items
+                        .iter()
+                        .position(|s| Some(s.id) == self.session_id)
+                        .unwrap_or(0);
+                    self.overlay = Some(Overlay::Sessions(SessionList {
+                        items,
+                        selected,
+                        ..SessionList::default()
+                    }));
+                }
+            },
+            Event::Settings(s) => self.settings = Some(s),
+            Event::Notice(n) => self.note(n),
+            Event::Error(e) => {
+                self.error(e);
+                self.generation = None;
+            }
+            Event::Stopped => {
+                if self.quitting {
+                    return vec![Effect::Exit];
+                }
+                self.error("the generation worker stopped; see the log file");
+            }
+        }
+        Vec::new()
+    }
+
+    /// Takes the worker's map of the Λ: dims evicted text, marks pinned messages.
+    fn apply_timeline(&mut self, t: Timeline) {
+        for (m, map) in self.conversation.messages.iter_mut().zip(&t.messages) {
+            let pinned = t
+                .pinned
+                .iter()
+                .any(|p| p.start < map.tokens.end && map.tokens.start < p.end);
+            if m.segments != map.segments || m.pinned != pinned {
+                m.segments = map.segments.clone();
+                m.pinned = pinned;
+                m.touch();
+            }
+        }
+        self.timeline = t;
+    }
+}

@@ -1,0 +1,292 @@
+//! The conversation pane's model: messages, their rendered rows cached per width, and scrolling.
+//!
+//! Scrolling counts rows up from the bottom, so drawing walks messages from the last one back
+//! and stops once the screen is full: a frame costs the same for 10 messages or 10,000, and
+//! only messages that changed (the streaming reply, a new eviction boundary) are re-rendered.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+
+use super::markdown::{self, code_blocks};
+use super::theme::Theme;
+use super::wrap::{StyledLine, wrap};
+use crate::chat::Role;
+use crate::session::TokenState;
+
+/// Rows of a message drawn at a width, for a version of it.
+type CachedRows = (u16, u64, Rc<Vec<Line<'static>>>);
+
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+    /// Code blocks in the messages before this one (its own are numbered from here + 1).
+    pub first_code: usize,
+    pub code_blocks: Vec<String>,
+    /// Byte ranges of the content and the state of their tokens.
+    pub segments: Vec<(std::ops::Range<usize>, TokenState)>,
+    pub pinned: bool,
+    /// Bumped on every change, to invalidate the cached rows.
+    version: u64,
+    cache: RefCell<Option<CachedRows>>,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: String, first_code: usize) -> Self {
+        Self {
+            role,
+            code_blocks: code_blocks(&content),
+            content,
+            first_code,
+            segments: Vec::new(),
+            pinned: false,
+            version: 0,
+            cache: RefCell::new(None),
+        }
+    }
+
+    pub fn touch(&mut self) {
+        self.version += 1;
+    }
+
+    /// Whether every token of the message has been evicted.
+    pub fn fully_evicted(&self) -> bool {
+        !self.segments.is_empty() && self.segments.iter().all(|(_, s)| *s == TokenState::Evicted)
+    }
+
+    /// Rows of this message at `width`, header and trailing blank row included.
+    pub fn rows(&self, index: usize, width: u16, theme: &Theme) -> Rc<Vec<Line<'static>>> {
+        if let Some((w, v, rows)) = &*self.cache.borrow()
+            && *w == width
+            && *v == self.version
+        {
+            return rows.clone();
+        }
+        let rows = Rc::new(self.render(index, width, theme));
+        *self.cache.borrow_mut() = Some((width, self.version, rows.clone()));
+        rows
+    }
+
+    fn render(&self, index: usize, width: u16, theme: &Theme) -> Vec<Line<'static>> {
+        let (name, color) = match self.role {
+            Role::User => ("You", theme.user),
+            Role::Assistant => ("Assistant", theme.assistant),
+            Role::System => ("System", theme.system),
+        };
+        let mut header_style = Style::default().fg(color).add_modifier(Modifier::BOLD);
+        if self.fully_evicted() {
+            header_style = header_style.add_modifier(Modifier::DIM);
+        }
+        let mut header = vec![
+            Span::styled(format!("▍{name}"), header_style),
+            Span::styled(
+                format!("  #{}", index + 1),
+                Style::default().fg(theme.evicted),
+            ),
+        ];
+        if self.pinned {
+            header.push(Span::styled(
+                "  ◆ pinned",
+                Style::default().fg(theme.pinned),
+            ));
+        }
+        if self.fully_evicted() {
+            header.push(Span::styled(
+                "  evicted",
+                Style::default().fg(theme.evicted),
+            ));
+        }
+        let mut rows = vec![Line::from(header)];
+        let body = markdown::render(
+            &self.content,
+            self.first_code,
+            theme,
+            Style::default(),
+            &self.segments,
+        );
+        let indent = Span::raw("  ");
+        for line in &body.lines {
+            let mut line: StyledLine = line.clone();
+            line.prefix.insert(0, indent.clone());
+            if let Some(first) = line.first_prefix.as_mut() {
+                first.insert(0, indent.clone());
+            }
+            rows.extend(wrap(&line, width as usize));
+        }
+        rows.push(Line::default());
+        rows
+    }
+}
+
+#[derive(Default)]
+pub struct Conversation {
+    pub messages: Vec<ChatMessage>,
+    /// Rows scrolled up from the bottom; 0 follows the stream.
+    pub scroll: usize,
+    /// Set by the last draw when the view reached the first row (scrolling up stops there).
+    pub at_top: Cell<bool>,
+}
+
+impl Conversation {
+    pub fn code_count(&self) -> usize {
+        self.messages
+            .last()
+            .map_or(0, |m| m.first_code + m.code_blocks.len())
+    }
+
+    pub fn push(&mut self, role: Role, content: String) {
+        let first = self.code_count();
+        self.messages.push(ChatMessage::new(role, content, first));
+    }
+
+    /// Appends streamed text to the last message, keeping the view still unless it follows.
+    pub fn append(&mut self, text: &str, width: u16, theme: &Theme) {
+        if self.messages.is_empty() {
+            return;
+        }
+        let index = self.messages.len() - 1;
+        let before = if self.scroll > 0 {
+            self.messages[index].rows(index, width, theme).len()
+        } else {
+            0
+        };
+        let last = &mut self.messages[index];
+        last.content.push_str(text);
+        last.code_blocks = code_blocks(&last.content);
+        last.touch();
+        if self.scroll > 0 {
+            let after = self.messages[index].rows(index, width, theme).len();
+            self.scroll += after.saturating_sub(before);
+        }
+    }
+
+    /// Code block `n` (1-based, as numbered on screen).
+    pub fn code_block(&self, n: usize) -> Option<&str> {
+        let m = self
+            .messages
+            .iter()
+            .find(|m| n > m.first_code && n <= m.first_code + m.code_blocks.len())?;
+        m.code_blocks.get(n - m.first_code - 1).map(String::as_str)
+    }
+
+    pub fn scroll_up(&mut self, rows: usize) {
+        if !self.at_top.get() {
+            self.scroll += rows;
+        }
+    }
+
+    pub fn scroll_down(&mut self, rows: usize) {
+        self.scroll = self.scroll.saturating_sub(rows);
+        self.at_top.set(false);
+    }
+
+    pub fn to_top(&mut self) {
+        self.scroll = usize::MAX / 2;
+    }
+
+    pub fn to_bottom(&mut self) {
+        self.scroll = 0;
+        self.at_top.set(false);
+    }
+
+    /// The rows to draw in a `width` × `height` pane, walking back from the last message.
+    pub fn visible(&self, width: u16, height: usize, theme: &Theme) -> Vec<Line<'static>> {
+        let want = self.scroll.saturating_add(height);
+        let mut chunks: Vec<Rc<Vec<Line<'static>>>> = Vec::new();
+        let mut have = 0;
+        for (i, m) in self.messages.iter().enumerate().rev() {
+            if have >= want {
+                break;
+            }
+            let rows = m.rows(i, width, theme);
+            have += rows.len();
+            chunks.push(rows);
+        }
+        // Scrolled past the first row: clamp, and tell scrolling to stop.
+        let reached_top = have <= want;
+        let skip_from_bottom = if reached_top {
+            have.saturating_sub(height)
+        } else {
+            self.scroll
+        };
+        self.at_top
+            .set(reached_top && self.scroll >= skip_from_bottom);
+        let all: Vec<&Line<'static>> = chunks.iter().rev().flat_map(|c| c.iter()).collect();
+        let end = all.len().saturating_sub(skip_from_bottom);
+        let start = end.saturating_sub(height);
+        all[start..end].iter().map(|l| (*l).clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(lines: &[Line<'_>]) -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l.spans.iter().map(|s| s.content.as_ref()).collect())
+            .collect()
+    }
+
+    fn conversation(n: usize) -> Conversation {
+        let mut c = Conversation::default();
+        for i in 0..n {
+            c.push(Role::User, format!("message {i}"));
+        }
+        c
+    }
+
+    #[test]
+    fn shows_the_bottom_and_scrolls_up_to_the_top() {
+        let theme = Theme::default();
+        let mut c = conversation(100);
+        assert_eq!(
+            text(&c.visible(40, 4, &theme)),
+            ["", "▍You  #100", "  message 99", ""]
+        );
+        c.scroll_up(3);
+        assert_eq!(
+            text(&c.visible(40, 4, &theme)),
+            ["", "▍You  #99", "  message 98", ""]
+        );
+        c.to_top();
+        let top = text(&c.visible(40, 4, &theme));
+        assert_eq!(top[0], "▍You  #1");
+        assert!(c.at_top.get());
+        let before = c.scroll;
+        c.scroll_up(5);
+        assert_eq!(c.scroll, before);
+        c.to_bottom();
+        assert!(!c.at_top.get());
+    }
+
+    #[test]
+    fn streaming_keeps_a_scrolled_view_still() {
+        let theme = Theme::default();
+        let mut c = conversation(10);
+        c.push(Role::Assistant, String::new());
+        c.scroll_up(6);
+        let before = text(&c.visible(20, 5, &theme));
+        c.append("a long line of streamed words that wraps", 20, &theme);
+        assert_eq!(text(&c.visible(20, 5, &theme)), before);
+        c.to_bottom();
+        c.append(" more", 20, &theme);
+        let rows = text(&c.visible(20, 5, &theme));
+        assert!(rows.iter().any(|r| r.contains("more")), "{rows:?}");
+    }
+
+    #[test]
+    fn code_blocks_are_numbered_across_messages() {
+        let mut c = Conversation::default();
+        c.push(Role::Assistant, "```\na\n```\n```\nb\n```".into());
+        c.push(Role::User, "no code".into());
+        c.push(Role::Assistant, "```rust\nc\n```".into());
+        assert_eq!(c.code_block(1), Some("a\n"));
+        assert_eq!(c.code_block(3), Some("c\n"));
+        assert_eq!(c.code_block(4), None);
+        assert_eq!(c.code_block(0), None);
+    }
+}

@@ -1,0 +1,758 @@
+//! The generation worker: one OS thread that owns the model, the conversation (with its Λ cache)
+//! and the session database. The UI talks to it only through [`Command`]s and [`Event`]s, plain
+//! data with no tensors, so the UI never blocks on the model and the worker never touches the
+//! terminal.
+//!
+//! Stopping a reply does not go through the command queue (which is busy while generating): the
+//! UI sets the shared cancel flag, which the session checks between tokens and prefill chunks.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::attention::{CacheStats, LambdaParams};
+use crate::chat::Message;
+use crate::engine::Engine;
+use crate::sampling::SamplingParams;
+use crate::session::{Session, SessionState, StopReason, TokenState, TurnEvent, TurnReport};
+use crate::store::{SessionSummary, Store, title_from, to_markdown};
+
+/// Prompt tokens per forward while chatting: small enough that Esc stops a long paste's
+/// prefill quickly, large enough to keep the matrix products efficient.
+const INTERACTIVE_PREFILL_CHUNK: usize = 32;
+/// Least time between two stats events while generating.
+const STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// What the UI asks of the worker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// A user message: prefill it and stream a reply.
+    Send(String),
+    /// Replace the last reply with a new one.
+    Regenerate,
+    SetSampling(SamplingParams),
+    /// New Λ parameters: the cache is rebuilt and the history fed again.
+    SetLambda(LambdaParams),
+    SetMaxTokens(usize),
+    /// Replace the system prompt (applies to what is fed from now on).
+    SetSystem(String),
+    Pin(usize),
+    Unpin(usize),
+    /// Token-by-token view of a message.
+    Inspect(usize),
+    /// Save the session with its KV snapshot now.
+    Save,
+    /// Write the conversation as Markdown to a file.
+    Export(PathBuf),
+    NewSession,
+    OpenSession(i64),
+    ListSessions,
+    RenameSession(i64, String),
+    DeleteSession(i64),
+    /// Save and stop.
+    Shutdown,
+}
+
+/// The state of one message's characters, for dimming evicted text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageMap {
+    /// Token positions of the message's content.
+    pub tokens: Range<u64>,
+    /// Byte ranges of the content and the state of their tokens, in order.
+    pub segments: Vec<(Range<usize>, TokenState)>,
+}
+
+/// What the next query attends to, over the whole conversation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline {
+    pub stats: CacheStats,
+    pub n_global: u64,
+    pub n_local: u64,
+    /// First position inside the window of the next query.
+    pub window_start: u64,
+    pub pinned: Vec<Range<u64>>,
+    /// One entry per message, in order.
+    pub messages: Vec<MessageMap>,
+}
+
+/// One token in the inspect view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub position: u64,
+    pub id: u32,
+    pub text: String,
+    pub state: TokenState,
+    /// Share of attention the last generated token gave it (mean over heads and layers).
+    pub share: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InspectView {
+    pub message: usize,
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// Settings the UI shows and edits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub params: LambdaParams,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+}
+
+/// What the worker tells the UI.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Loading or fetching the model.
+    Loading(String),
+    /// The model is loaded; a conversation is open.
+    Ready {
+        model: String,
+        settings: Settings,
+    },
+    /// The model could not be loaded: the reason and what to do.
+    LoadFailed {
+        reason: String,
+        hint: String,
+    },
+    /// A conversation was opened (new or resumed): its messages and title.
+    Opened {
+        id: Option<i64>,
+        title: String,
+        messages: Vec<Message>,
+    },
+    Prefill {
+        done: usize,
+        total: usize,
+    },
+    Text(String),
+    /// Counters while generating.
+    Progress {
+        generated: usize,
+        tok_s: f64,
+        stats: CacheStats,
+    },
+    /// The reply ended.
+    Finished {
+        stop: StopReason,
+        prompt_tokens: usize,
+        generated: usize,
+        tok_s: f64,
+        /// Whether an assistant message was added (not when stopped during the prompt).
+        replied: bool,
+    },
+    /// The regenerated reply starts: the UI drops the last assistant message.
+    Regenerating,
+    Timeline(Timeline),
+    Inspect(InspectView),
+    Sessions(Vec<SessionSummary>),
+    Settings(Settings),
+    /// A short message for the status line.
+    Notice(String),
+    Error(String),
+    /// The worker has stopped (after `Shutdown`, everything saved).
+    Stopped,
+}
+
+/// How to start the worker.
+pub struct WorkerOptions {
+    /// Loads the model (may fetch it); runs on the worker thread.
+    pub load: Box<dyn FnOnce() -> anyhow::Result<(Arc<Engine>, LambdaParams)> + Send>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub system: Option<String>,
+    /// Session database; `None` keeps nothing.
+    pub store: Option<PathBuf>,
+    /// Session to resume: `Some(None)` for the latest one.
+    pub resume: Option<Option<i64>>,
+}
+
+pub struct WorkerHandle {
+    pub commands: Sender<Command>,
+    /// Set to stop the reply or prefill in progress.
+    pub cancel: Arc<AtomicBool>,
+    pub thread: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub fn send(&self, command: Command) {
+        // A worker that has stopped already reported why.
+        let _ = self.commands.send(command);
+    }
+}
+
+/// Starts the worker thread.
+pub fn spawn(
+    options: WorkerOptions,
+    events: UnboundedSender<Event>,
+) -> std::io::Result<WorkerHandle> {
+    let (commands, inbox) = channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let thread = std::thread::Builder::new()
+        .name("lambdachat-worker".into())
+        .spawn(move || {
+            let emit = Emitter(events);
+            if let Err(e) = Device::Cpu.with_context(|| run(options, inbox, flag, &emit)) {
+                tracing::error!("worker: {e:#}");
+                emit.send(Event::Error(format!("{e:#}")));
+            }
+            emit.send(Event::Stopped);
+        })?;
+    Ok(WorkerHandle {
+        commands,
+        cancel,
+        thread,
+    })
+}
+
+struct Emitter(UnboundedSender<Event>);
+
+impl Emitter {
+    fn send(&self, e: Event) {
+        let _ = self.0.send(e);
+    }
+}
+
+struct Worker<'a> {
+    engine: Arc<Engine>,
+    session: Session,
+    settings: Settings,
+    system: Option<String>,
+    store: Option<Store>,
+    /// Database id of the open conversation (created with its first message).
+    id: Option<i64>,
+    title: String,
+    cancel: Arc<AtomicBool>,
+    emit: &'a Emitter,
+}
+
+fn run(
+    options: WorkerOptions,
+    inbox: Receiver<Command>,
+    cancel: Arc<AtomicBool>,
+    emit: &Emitter,
+) -> anyhow::Result<()> {
+    emit.send(Event::Loading("loading the model…".into()));
+    let (engine, params) = match (options.load)() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            emit.send(Event::LoadFailed {
+                reason: format!("{e:#}"),
+                hint: "Check the --model path (a GGUF file), or run without --model to use the \
+                       default model; `lambdachat inspect MODEL` shows what a file holds."
+                    .into(),
+            });
+            // Stay until the UI quits, so it can show the reason.
+            while let Ok(c) = inbox.recv() {
+                if c == Command::Shutdown {
+                    break;
+                }
+            }
+            return Ok(());
+        }
+    };
+    let store = match options.store.as_deref().map(Store::open).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            emit.send(Event::Error(format!("sessions will not be saved: {e}")));
+            None
+        }
+    };
+    let settings = Settings {
+        params,
+        sampling: options.sampling.clone(),
+        max_tokens: options.max_tokens,
+    };
+    let session = Session::new(
+        engine.clone(),
+        params,
+        options.sampling,
+        options.system.clone(),
+    )?;
+    let mut w = Worker {
+        engine,
+        session,
+        settings,
+        system: options.system,
+        store,
+        id: None,
+        title: "New chat".into(),
+        cancel,
+        emit,
+    };
+    w.session.set_probe(true);
+    w.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+    emit.send(Event::Ready {
+        model: w.engine.model.info().name.clone(),
+        settings: w.settings.clone(),
+    });
+    match options.resume {
+        Some(which) => {
+            let id = match which {
+                Some(id) => Some(id),
+                None => w.store.as_ref().and_then(|s| s.latest().ok().flatten()),
+            };
+            match id {
+                Some(id) => w.open(id),
+                None => {
+                    emit.send(Event::Notice("no saved session to resume".into()));
+                    w.opened();
+                }
+            }
+        }
+        None => w.opened(),
+    }
+    while let Ok(command) = inbox.recv() {
+        if command == Command::Shutdown {
+            w.save(true);
+            break;
+        }
+        w.handle(command);
+    }
+    Ok(())
+}
+
+impl Worker<'_> {
+    fn handle(&mut self, command: Command) {
+        self.cancel.store(false, Ordering::Relaxed);
+        match command {
+            Command::Send(text) => self.reply(Some(text)),
+            Command::Regenerate => {
+                if self.session.can_regenerate() {
+                    self.emit.send(Event::Regenerating);
+                    self.reply(None);
+                } else {
+                    self.emit
+                        .send(Event::Notice("nothing to regenerate yet".into()));
+                }
+            }
+            Command::SetSampling(p) => match self.session.set_sampling(p.clone()) {
+                Ok(()) => {
+                    self.settings.sampling = p;
+                    self.emit.send(Event::Settings(self.settings.clone()));
+                }
+                Err(e) => self.emit.send(Event::Error(e.to_string())),
+            },
+            Command::SetMaxTokens(n) => {
+                self.settings.max_tokens = n;
+                self.emit.send(Event::Settings(self.settings.clone()));
+            }
+            Command::SetLambda(p) => self.set_lambda(p),
+            Command::SetSystem(text) => {
+                self.system = Some(text.clone());
+                self.session.set_system(text);
+                self.emit.send(Event::Notice(
+                    "system prompt set (it applies to new conversations; this one already \
+                     holds its old one)"
+                        .into(),
+                ));
+            }
+            Command::Pin(i) => {
+                let lost = self.session.pin(i);
+                let range = self.session.message_tokens(i);
+                let note = if range.is_empty() {
+                    "that message has no tokens yet".to_string()
+                } else if lost > 0 {
+                    format!(
+                        "pinned {} tokens; {lost} had already been evicted and cannot come back",
+                        range.end - range.start - lost
+                    )
+                } else {
+                    format!(
+                        "pinned {} tokens: they stay attended",
+                        range.end - range.start
+                    )
+                };
+                self.emit.send(Event::Notice(note));
+                self.timeline();
+            }
+            Command::Unpin(i) => {
+                self.session.unpin(i);
+                self.emit.send(Event::Notice("unpinned".into()));
+                self.timeline();
+            }
+            Command::Inspect(i) => self.inspect(i),
+            Command::Save => self.save(true),
+            Command::Export(path) => {
+                let md = to_markdown(&self.title, self.session.messages());
+                match std::fs::write(&path, md) {
+                    Ok(()) => self
+                        .emit
+                        .send(Event::Notice(format!("exported to {}", path.display()))),
+                    Err(e) => self.emit.send(Event::Error(format!(
+                        "cannot write {}: {e}",
+                        path.display()
+                    ))),
+                }
+            }
+            Command::NewSession => {
+                self.save(true);
+                self.fresh_session(self.settings.params);
+                self.id = None;
+                self.title = "New chat".into();
+                self.opened();
+            }
+            Command::OpenSession(id) => {
+                self.save(true);
+                self.open(id);
+            }
+            Command::ListSessions => self.list(),
+            Command::RenameSession(id, title) => {
+                if let Some(store) = &self.store {
+                    match store.rename(id, &title) {
+                        Ok(()) => {
+                            if self.id == Some(id) {
+                                self.title = title;
+                            }
+                        }
+                        Err(e) => self.emit.send(Event::Error(e.to_string())),
+                    }
+                }
+                self.list();
+            }
+            Command::DeleteSession(id) => {
+                if let Some(store) = &self.store {
+                    if let Err(e) = store.delete(id) {
+                        self.emit.send(Event::Error(e.to_string()));
+                    }
+                    if self.id == Some(id) {
+                        self.id = None;
+                    }
+                }
+                self.list();
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn fresh_session(&mut self, params: LambdaParams) {
+        match Session::new(
+            self.engine.clone(),
+            params,
+            self.settings.sampling.clone(),
+            self.system.clone(),
+        ) {
+            Ok(s) => {
+                self.session = s;
+                self.session.set_probe(true);
+                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+            }
+            Err(e) => self.emit.send(Event::Error(e.to_string())),
+        }
+    }
+
+    fn opened(&mut self) {
+        self.emit.send(Event::Opened {
+            id: self.id,
+            title: self.title.clone(),
+            messages: self.session.messages().to_vec(),
+        });
+        self.timeline();
+    }
+
+    fn list(&mut self) {
+        match self.store.as_ref().map(Store::list) {
+            Some(Ok(list)) => self.emit.send(Event::Sessions(list)),
+            Some(Err(e)) => self.emit.send(Event::Error(e.to_string())),
+            None => self.emit.send(Event::Sessions(Vec::new())),
+        }
+    }
+
+    /// Runs a turn (or a regeneration when `text` is `None`), streaming events.
+    fn reply(&mut self, text: Option<String>) {
+        let max = Some(self.settings.max_tokens);
+        let cancel = self.cancel.clone();
+        let emit = self.emit;
+        let start = Instant::now();
+        let mut last_stats = Instant::now();
+        let mut generated = 0usize;
+        let mut decode_start: Option<Instant> = None;
+        let mut on_event = |e: TurnEvent<'_>| match e {
+            TurnEvent::Prefill { done, total } => emit.send(Event::Prefill { done, total }),
+            TurnEvent::Text(t) => {
+                decode_start.get_or_insert_with(Instant::now);
+                generated += 1;
+                emit.send(Event::Text(t.to_string()));
+            }
+            TurnEvent::Stats(stats) => {
+                if last_stats.elapsed() >= STATS_EVERY
+                    && let Some(started) = decode_start
+                {
+                    last_stats = Instant::now();
+                    let secs = started.elapsed().as_secs_f64().max(1e-6);
+                    emit.send(Event::Progress {
+                        generated,
+                        tok_s: generated as f64 / secs,
+                        stats,
+                    });
+                }
+            }
+        };
+        if self.id.is_none() && self.store.is_some() {
+            let title = text.as_deref().map(title_from).unwrap_or_default();
+            let model = self.engine.path.display().to_string();
+            if let Some(store) = &self.store {
+                match store.create(&title, &model, self.settings.params) {
+                    Ok(id) => {
+                        self.id = Some(id);
+                        self.title = title;
+                    }
+                    Err(e) => emit.send(Event::Error(format!("session not saved: {e}"))),
+                }
+            }
+        }
+        let result: Result<Option<TurnReport>, _> = match text {
+            Some(t) => self.session.turn(&t, max, &cancel, &mut on_event).map(Some),
+            None => self.session.regenerate(max, &cancel, &mut on_event),
+        };
+        let replied = self
+            .session
+            .messages()
+            .last()
+            .is_some_and(|m| m.role == crate::chat::Role::Assistant);
+        match result {
+            Ok(Some(r)) => emit.send(Event::Finished {
+                stop: r.stop,
+                prompt_tokens: r.prompt_tokens,
+                generated: r.generated_tokens,
+                tok_s: r.decode_tok_s(),
+                replied,
+            }),
+            Ok(None) => {}
+            Err(e) => emit.send(Event::Error(e.to_string())),
+        }
+        tracing::info!(elapsed = ?start.elapsed(), "turn finished");
+        self.timeline();
+        self.save(true);
+    }
+
+    fn set_lambda(&mut self, params: LambdaParams) {
+        let cap = self.engine.model.info().context_length;
+        let params = match LambdaParams::new(
+            params.n_global.min(cap),
+            params.n_local.min(cap),
+            Some(params.distance_limit.min(cap as u64)),
+        ) {
+            Ok(p) => p,
+            Err(e) => return self.emit.send(Event::Error(e.to_string())),
+        };
+        let state = self.session.state().clone();
+        match Session::restore(
+            self.engine.clone(),
+            params,
+            self.settings.sampling.clone(),
+            state,
+            None,
+        ) {
+            Ok((session, _)) => {
+                self.session = session;
+                self.session.set_probe(true);
+                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+                self.settings.params = params;
+                self.emit.send(Event::Settings(self.settings.clone()));
+                self.emit.send(Event::Notice(format!(
+                    "Λ = {} sinks + {}-token window; feeding the history again…",
+                    params.n_global, params.n_local
+                )));
+                self.catch_up();
+            }
+            Err(e) => self.emit.send(Event::Error(e.to_string())),
+        }
+    }
+
+    /// Feeds the history of a session restored without its cache.
+    fn catch_up(&mut self) {
+        let emit = self.emit;
+        let cancel = self.cancel.clone();
+        let mut on_event = |e: TurnEvent<'_>| {
+            if let TurnEvent::Prefill { done, total } = e {
+                emit.send(Event::Prefill { done, total });
+            }
+        };
+        if let Err(e) = self.session.catch_up(&cancel, &mut on_event) {
+            emit.send(Event::Error(e.to_string()));
+        }
+        self.timeline();
+    }
+
+    fn open(&mut self, id: i64) {
+        let Some(store) = &self.store else {
+            return self.emit.send(Event::Error("no session database".into()));
+        };
+        let stored = match store.load(id) {
+            Ok(s) => s,
+            Err(e) => return self.emit.send(Event::Error(e.to_string())),
+        };
+        let snapshot = stored
+            .snapshot
+            .as_ref()
+            .filter(|(tokens, _)| {
+                *tokens as usize + stored.state.pending.len() == stored.state.tokens.len()
+            })
+            .map(|(_, bytes)| bytes.as_slice());
+        let exact = snapshot.is_some();
+        match Session::restore(
+            self.engine.clone(),
+            stored.params,
+            self.settings.sampling.clone(),
+            stored.state,
+            snapshot,
+        ) {
+            Ok((session, problem)) => {
+                self.session = session;
+                self.session.set_probe(true);
+                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+                self.settings.params = stored.params;
+                self.id = Some(id);
+                self.title = stored.summary.title;
+                self.emit.send(Event::Settings(self.settings.clone()));
+                self.opened();
+                match (exact, problem) {
+                    (true, None) => self.emit.send(Event::Notice(format!(
+                        "resumed \"{}\" from its KV snapshot",
+                        self.title
+                    ))),
+                    (_, problem) => {
+                        if let Some(p) = problem {
+                            tracing::warn!("snapshot not used: {p}");
+                        }
+                        self.emit.send(Event::Notice(format!(
+                            "resumed \"{}\"; feeding its history again (no current snapshot)",
+                            self.title
+                        )));
+                        self.catch_up();
+                    }
+                }
+            }
+            Err(e) => self.emit.send(Event::Error(e.to_string())),
+        }
+    }
+
+    /// Saves the conversation; with `snapshot`, the KV cache too (same transaction).
+    fn save(&mut self, snapshot: bool) {
+        let (Some(store), Some(id)) = (&mut self.store, self.id) else {
+            return;
+        };
+        let start = Instant::now();
+        let state: &SessionState = self.session.state();
+        let bytes = if snapshot {
+            match self.session.snapshot() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.emit.send(Event::Error(format!("KV snapshot: {e}")));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let tokens = self.session.stats().tokens_seen;
+        let result = store.save(
+            id,
+            self.session.params(),
+            state,
+            bytes.as_deref().map(|b| (tokens, b)),
+        );
+        match result {
+            Ok(()) => tracing::info!(
+                bytes = bytes.as_ref().map_or(0, Vec::len),
+                elapsed = ?start.elapsed(),
+                "session saved"
+            ),
+            Err(e) => self
+                .emit
+                .send(Event::Error(format!("saving the session: {e}"))),
+        }
+    }
+
+    /// Sends where every message stands in the Λ.
+    fn timeline(&mut self) {
+        let s = &self.session;
+        let stats = s.stats();
+        let params = s.params();
+        let window_start = (stats.tokens_seen + 1).saturating_sub(params.n_local as u64);
+        let offsets = &s.state().offsets;
+        let messages = (0..s.messages().len())
+            .map(|i| {
+                let tokens = s.message_tokens(i);
+                let span = s.state().spans.get(i).cloned().unwrap_or(0..0);
+                let mut segments: Vec<(Range<usize>, TokenState)> = Vec::new();
+                let uniform = tokens.start >= params.n_global as u64
+                    && (tokens.start >= window_start || tokens.end <= window_start)
+                    && !s
+                        .pinned()
+                        .iter()
+                        .any(|p| p.start < tokens.end && tokens.start < p.end);
+                if tokens.is_empty() || uniform {
+                    let state = if tokens.is_empty() {
+                        TokenState::Window
+                    } else {
+                        s.token_state(tokens.start)
+                    };
+                    segments.push((0..span.len(), state));
+                } else {
+                    for pos in tokens.clone() {
+                        let state = s.token_state(pos);
+                        if segments.last().map(|(_, st)| *st) == Some(state) {
+                            continue;
+                        }
+                        let at = offsets[pos as usize]
+                            .saturating_sub(span.start)
+                            .min(span.len());
+                        let start = if segments.is_empty() { 0 } else { at };
+                        if let Some((r, _)) = segments.last_mut() {
+                            r.end = at;
+                        }
+                        segments.push((start..span.len(), state));
+                    }
+                }
+                MessageMap { tokens, segments }
+            })
+            .collect();
+        self.emit.send(Event::Timeline(Timeline {
+            stats,
+            n_global: params.n_global as u64,
+            n_local: params.n_local as u64,
+            window_start,
+            pinned: s.pinned().to_vec(),
+            messages,
+        }));
+    }
+
+    fn inspect(&mut self, index: usize) {
+        let s = &self.session;
+        let tokens = s.message_tokens(index);
+        let shares = s.attention_shares();
+        let share_of = |pos: u64| {
+            shares
+                .binary_search_by_key(&pos, |(p, _)| *p)
+                .map_or(0.0, |i| shares[i].1)
+        };
+        let ids = &s.state().tokens;
+        let view = tokens
+            .filter_map(|pos| {
+                let id = *ids.get(pos as usize)?;
+                let text = self.engine.tokenizer.decode(&[id]).unwrap_or_default();
+                Some(TokenInfo {
+                    position: pos,
+                    id,
+                    text,
+                    state: s.token_state(pos),
+                    share: share_of(pos),
+                })
+            })
+            .collect();
+        self.emit.send(Event::Inspect(InspectView {
+            message: index,
+            tokens: view,
+        }));
+    }
+}
