@@ -716,3 +716,304 @@ impl App {
         self.timeline = t;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{CacheStats, LambdaParams};
+    use crate::sampling::SamplingParams;
+    use crate::session::TokenState;
+    use crate::worker::{MessageMap, TokenInfo};
+
+    fn settings() -> Settings {
+        Settings {
+            params: LambdaParams::new(4, 64, None).unwrap(),
+            sampling: SamplingParams::default(),
+            max_tokens: 100,
+        }
+    }
+
+    fn app() -> App {
+        let mut app = App::new(Keymap::default(), Theme::default(), (100, 30));
+        app.update(Msg::Worker(Event::Ready {
+            model: "Test".into(),
+            settings: settings(),
+        }));
+        app
+    }
+
+    fn key(app: &mut App, code: KeyCode, modifiers: KeyModifiers) -> Vec<Effect> {
+        app.update(Msg::Key(KeyEvent::new(code, modifiers)))
+    }
+
+    fn press(app: &mut App, code: KeyCode) -> Vec<Effect> {
+        key(app, code, KeyModifiers::NONE)
+    }
+
+    fn type_text(app: &mut App, text: &str) {
+        for c in text.chars() {
+            press(app, KeyCode::Char(c));
+        }
+    }
+
+    fn send(app: &mut App, text: &str) -> Vec<Effect> {
+        type_text(app, text);
+        press(app, KeyCode::Enter)
+    }
+
+    fn finish(app: &mut App, replied: bool) {
+        app.update(Msg::Worker(Event::Finished {
+            stop: StopReason::EndOfTurn,
+            prompt_tokens: 5,
+            generated: 2,
+            tok_s: 10.0,
+            replied,
+        }));
+    }
+
+    #[test]
+    fn enter_sends_and_streamed_text_becomes_the_reply() {
+        let mut app = app();
+        assert_eq!(
+            send(&mut app, "hi there"),
+            [Effect::Worker(Command::Send("hi there".into()))]
+        );
+        assert!(app.input.is_empty() && app.generation.is_some());
+        app.update(Msg::Worker(Event::Text("Hel".into())));
+        app.update(Msg::Worker(Event::Text("lo".into())));
+        finish(&mut app, true);
+        let roles: Vec<Role> = app.conversation.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::User, Role::Assistant]);
+        assert_eq!(app.conversation.messages[1].content, "Hello");
+        assert!(app.generation.is_none());
+        assert_eq!(app.last_tok_s, Some(10.0));
+    }
+
+    #[test]
+    fn a_message_typed_during_a_reply_is_kept_and_esc_stops() {
+        let mut app = app();
+        send(&mut app, "first");
+        assert!(send(&mut app, "second").is_empty());
+        assert_eq!(app.input.text(), "second");
+        assert!(app.notice.as_ref().is_some_and(|n| n.error));
+        assert_eq!(press(&mut app, KeyCode::Esc), [Effect::Cancel]);
+        // Stopped during the prompt: no assistant message, on either side.
+        app.update(Msg::Worker(Event::Finished {
+            stop: StopReason::Cancelled,
+            prompt_tokens: 3,
+            generated: 0,
+            tok_s: 0.0,
+            replied: false,
+        }));
+        assert_eq!(app.conversation.messages.len(), 1);
+        assert!(
+            app.notice
+                .as_ref()
+                .unwrap()
+                .text
+                .contains("stopped during the prompt")
+        );
+    }
+
+    #[test]
+    fn newline_paste_and_printable_bindings() {
+        let mut app = app();
+        assert!(matches!(press(&mut app, KeyCode::Char('?')).as_slice(), []));
+        assert!(matches!(app.overlay, Some(Overlay::Help)));
+        press(&mut app, KeyCode::Char('x'));
+        assert!(app.overlay.is_none(), "any key closes help");
+        type_text(&mut app, "why?");
+        assert_eq!(
+            app.input.text(),
+            "why?",
+            "? types when the input is not empty"
+        );
+        key(&mut app, KeyCode::Enter, KeyModifiers::ALT);
+        app.update(Msg::Paste("line 1\r\nline 2\n".into()));
+        assert_eq!(app.input.text(), "why?\nline 1\nline 2\n");
+        assert!(app.conversation.messages.is_empty(), "a paste never sends");
+    }
+
+    #[test]
+    fn history_and_completion() {
+        let mut app = app();
+        send(&mut app, "one");
+        finish(&mut app, true);
+        press(&mut app, KeyCode::Up);
+        assert_eq!(app.input.text(), "one");
+        press(&mut app, KeyCode::Down);
+        assert_eq!(app.input.text(), "");
+        type_text(&mut app, "/sess");
+        press(&mut app, KeyCode::Tab);
+        assert_eq!(app.input.text(), "/sessions");
+    }
+
+    #[test]
+    fn slash_commands() {
+        let mut app = app();
+        send(&mut app, "question");
+        app.update(Msg::Worker(Event::Text("```\ncode\n```".into())));
+        finish(&mut app, true);
+        assert_eq!(send(&mut app, "/pin 1"), [Effect::Worker(Command::Pin(0))]);
+        assert_eq!(send(&mut app, "/copy 1"), [Effect::Copy("code\n".into())]);
+        assert!(send(&mut app, "/copy 9").is_empty());
+        assert!(
+            app.notice
+                .as_ref()
+                .unwrap()
+                .text
+                .contains("no code block 9")
+        );
+        assert_eq!(
+            send(&mut app, "/set max_tokens 7"),
+            [Effect::Worker(Command::SetMaxTokens(7))]
+        );
+        assert_eq!(
+            send(&mut app, "/regen"),
+            [Effect::Worker(Command::Regenerate)]
+        );
+        assert!(send(&mut app, "/bogus").is_empty());
+        assert_eq!(
+            app.input.text(),
+            "/bogus",
+            "a bad command stays to be fixed"
+        );
+        app.input.take();
+        assert_eq!(
+            send(&mut app, "/export out.md"),
+            [Effect::Worker(Command::Export("out.md".into()))]
+        );
+        assert_eq!(
+            send(&mut app, "/new"),
+            [Effect::Worker(Command::NewSession)]
+        );
+        assert_eq!(
+            send(&mut app, "/quit"),
+            [Effect::Cancel, Effect::Worker(Command::Shutdown)]
+        );
+        assert!(app.quitting);
+        assert_eq!(app.update(Msg::Worker(Event::Stopped)), [Effect::Exit]);
+    }
+
+    #[test]
+    fn timeline_marks_pinned_and_evicted_messages() {
+        let mut app = app();
+        send(&mut app, "old");
+        finish(&mut app, true);
+        let map = |tokens: std::ops::Range<u64>, state| MessageMap {
+            tokens,
+            segments: vec![(0..3, state)],
+        };
+        app.update(Msg::Worker(Event::Timeline(Timeline {
+            stats: CacheStats::default(),
+            n_global: 4,
+            n_local: 64,
+            window_start: 100,
+            pinned: vec![10..12],
+            messages: vec![
+                map(10..12, TokenState::Pinned),
+                map(20..30, TokenState::Evicted),
+            ],
+        })));
+        assert!(app.conversation.messages[0].pinned);
+        assert!(app.conversation.messages[1].fully_evicted());
+        assert_eq!(
+            send(&mut app, "/unpin"),
+            [Effect::Worker(Command::Unpin(0))]
+        );
+    }
+
+    #[test]
+    fn inspect_mode_moves_through_tokens_and_messages() {
+        let mut app = app();
+        send(&mut app, "a");
+        finish(&mut app, true);
+        assert_eq!(
+            press(&mut app, KeyCode::F(3)),
+            [Effect::Worker(Command::Inspect(1))]
+        );
+        let token = |position| TokenInfo {
+            position,
+            id: 1,
+            text: "t".into(),
+            state: TokenState::Window,
+            share: 0.1,
+        };
+        app.update(Msg::Worker(Event::Inspect(InspectView {
+            message: 1,
+            tokens: vec![token(5), token(6), token(7)],
+        })));
+        assert_eq!(app.inspect.as_ref().unwrap().cursor, 2);
+        press(&mut app, KeyCode::Left);
+        press(&mut app, KeyCode::Left);
+        press(&mut app, KeyCode::Left);
+        assert_eq!(app.inspect.as_ref().unwrap().cursor, 0);
+        assert_eq!(
+            press(&mut app, KeyCode::Up),
+            [Effect::Worker(Command::Inspect(0))]
+        );
+        assert!(
+            press(&mut app, KeyCode::Up).is_empty(),
+            "no message before the first"
+        );
+        press(&mut app, KeyCode::Esc);
+        assert!(app.inspect.is_none());
+    }
+
+    #[test]
+    fn session_list_opens_renames_and_deletes() {
+        let mut app = app();
+        let summary = |id, title: &str| SessionSummary {
+            id,
+            title: title.into(),
+            model: "m.gguf".into(),
+            messages: 2,
+            updated: 0,
+        };
+        assert_eq!(
+            press(&mut app, KeyCode::F(4)),
+            [Effect::Worker(Command::ListSessions)]
+        );
+        app.update(Msg::Worker(Event::Sessions(vec![
+            summary(7, "a"),
+            summary(3, "b"),
+        ])));
+        press(&mut app, KeyCode::Down);
+        press(&mut app, KeyCode::Char('r'));
+        press(&mut app, KeyCode::Backspace);
+        type_text(&mut app, "renamed");
+        assert_eq!(
+            press(&mut app, KeyCode::Enter),
+            [Effect::Worker(Command::RenameSession(3, "renamed".into()))]
+        );
+        assert!(
+            press(&mut app, KeyCode::Char('d')).is_empty(),
+            "delete asks first"
+        );
+        assert_eq!(
+            press(&mut app, KeyCode::Char('d')),
+            [Effect::Worker(Command::DeleteSession(3))]
+        );
+        assert_eq!(
+            press(&mut app, KeyCode::Enter),
+            [Effect::Worker(Command::OpenSession(3))]
+        );
+        assert!(app.overlay.is_none());
+    }
+
+    #[test]
+    fn load_failure_and_terminate() {
+        let mut app = App::new(Keymap::default(), Theme::default(), (80, 24));
+        app.update(Msg::Worker(Event::LoadFailed {
+            reason: "no such file".into(),
+            hint: "check --model".into(),
+        }));
+        assert!(matches!(app.phase, Phase::Failed { .. }));
+        assert!(send(&mut app, "hello").is_empty());
+        assert_eq!(
+            app.update(Msg::Terminate),
+            [Effect::Cancel, Effect::Worker(Command::Shutdown)]
+        );
+        assert!(app.update(Msg::Terminate).is_empty(), "quitting once");
+    }
+}

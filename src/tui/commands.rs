@@ -14,26 +14,14 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     (
         "set",
         "KEY VALUE",
-        "change a setting (/set alone lists them)",
+        "change a setting; /set alone lists them",
     ),
-    (
-        "pin",
-        "[N]",
-        "keep message N (default: last) attended forever",
-    ),
-    (
-        "unpin",
-        "[N]",
-        "stop pinning message N (default: last pinned)",
-    ),
+    ("pin", "[N]", "keep message N attended forever (last)"),
+    ("unpin", "[N]", "stop pinning message N (last pinned)"),
     ("regen", "", "new reply to the last message"),
-    (
-        "copy",
-        "[N]",
-        "copy code block N (default: the last reply) via OSC 52",
-    ),
+    ("copy", "[N]", "copy code block N or the last reply"),
     ("export", "[FILE]", "write the conversation as Markdown"),
-    ("clear", "", "delete this conversation and start afresh"),
+    ("clear", "", "delete this conversation, start afresh"),
     ("quit", "", "save and quit"),
 ];
 

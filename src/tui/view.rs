@@ -161,9 +161,12 @@ fn draw_title(frame: &mut Frame<'_>, app: &App, area: Rect) {
         Style::default().add_modifier(Modifier::ITALIC),
     ));
     let left = str_width(&spans.iter().map(|s| s.content.as_ref()).collect::<String>());
-    let pad = (area.width as usize).saturating_sub(left + str_width(&help) + 1);
-    spans.push(Span::raw(" ".repeat(pad)));
-    spans.push(Span::styled(help, dim));
+    // The help hint goes first when the line is short of room.
+    if left + str_width(&help) + 2 <= area.width as usize {
+        let pad = area.width as usize - left - str_width(&help) - 1;
+        spans.push(Span::raw(" ".repeat(pad)));
+        spans.push(Span::styled(help, dim));
+    }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
@@ -440,17 +443,17 @@ fn draw_inspect(frame: &mut Frame<'_>, app: &App, area: Rect) {
     let mut lines: Vec<Line<'static>> = rows.into_iter().map(Line::from).collect();
     lines.push(Line::from(vec![
         Span::styled(
-            format!("{:?}", tok.text),
+            format!("token {:?}", tok.text),
             Style::default().add_modifier(Modifier::BOLD),
         ),
         Span::raw(format!(
-            "  id {}  position {}  ",
+            "  id {} · position {} · ",
             tok.id,
             thousands(tok.position)
         )),
         Span::styled(state, Style::default().fg(state_color(app, tok.state))),
         Span::raw(format!(
-            "  attention from the last token {:.3}% ({:.1}× the mean)",
+            " · attention {:.2}% ({:.1}× mean)",
             tok.share * 100.0,
             tok.share / mean
         )),
@@ -525,7 +528,21 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
             dim,
         )),
     }
-    let capacity = app.timeline.n_global + app.timeline.n_local;
+    // The notice comes right after the state: on a narrow terminal the counters are cut, not it.
+    if let Some(n) = &app.notice {
+        let style = if n.error {
+            Style::default()
+                .fg(app.theme.error)
+                .add_modifier(Modifier::BOLD)
+        } else {
+            Style::default().fg(app.theme.accent)
+        };
+        spans.extend([sep(), Span::styled(n.text.clone(), style)]);
+    }
+    let capacity = app
+        .settings
+        .as_ref()
+        .map_or(0, |s| (s.params.n_global + s.params.n_local) as u64);
     spans.extend([
         sep(),
         Span::raw(format!("{} tokens", thousands(s.tokens_seen))),
@@ -554,16 +571,6 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
         sep(),
         Span::raw(format!("KV {:.1} MiB", s.bytes as f64 / (1 << 20) as f64)),
     ]);
-    if let Some(n) = &app.notice {
-        let style = if n.error {
-            Style::default()
-                .fg(app.theme.error)
-                .add_modifier(Modifier::BOLD)
-        } else {
-            Style::default().fg(app.theme.accent)
-        };
-        spans.extend([sep(), Span::styled(n.text.clone(), style)]);
-    }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
@@ -669,7 +676,8 @@ fn draw_help(frame: &mut Frame<'_>, app: &App, area: Rect) {
     more.push(Line::from(session_keys.join(" · ")));
     let two_columns = area.width >= 110;
     let rows = if two_columns {
-        keys.len().max(more.len())
+        // One more for the session keys' line, which wraps.
+        keys.len().max(more.len() + 1)
     } else {
         keys.len() + more.len() + 1
     };
