@@ -909,7 +909,7 @@ mod tests {
             n_global: 4,
             n_local: 64,
             window_start: 100,
-            pinned: [10..12].to_vec(),
+            pinned: vec![std::ops::Range { start: 10, end: 12 }],
             messages: vec![
                 map(10..12, TokenState::Pinned),
                 map(20..30, TokenState::Evicted),
