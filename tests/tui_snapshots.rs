@@ -142,7 +142,14 @@ fn visualizer_with_evicted_tokens() {
         messages.push(Message::new(Role::Assistant, format!("Answer number {i}.")));
     }
     conversation(&mut app, messages);
-    event(&mut app, Event::Timeline(timeline(12, 120, vec![std::ops::Range { start: 60, end: 70 }])));
+    event(
+        &mut app,
+        Event::Timeline(timeline(
+            12,
+            120,
+            vec![std::ops::Range { start: 60, end: 70 }],
+        )),
+    );
     let terminal = draw(&app);
     insta::assert_snapshot!(terminal.backend());
     // Evicted text is dimmed; the pinned message is not.

@@ -82,9 +82,10 @@ pub fn run(app: App, options: WorkerOptions) -> Result<()> {
         EnableMouseCapture
     )
     .context("setting up the terminal")?;
+    // No `clear()`: it asks the terminal for the cursor position, which not every terminal
+    // answers; the alternate screen starts blank and the first frame paints all of it.
     let mut terminal =
         Terminal::new(CrosstermBackend::new(stdout())).context("opening the terminal")?;
-    terminal.clear()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

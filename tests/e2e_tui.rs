@@ -1,0 +1,174 @@
+//! End to end, as a person uses it: the real binary with the real default model in a
+//! pseudo-terminal. Type a message, wait for the reply on screen, quit, start again with
+//! `--resume`, and see the conversation restored from its saved KV snapshot.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use portable_pty::{Child, CommandBuilder, PtySize, native_pty_system};
+
+const ROWS: u16 = 32;
+const COLS: u16 = 100;
+
+struct Screen {
+    parser: Arc<Mutex<vt100::Parser>>,
+    writer: Box<dyn Write + Send>,
+    child: Box<dyn Child + Send + Sync>,
+}
+
+impl Screen {
+    fn start(args: &[&str], data_dir: &std::path::Path) -> Self {
+        let pty = native_pty_system()
+            .openpty(PtySize {
+                rows: ROWS,
+                cols: COLS,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+        let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_lambdachat"));
+        cmd.args(args);
+        cmd.env("LAMBDACHAT_DATA_DIR", data_dir);
+        // An empty config file: the user's own config must not change what this test sees.
+        cmd.env("LAMBDACHAT_CONFIG", "/dev/null");
+        cmd.env("TERM", "xterm-256color");
+        let child = pty.slave.spawn_command(cmd).unwrap();
+        drop(pty.slave);
+        let parser = Arc::new(Mutex::new(vt100::Parser::new(
+            std::num::NonZero::new(ROWS).unwrap(),
+            std::num::NonZero::new(COLS).unwrap(),
+            0,
+        )));
+        let mut reader = pty.master.try_clone_reader().unwrap();
+        let sink = parser.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().process(&buf[..n]);
+            }
+        });
+        let writer = pty.master.take_writer().unwrap();
+        // Keep the master open as long as the writer (dropping it would hang up the child).
+        std::mem::forget(pty.master);
+        Self {
+            parser,
+            writer,
+            child,
+        }
+    }
+
+    fn text(&self) -> String {
+        self.parser.lock().unwrap().screen().contents()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text();
+            if ok(&text) {
+                return text;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; the screen shows:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+        self.writer.flush().unwrap();
+    }
+
+    fn type_text(&mut self, text: &str) {
+        for c in text.chars() {
+            let mut b = [0u8; 4];
+            self.send(c.encode_utf8(&mut b).as_bytes());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Ctrl-Q, then the exit status.
+    fn quit(mut self) -> bool {
+        self.send(&[0x11]);
+        self.exit_status()
+    }
+
+    /// SIGTERM, as a system shutdown sends it, then the exit status.
+    fn terminate(mut self) -> bool {
+        let pid = self.child.process_id().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        self.exit_status()
+    }
+
+    fn exit_status(&mut self) -> bool {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "did not quit:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn chat_quit_and_resume() {
+    let model = common::default_model_path();
+    let model = model.to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let args = ["-m", model, "--temperature", "0", "--max-tokens", "24"];
+    let minute = Duration::from_secs(60);
+
+    let mut screen = Screen::start(&args, data.path());
+    screen.wait_for("the model to load", minute, |t| {
+        t.contains("Chat for as long as you like") && t.contains("ready")
+    });
+    screen.type_text("What is the capital of France? Answer with one word.");
+    screen.send(b"\r");
+    let shown = screen.wait_for("the reply", minute, |t| {
+        t.contains("Assistant") && t.contains("Paris") && t.contains("ready · last")
+    });
+    assert!(shown.contains("What is the capital of France?"));
+    assert!(screen.quit(), "a clean exit after saving");
+
+    let mut resume_args = args.to_vec();
+    resume_args.push("--resume");
+    let screen = Screen::start(&resume_args, data.path());
+    let shown = screen.wait_for("the restored conversation", minute, |t| {
+        t.contains("resumed") && t.contains("Paris")
+    });
+    assert!(shown.contains("What is the capital of France?"));
+    assert!(shown.contains("from its KV snapshot"), "{shown}");
+
+    // A second question in the resumed conversation, then SIGTERM: saved before exiting.
+    let mut screen = screen;
+    screen.type_text("And of Italy?");
+    screen.send(b"\r");
+    screen.wait_for("the second reply", minute, |t| {
+        t.contains("Rome") && t.contains("ready · last")
+    });
+    assert!(screen.terminate(), "SIGTERM saves and exits cleanly");
+    let screen = Screen::start(&resume_args, data.path());
+    let shown = screen.wait_for("both exchanges restored", minute, |t| {
+        t.contains("resumed") && t.contains("Paris") && t.contains("Rome")
+    });
+    assert!(shown.contains("And of Italy?"));
+    assert!(screen.quit());
+}
