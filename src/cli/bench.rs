@@ -16,6 +16,8 @@ pub enum BenchCommand {
     Decode(DecodeArgs),
     /// Time the prefill of a prompt of N tokens.
     Prefill(PrefillArgs),
+    /// Time the chat screen: frames of a long conversation, keys while the model generates.
+    Ui(super::bench_ui::UiArgs),
 }
 
 #[derive(Args)]
@@ -74,6 +76,7 @@ pub fn run(cmd: BenchCommand, config: &Config) -> Result<i32> {
     match cmd {
         BenchCommand::Decode(a) => decode(a, config),
         BenchCommand::Prefill(a) => prefill(a, config),
+        BenchCommand::Ui(a) => super::bench_ui::run(a, config),
     }
 }
 

@@ -196,16 +196,18 @@ impl Conversation {
         let want = self.scroll.saturating_add(height);
         let mut chunks: Vec<Rc<Vec<Line<'static>>>> = Vec::new();
         let mut have = 0;
+        let mut reached_top = true;
         for (i, m) in self.messages.iter().enumerate().rev() {
             if have >= want {
+                reached_top = false;
                 break;
             }
             let rows = m.rows(i, width, theme);
             have += rows.len();
             chunks.push(rows);
         }
-        // Scrolled past the first row: clamp, and tell scrolling to stop.
-        let reached_top = have <= want;
+        // Scrolled up to (or past) the first row: clamp, and tell scrolling to stop.
+        let reached_top = reached_top && have <= want;
         let skip_from_bottom = if reached_top {
             have.saturating_sub(height)
         } else {
@@ -243,6 +245,9 @@ mod tests {
     fn shows_the_bottom_and_scrolls_up_to_the_top() {
         let theme = Theme::default();
         let mut c = conversation(100);
+        // A screen filled exactly by the last message is not the top of the conversation.
+        c.visible(40, 3, &theme);
+        assert!(!c.at_top.get());
         assert_eq!(
             text(&c.visible(40, 4, &theme)),
             ["", "▍You  #100", "  message 99", ""]

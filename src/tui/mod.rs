@@ -2,9 +2,9 @@
 //! input and worker events into [`app::Msg`]s, runs `update`, carries out the effects and
 //! redraws.
 //!
-//! Redraws happen only when something changed, at most every [`FRAME`], each inside a
-//! synchronized update so the terminal never shows half a frame. Tokens that arrive between
-//! frames are batched: every pending event is applied before the next draw.
+//! Redraws happen only when something changed, each inside a synchronized update so the terminal
+//! never shows half a frame. Input (keys, paste, resize, wheel) is drawn at once; worker events
+//! at most every [`FRAME`], batched: every pending event is applied before the next draw.
 
 pub mod app;
 pub mod commands;
@@ -105,14 +105,19 @@ async fn event_loop(
     let mut dirty = true;
     let mut last_draw = Instant::now() - FRAME;
     let mut quit_deadline: Option<Instant> = None;
+    let mut urgent = false;
     loop {
-        if dirty && last_draw.elapsed() >= FRAME {
+        // Keys are drawn at once; streamed tokens at most once per frame.
+        if dirty && (urgent || last_draw.elapsed() >= FRAME) {
             draw(terminal, &app)?;
             last_draw = Instant::now();
             dirty = false;
+            urgent = false;
         }
         let wait = if dirty {
             FRAME.saturating_sub(last_draw.elapsed())
+        } else if app.quitting {
+            Duration::from_millis(250)
         } else {
             Duration::from_secs(3600)
         };
@@ -136,6 +141,7 @@ async fn event_loop(
         }
         for msg in msgs {
             dirty = true;
+            urgent |= !matches!(msg, Msg::Worker(_));
             for effect in app.update(msg) {
                 match effect {
                     Effect::Worker(c) => worker.send(c),
