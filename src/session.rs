@@ -342,7 +342,7 @@ impl Session {
     /// Runs tokens through the model in chunks and returns the last token's logits.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, SessionError> {
         let never = AtomicBool::new(false);
-        self.feed_cancellable(ids, PREFILL_CHUNK, &never, &mut |_| {})?
+        self.feed_cancellable(ids, self.prefill_chunk, &never, &mut |_| {})?
             .ok_or_else(|| SessionError::Logits("nothing to feed".into()))
     }
 

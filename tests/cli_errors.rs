@@ -15,6 +15,8 @@ fn lambdachat() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lambdachat"));
     // Never let a test reach for the network: the Hub probe fails at once.
     c.env("HF_ENDPOINT", "http://127.0.0.1:9");
+    // Nor read the user's own config file (tests that need one set their own).
+    c.env("LAMBDACHAT_CONFIG", "/dev/null");
     c
 }
 
@@ -232,4 +234,52 @@ fn ctrl_c_during_generation_keeps_the_text() {
     assert_eq!(status.code(), Some(130));
     let text = String::from_utf8(text).unwrap();
     assert!(text.trim().len() > 20, "generated text lost: {text:?}");
+}
+
+fn with_config(text: &str, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    lambdachat()
+        .args(args)
+        .env("LAMBDACHAT_CONFIG", &path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_invalid_config_names_line_and_column_and_nothing_starts() {
+    let out = with_config("[lambda]\nn_global = 4\nn_locl = 5\n", &["ask", "hi"]);
+    assert_clean_error(&out, "config.toml:3:1: unknown field `n_locl`");
+    let out = with_config("[keymap]\nsend = \"ctrl+enterr\"\n", &["chat", "--plain"]);
+    assert_clean_error(&out, "config.toml:2:8: unknown key \"ctrl+enterr\"");
+    let out = with_config("[theme]\nuser = \"blurple\"\n", &["ask", "hi"]);
+    assert_clean_error(&out, "config.toml:2:8: \"blurple\" is not a colour");
+    let out = lambdachat()
+        .args(["ask", "hi"])
+        .env("LAMBDACHAT_CONFIG", "/nonexistent/config.toml")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "config file /nonexistent/config.toml does not exist");
+}
+
+#[test]
+fn flags_beat_the_config_file() {
+    // The file's top_p is invalid; the flag replaces it, so the run gets as far as the model.
+    let config = "[sampling]\ntop_p = 2.0\n";
+    let out = with_config(config, &["ask", "--model", "/nonexistent/m.gguf", "hi"]);
+    assert_clean_error(&out, "top_p must be in (0, 1], got 2");
+    let args = ["ask", "--top-p", "0.5", "--model", "/nonexistent/m.gguf", "hi"];
+    let out = with_config(config, &args);
+    assert_clean_error(&out, "cannot read /nonexistent/m.gguf");
+    // And the file's model is used when no flag names one.
+    let out = with_config("model = \"/nonexistent/from-config.gguf\"\n", &["ask", "hi"]);
+    assert_clean_error(&out, "cannot read /nonexistent/from-config.gguf");
+}
+
+#[test]
+fn resume_takes_a_number() {
+    let out = run(&["chat", "--resume", "yesterday"]);
+    assert_clean_error(&out, "--resume takes a session id");
 }

@@ -53,6 +53,9 @@ pub struct PrefillArgs {
     /// Timed repetitions (each in a fresh session)
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Tokens per forward pass (the chat uses 32, so that Esc stops a long prompt quickly)
+    #[arg(long, default_value_t = crate::session::PREFILL_CHUNK)]
+    pub chunk: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -196,6 +199,7 @@ fn prefill(args: PrefillArgs, config: &Config) -> Result<i32> {
         for _ in 0..args.repeats.max(1) {
             let mut session =
                 Session::new(engine.clone(), params, settings.sampling.clone(), None)?;
+            session.set_prefill_chunk(args.chunk);
             let start = Instant::now();
             session.feed(&ids)?;
             rates.push(ids.len() as f64 / start.elapsed().as_secs_f64());
@@ -207,12 +211,13 @@ fn prefill(args: PrefillArgs, config: &Config) -> Result<i32> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"tokens": ids.len(), "best_tok_s": best, "mean_tok_s": mean, "runs": rates})
+            serde_json::json!({"tokens": ids.len(), "chunk": args.chunk, "best_tok_s": best, "mean_tok_s": mean, "runs": rates})
         );
     } else {
         println!(
-            "prefill {} tokens ({}, {} threads): best {best:.1} tok/s, mean {mean:.1} tok/s over {} runs",
+            "prefill {} tokens in chunks of {} ({}, {} threads): best {best:.1} tok/s, mean {mean:.1} tok/s over {} runs",
             ids.len(),
+            args.chunk,
             engine.model.info().name,
             rayon::current_num_threads(),
             rates.len()

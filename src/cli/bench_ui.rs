@@ -208,6 +208,8 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
     let start = Instant::now();
     let mut next_key = Instant::now();
     let mut done = false;
+    let mut esc_at: Option<Instant> = None;
+    let mut stop_latency = None;
     while !done {
         // Worker events as the event loop batches them.
         while let Ok(e) = rx.try_recv() {
@@ -215,7 +217,18 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
                 tokens += 1;
             }
             done |= matches!(e, Event::Finished { .. } | Event::Error(_));
+            if done {
+                stop_latency = esc_at.map(|t| t.elapsed());
+            }
             app.update(Msg::Worker(e));
+        }
+        // Halfway through the reply, Esc: the time until the worker reports the reply ended.
+        if esc_at.is_none() && tokens >= args.generate / 2 {
+            esc_at = Some(Instant::now());
+            let effects = app.update(Msg::Key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE)));
+            if effects.contains(&crate::tui::app::Effect::Cancel) {
+                handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if Instant::now() >= next_key {
             let t0 = Instant::now();
@@ -235,6 +248,13 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
         tokens as f64 / secs
     );
     print("  key → update → frame drawn", latencies);
+    if let Some(t) = stop_latency {
+        println!(
+            "{:<44} {:>7.1} ms",
+            "  esc → reply stopped (worker reports it)",
+            t.as_secs_f64() * 1e3
+        );
+    }
     handle.send(Command::Shutdown);
     let _ = handle.thread.join();
     Ok(())

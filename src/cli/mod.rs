@@ -194,6 +194,9 @@ pub fn resolve_model(model: Option<&std::path::Path>) -> Result<PathBuf> {
 
 pub fn run(cli: Cli) -> Result<i32> {
     let config = Config::load(cli.config.as_deref())?;
+    // Every part of the file is checked before anything starts, whichever command runs.
+    crate::tui::keymap::Keymap::from_config(&config)?;
+    crate::tui::theme::Theme::from_config(&config)?;
     match cli.command {
         Command::Chat(c) => chat::run(c, &config),
         Command::Ask(a) => ask::run(a, &config),
