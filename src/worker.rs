@@ -188,6 +188,9 @@ impl WorkerHandle {
     }
 }
 
+/// Name of the worker thread (the UI's panic hook tells its panics apart by it).
+pub const THREAD_NAME: &str = "lambdachat-worker";
+
 /// Starts the worker thread.
 pub fn spawn(
     options: WorkerOptions,
@@ -197,12 +200,22 @@ pub fn spawn(
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     let thread = std::thread::Builder::new()
-        .name("lambdachat-worker".into())
+        .name(THREAD_NAME.into())
         .spawn(move || {
             let emit = Emitter(events);
-            if let Err(e) = Device::Cpu.with_context(|| run(options, inbox, flag, &emit)) {
-                tracing::error!("worker: {e:#}");
-                emit.send(Event::Error(format!("{e:#}")));
+            let work = std::panic::AssertUnwindSafe(|| {
+                Device::Cpu.with_context(|| run(options, inbox, flag, &emit))
+            });
+            match std::panic::catch_unwind(work) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("worker: {e:#}");
+                    emit.send(Event::Error(format!("{e:#}")));
+                }
+                // The panic itself went to the log (see `tui::run`'s hook).
+                Err(_) => emit.send(Event::Error(
+                    "the generation worker crashed; the log file has the details".into(),
+                )),
             }
             emit.send(Event::Stopped);
         })?;

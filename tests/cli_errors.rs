@@ -270,11 +270,21 @@ fn flags_beat_the_config_file() {
     let config = "[sampling]\ntop_p = 2.0\n";
     let out = with_config(config, &["ask", "--model", "/nonexistent/m.gguf", "hi"]);
     assert_clean_error(&out, "top_p must be in (0, 1], got 2");
-    let args = ["ask", "--top-p", "0.5", "--model", "/nonexistent/m.gguf", "hi"];
+    let args = [
+        "ask",
+        "--top-p",
+        "0.5",
+        "--model",
+        "/nonexistent/m.gguf",
+        "hi",
+    ];
     let out = with_config(config, &args);
     assert_clean_error(&out, "cannot read /nonexistent/m.gguf");
     // And the file's model is used when no flag names one.
-    let out = with_config("model = \"/nonexistent/from-config.gguf\"\n", &["ask", "hi"]);
+    let out = with_config(
+        "model = \"/nonexistent/from-config.gguf\"\n",
+        &["ask", "hi"],
+    );
     assert_clean_error(&out, "cannot read /nonexistent/from-config.gguf");
 }
 
@@ -282,4 +292,22 @@ fn flags_beat_the_config_file() {
 fn resume_takes_a_number() {
     let out = run(&["chat", "--resume", "yesterday"]);
     assert_clean_error(&out, "--resume takes a session id");
+}
+
+#[test]
+fn sessions_of_an_empty_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let sessions = |args: &[&str]| {
+        lambdachat()
+            .arg("sessions")
+            .args(args)
+            .env("LAMBDACHAT_DATA_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = sessions(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no saved conversations yet"));
+    assert_clean_error(&sessions(&["delete", "7"]), "session 7 does not exist");
+    assert_clean_error(&sessions(&["export", "7"]), "session 7 does not exist");
 }

@@ -75,6 +75,19 @@ fn round_trip_and_stream(tok: &Tokenizer) {
     for text in SAMPLES {
         let ids = tok.encode(text).unwrap();
         assert_eq!(&tok.decode(&ids).unwrap(), text, "round trip of {text:?}");
+        // The offsets the chat maps tokens to characters with: same ids, and each token's text
+        // starts where its offset says.
+        let (with_offsets, starts) = tok.encode_with_offsets(text).unwrap();
+        assert_eq!(with_offsets, ids);
+        assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+        let mut ends = starts[1..].to_vec();
+        ends.push(text.len());
+        for ((id, start), end) in ids.iter().zip(&starts).zip(&ends) {
+            let piece = tok.decode(&[*id]).unwrap();
+            if start < end && !piece.contains('\u{FFFD}') {
+                assert_eq!(&text[*start..*end], piece, "token {id} of {text:?}");
+            }
+        }
         let mut stream = TextStream::new();
         let mut out = String::new();
         for id in &ids {

@@ -49,7 +49,10 @@ fn terminal(cols: u16, rows: u16) -> Result<SinkTerminal> {
     let options = TerminalOptions {
         viewport: Viewport::Fixed(Rect::new(0, 0, cols, rows)),
     };
-    Ok(Terminal::with_options(CrosstermBackend::new(std::io::sink()), options)?)
+    Ok(Terminal::with_options(
+        CrosstermBackend::new(std::io::sink()),
+        options,
+    )?)
 }
 
 /// Times one frame in microseconds.
@@ -128,11 +131,18 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
         args.messages
     );
     let first = frame(&mut term, &app)?;
-    println!("{:<44} {:>7.3} ms", "first frame (cold caches)", first / 1e3);
+    println!(
+        "{:<44} {:>7.3} ms",
+        "first frame (cold caches)",
+        first / 1e3
+    );
     let mut steady = Vec::new();
     for _ in 0..args.frames {
         // A changed status line forces a real diff each frame.
-        app.update(Msg::Worker(Event::Notice(format!("frame {}", steady.len()))));
+        app.update(Msg::Worker(Event::Notice(format!(
+            "frame {}",
+            steady.len()
+        ))));
         steady.push(frame(&mut term, &app)?);
     }
     print("following the bottom", steady);
@@ -145,9 +155,14 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
     }
     print("streaming a reply (one token per frame)", streaming);
 
-    app.conversation.scroll_up(app.conversation.messages.len() * 3 / 2);
+    app.conversation
+        .scroll_up(app.conversation.messages.len() * 3 / 2);
     let first_scroll = frame(&mut term, &app)?;
-    println!("{:<44} {:>7.3} ms", "jump to the middle (renders what it passes)", first_scroll / 1e3);
+    println!(
+        "{:<44} {:>7.3} ms",
+        "jump to the middle (renders what it passes)",
+        first_scroll / 1e3
+    );
     let mut scrolled = Vec::new();
     for i in 0..args.frames {
         if i % 2 == 0 {
@@ -227,12 +242,18 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
             esc_at = Some(Instant::now());
             let effects = app.update(Msg::Key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE)));
             if effects.contains(&crate::tui::app::Effect::Cancel) {
-                handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                handle
+                    .cancel
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if Instant::now() >= next_key {
             let t0 = Instant::now();
-            let c = if latencies.len() % 20 == 19 { KeyCode::Backspace } else { KeyCode::Char('x') };
+            let c = if latencies.len() % 20 == 19 {
+                KeyCode::Backspace
+            } else {
+                KeyCode::Char('x')
+            };
             app.update(Msg::Key(KeyEvent::new(c, KeyModifiers::NONE)));
             term.draw(|f| view::draw(f, &app))?;
             latencies.push(t0.elapsed().as_secs_f64() * 1e6);

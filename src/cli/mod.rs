@@ -6,6 +6,7 @@ mod bench;
 mod bench_ui;
 mod chat;
 mod inspect;
+mod sessions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +45,11 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Print what a model file contains.
     Inspect(inspect::InspectArgs),
+    /// List, rename, delete or export saved conversations.
+    Sessions {
+        #[command(subcommand)]
+        command: Option<sessions::SessionsCommand>,
+    },
 }
 
 /// Which model to run.
@@ -202,5 +208,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Ask(a) => ask::run(a, &config),
         Command::Bench(b) => bench::run(b, &config),
         Command::Inspect(i) => inspect::run(i),
+        Command::Sessions { command } => sessions::run(command),
     }
 }

@@ -105,6 +105,8 @@ pub struct App {
     pub size: (u16, u16),
     /// Saving and stopping; the loop exits when the worker reports it stopped.
     pub quitting: bool,
+    /// False once the worker has stopped on its own (it crashed): quitting then exits at once.
+    pub worker_alive: bool,
 }
 
 /// Rows the conversation scrolls per wheel step and per line key.
@@ -131,6 +133,7 @@ impl App {
             last_tok_s: None,
             size,
             quitting: false,
+            worker_alive: true,
         }
     }
 
@@ -184,6 +187,9 @@ impl App {
     }
 
     fn quit(&mut self) -> Vec<Effect> {
+        if !self.worker_alive {
+            return vec![Effect::Exit];
+        }
         if self.quitting {
             return Vec::new();
         }
@@ -694,7 +700,11 @@ impl App {
                 if self.quitting {
                     return vec![Effect::Exit];
                 }
-                self.error("the generation worker stopped; see the log file");
+                self.worker_alive = false;
+                self.generation = None;
+                if self.notice.as_ref().is_none_or(|n| !n.error) {
+                    self.error("the generation worker stopped; see the log file");
+                }
             }
         }
         Vec::new()
@@ -1015,5 +1025,21 @@ mod tests {
             [Effect::Cancel, Effect::Worker(Command::Shutdown)]
         );
         assert!(app.update(Msg::Terminate).is_empty(), "quitting once");
+    }
+
+    #[test]
+    fn a_crashed_worker_is_reported_and_quitting_exits_at_once() {
+        let mut app = app();
+        send(&mut app, "hi");
+        app.update(Msg::Worker(Event::Error(
+            "the generation worker crashed".into(),
+        )));
+        app.update(Msg::Worker(Event::Stopped));
+        assert!(app.generation.is_none());
+        assert!(app.notice.as_ref().unwrap().text.contains("crashed"));
+        assert_eq!(
+            key(&mut app, KeyCode::Char('q'), KeyModifiers::CONTROL),
+            [Effect::Exit]
+        );
     }
 }

@@ -67,9 +67,14 @@ impl Drop for TerminalGuard {
 
 /// Runs the chat until the user quits. The worker loads the model while the UI is already up.
 pub fn run(app: App, options: WorkerOptions) -> Result<()> {
-    // A panic anywhere (this thread or the worker) restores the terminal before it is printed.
+    // A panic in the UI restores the terminal before it is printed. A panic in the worker goes
+    // to the log only: the worker reports it as an error and the UI stays usable.
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some(crate::worker::THREAD_NAME) {
+            tracing::error!("worker panicked: {info}");
+            return;
+        }
         restore_terminal();
         previous(info);
     }));

@@ -1,0 +1,60 @@
+//! `lambdachat sessions`: the saved conversations from the command line (the chat's session
+//! list, F4, does the same on screen). `lambdachat --resume ID` opens one.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use crate::store::{Store, to_markdown};
+
+#[derive(Subcommand)]
+pub enum SessionsCommand {
+    /// List saved conversations, most recent first
+    List,
+    /// Give a conversation a new title
+    Rename { id: i64, title: String },
+    /// Delete a conversation and its saved cache
+    Delete { id: i64 },
+    /// Write a conversation as Markdown (to stdout without FILE)
+    Export { id: i64, file: Option<PathBuf> },
+}
+
+fn open() -> Result<Store> {
+    let dir = crate::fetch::data_dir()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Store::open(&dir.join("sessions.db"))?)
+}
+
+pub fn run(command: Option<SessionsCommand>) -> Result<i32> {
+    let store = open()?;
+    match command.unwrap_or(SessionsCommand::List) {
+        SessionsCommand::List => {
+            let list = store.list()?;
+            if list.is_empty() {
+                eprintln!("no saved conversations yet");
+            }
+            for s in list {
+                let model = std::path::Path::new(&s.model)
+                    .file_name()
+                    .map_or(s.model.clone(), |f| f.to_string_lossy().into_owned());
+                println!(
+                    "{:>5}  {:>4} messages  {model}  {}",
+                    s.id, s.messages, s.title
+                );
+            }
+        }
+        SessionsCommand::Rename { id, title } => store.rename(id, &title)?,
+        SessionsCommand::Delete { id } => store.delete(id)?,
+        SessionsCommand::Export { id, file } => {
+            let saved = store.load(id)?;
+            let md = to_markdown(&saved.summary.title, &saved.state.messages);
+            match file {
+                Some(path) => std::fs::write(&path, md)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{md}"),
+            }
+        }
+    }
+    Ok(0)
+}
