@@ -73,7 +73,7 @@ pub enum TurnEvent<'a> {
     Prefill { done: usize, total: usize },
     /// New reply text.
     Text(&'a str),
-    /// The cache after a generated token went through the model.
+    /// The cache after a prompt chunk or a generated token went through the model.
     Stats(CacheStats),
 }
 
@@ -242,8 +242,13 @@ impl Session {
         self.cache.attention_shares()
     }
 
-    /// Replaces the system prompt (it applies from the next turn on: what was fed stays fed).
-    pub fn set_system(&mut self, text: String) {
+    /// Sets the system prompt of a conversation that has not started yet. Once tokens were
+    /// fed, the old prompt is part of the cache, and changing the text would make the next turn
+    /// feed the whole history again: then nothing changes and `false` is returned.
+    pub fn set_system(&mut self, text: String) -> bool {
+        if !self.state.tokens.is_empty() {
+            return false;
+        }
         match self.state.messages.first_mut() {
             Some(m) if m.role == Role::System => m.content = text,
             _ => {
@@ -253,6 +258,7 @@ impl Session {
                 self.state.spans.insert(0, 0..0);
             }
         }
+        true
     }
 
     /// Token positions of message `index`'s content.
@@ -330,6 +336,7 @@ impl Session {
                 done,
                 total: ids.len(),
             });
+            on_event(TurnEvent::Stats(self.cache.stats()));
         }
         let logits = last.ok_or_else(|| SessionError::Logits("nothing to feed".into()))?;
         logits

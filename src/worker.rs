@@ -128,6 +128,11 @@ pub enum Event {
         title: String,
         messages: Vec<Message>,
     },
+    /// The open conversation got its database id and title (with its first message).
+    Titled {
+        id: i64,
+        title: String,
+    },
     Prefill {
         done: usize,
         total: usize,
@@ -361,12 +366,18 @@ impl Worker<'_> {
             Command::SetLambda(p) => self.set_lambda(p),
             Command::SetSystem(text) => {
                 self.system = Some(text.clone());
-                self.session.set_system(text);
-                self.emit.send(Event::Notice(
-                    "system prompt set (it applies to new conversations; this one already \
-                     holds its old one)"
-                        .into(),
-                ));
+                if self.session.set_system(text) {
+                    self.emit.send(Event::Notice(
+                        "system prompt set for this conversation".into(),
+                    ));
+                    self.opened();
+                } else {
+                    self.emit.send(Event::Notice(
+                        "system prompt set for new conversations (/new); this one has read its \
+                         own already"
+                            .into(),
+                    ));
+                }
             }
             Command::Pin(i) => {
                 let lost = self.session.pin(i);
@@ -423,6 +434,10 @@ impl Worker<'_> {
                     match store.rename(id, &title) {
                         Ok(()) => {
                             if self.id == Some(id) {
+                                self.emit.send(Event::Titled {
+                                    id,
+                                    title: title.clone(),
+                                });
                                 self.title = title;
                             }
                         }
@@ -496,14 +511,12 @@ impl Worker<'_> {
                 emit.send(Event::Text(t.to_string()));
             }
             TurnEvent::Stats(stats) => {
-                if last_stats.elapsed() >= STATS_EVERY
-                    && let Some(started) = decode_start
-                {
+                if last_stats.elapsed() >= STATS_EVERY {
                     last_stats = Instant::now();
-                    let secs = started.elapsed().as_secs_f64().max(1e-6);
+                    let secs = decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
                     emit.send(Event::Progress {
                         generated,
-                        tok_s: generated as f64 / secs,
+                        tok_s: generated as f64 / secs.max(1e-6),
                         stats,
                     });
                 }
@@ -516,6 +529,10 @@ impl Worker<'_> {
                 match store.create(&title, &model, self.settings.params) {
                     Ok(id) => {
                         self.id = Some(id);
+                        emit.send(Event::Titled {
+                            id,
+                            title: title.clone(),
+                        });
                         self.title = title;
                     }
                     Err(e) => emit.send(Event::Error(format!("session not saved: {e}"))),

@@ -98,15 +98,7 @@ impl Rope {
         head_dim: usize,
         positions: impl Fn(usize) -> u64,
     ) {
-        let half = self.half_dim();
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
-        for (r, row) in x.chunks_mut(heads * head_dim).enumerate() {
-            self.angles(positions(r), &mut cos, &mut sin);
-            for head in row.chunks_mut(head_dim) {
-                self.rotate(head, &cos, &sin);
-            }
-        }
+        self.turn_rows(x, heads, head_dim, positions, 1.0);
     }
 
     /// The inverse of [`Self::rotate_rows`]: turns keys rotated to their positions back into
@@ -118,12 +110,24 @@ impl Rope {
         head_dim: usize,
         positions: impl Fn(usize) -> u64,
     ) {
+        self.turn_rows(x, heads, head_dim, positions, -1.0);
+    }
+
+    /// Rotation by `direction` (1 forward, −1 back) times each row's angles.
+    fn turn_rows(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        head_dim: usize,
+        positions: impl Fn(usize) -> u64,
+        direction: f32,
+    ) {
         let half = self.half_dim();
         let mut cos = vec![0f32; half];
         let mut sin = vec![0f32; half];
         for (r, row) in x.chunks_mut(heads * head_dim).enumerate() {
             self.angles(positions(r), &mut cos, &mut sin);
-            sin.iter_mut().for_each(|s| *s = -*s);
+            sin.iter_mut().for_each(|s| *s *= direction);
             for head in row.chunks_mut(head_dim) {
                 self.rotate(head, &cos, &sin);
             }
@@ -137,6 +141,25 @@ mod tests {
 
     fn dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    #[test]
+    fn unrotate_undoes_rotate_far_out() {
+        for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
+            let rope = Rope::new(8, 10_000.0, style);
+            let x: Vec<f32> = (0..16).map(|i| i as f32 * 0.37 - 2.0).collect();
+            let mut y = x.clone();
+            let at = |r: usize| 3_000_000_000 + r as u64 * 7;
+            rope.rotate_rows(&mut y, 1, 8, at);
+            assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 0.1));
+            rope.unrotate_rows(&mut y, 1, 8, at);
+            let err = y
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-5, "{style:?}: {err}");
+        }
     }
 
     #[test]

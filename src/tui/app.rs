@@ -463,6 +463,8 @@ impl App {
             cursor: usize::MAX,
             view: None,
         });
+        self.conversation
+            .inspect(Some(message), self.size.0, &self.theme);
         vec![Effect::Worker(Command::Inspect(message))]
     }
 
@@ -475,6 +477,8 @@ impl App {
         match key.code {
             KeyCode::Esc => {
                 self.inspect = None;
+                self.conversation.inspect(None, self.size.0, &self.theme);
+                self.conversation.to_bottom();
                 return Some(Vec::new());
             }
             KeyCode::Left => inspect.cursor = inspect.cursor.min(tokens).saturating_sub(1),
@@ -488,6 +492,8 @@ impl App {
             KeyCode::Up | KeyCode::Down => {}
             _ if action == Some(Action::Inspect) => {
                 self.inspect = None;
+                self.conversation.inspect(None, self.size.0, &self.theme);
+                self.conversation.to_bottom();
                 return Some(Vec::new());
             }
             _ => return None,
@@ -498,6 +504,7 @@ impl App {
                 cursor: 0,
                 view: None,
             };
+            self.conversation.inspect(Some(m), self.size.0, &self.theme);
             return Some(vec![Effect::Worker(Command::Inspect(m))]);
         }
         Some(Vec::new())
@@ -592,6 +599,10 @@ impl App {
                 self.inspect = None;
                 self.generation = None;
             }
+            Event::Titled { id, title } => {
+                self.session_id = Some(id);
+                self.title = title;
+            }
             Event::Prefill { done, total } => {
                 let g = self.generation.get_or_insert_with(Generation::default);
                 g.prefill = Some((done, total));
@@ -632,7 +643,9 @@ impl App {
                     // A reply with no visible text (stopped at once, or only an end token).
                     self.conversation.push(Role::Assistant, String::new());
                 }
-                self.last_tok_s = Some(tok_s);
+                if generated > 0 {
+                    self.last_tok_s = Some(tok_s);
+                }
                 match stop {
                     StopReason::Cancelled if prefill_cut => self.note(format!(
                         "stopped during the prompt ({prompt_tokens} tokens read; the rest is read with your next message)"

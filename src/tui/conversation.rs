@@ -28,6 +28,8 @@ pub struct ChatMessage {
     /// Byte ranges of the content and the state of their tokens.
     pub segments: Vec<(std::ops::Range<usize>, TokenState)>,
     pub pinned: bool,
+    /// The message inspect mode is looking at.
+    pub inspected: bool,
     /// Bumped on every change, to invalidate the cached rows.
     version: u64,
     cache: RefCell<Option<CachedRows>>,
@@ -42,6 +44,7 @@ impl ChatMessage {
             first_code,
             segments: Vec::new(),
             pinned: false,
+            inspected: false,
             version: 0,
             cache: RefCell::new(None),
         }
@@ -97,6 +100,12 @@ impl ChatMessage {
                 "  evicted",
                 Style::default().fg(theme.evicted),
             ));
+        }
+        if self.inspected {
+            let style = Style::default()
+                .fg(theme.accent)
+                .add_modifier(Modifier::BOLD);
+            header.push(Span::styled("  ◀ inspecting", style));
         }
         let mut rows = vec![Line::from(header)];
         let body = markdown::render(
@@ -169,6 +178,28 @@ impl Conversation {
             .iter()
             .find(|m| n > m.first_code && n <= m.first_code + m.code_blocks.len())?;
         m.code_blocks.get(n - m.first_code - 1).map(String::as_str)
+    }
+
+    /// Marks the message inspect mode looks at (none with `None`) and scrolls so that it ends
+    /// at the bottom of the pane.
+    pub fn inspect(&mut self, index: Option<usize>, width: u16, theme: &Theme) {
+        for (i, m) in self.messages.iter_mut().enumerate() {
+            let on = Some(i) == index;
+            if m.inspected != on {
+                m.inspected = on;
+                m.touch();
+            }
+        }
+        if let Some(index) = index {
+            self.scroll = self
+                .messages
+                .iter()
+                .enumerate()
+                .skip(index + 1)
+                .map(|(i, m)| m.rows(i, width, theme).len())
+                .sum();
+            self.at_top.set(false);
+        }
     }
 
     pub fn scroll_up(&mut self, rows: usize) {
