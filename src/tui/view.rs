@@ -45,8 +45,8 @@ pub fn draw(frame: &mut Frame<'_>, app: &App) {
                 MIN_SIZE.0, MIN_SIZE.1, area.width, area.height
             )),
         ];
-        let y = area.height.saturating_sub(2) / 2;
-        let rect = Rect::new(area.x, area.y + y, area.width, 2.min(area.height));
+        let y = area.height.saturating_sub(4) / 2;
+        let rect = Rect::new(area.x, area.y + y, area.width, 4.min(area.height - y));
         frame.render_widget(
             Paragraph::new(text)
                 .alignment(Alignment::Center)
