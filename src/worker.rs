@@ -153,6 +153,10 @@ pub enum Event {
         /// Whether an assistant message was added (not when stopped during the prompt).
         replied: bool,
     },
+    /// The history of a resumed conversation (or one with new Λ parameters) was fed again.
+    HistoryRead {
+        tokens: usize,
+    },
     /// The regenerated reply starts: the UI drops the last assistant message.
     Regenerating,
     Timeline(Timeline),
@@ -607,8 +611,9 @@ impl Worker<'_> {
                 emit.send(Event::Prefill { done, total });
             }
         };
-        if let Err(e) = self.session.catch_up(&cancel, &mut on_event) {
-            emit.send(Event::Error(e.to_string()));
+        match self.session.catch_up(&cancel, &mut on_event) {
+            Ok(tokens) => emit.send(Event::HistoryRead { tokens }),
+            Err(e) => emit.send(Event::Error(e.to_string())),
         }
         self.timeline();
     }

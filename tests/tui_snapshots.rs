@@ -252,3 +252,40 @@ fn a_stopped_reply_is_kept() {
     );
     insta::assert_snapshot!(draw(&app).backend());
 }
+
+#[test]
+fn session_list() {
+    use lambdachat::store::SessionSummary;
+    let mut app = app((90, 24));
+    app.visualizer = false;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let summary = |id, title: &str, messages, ago| SessionSummary {
+        id,
+        title: title.into(),
+        model: "/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
+        messages,
+        updated: now - ago,
+    };
+    event(
+        &mut app,
+        Event::Opened {
+            id: Some(2),
+            title: "Borrow checker".into(),
+            messages: vec![],
+        },
+    );
+    event(
+        &mut app,
+        Event::Sessions(vec![
+            summary(2, "Borrow checker", 14, 30),
+            summary(1, "Haiku about autumn", 2, 7300),
+            summary(3, "A very long conversation", 20_000, 3 * 86_400),
+        ]),
+    );
+    key(&mut app, KeyCode::Down);
+    key(&mut app, KeyCode::Char('d'));
+    insta::assert_snapshot!(draw(&app).backend());
+}

@@ -664,6 +664,21 @@ impl App {
                     return vec![Effect::Worker(Command::Inspect(inspect.message))];
                 }
             }
+            Event::HistoryRead { tokens } => {
+                let total = self
+                    .generation
+                    .take()
+                    .and_then(|g| g.prefill)
+                    .map(|(_, t)| t);
+                let stopped = total.is_some_and(|t| tokens < t);
+                if stopped {
+                    self.note(format!(
+                        "stopped reading the history ({tokens} tokens read; the rest is read with your next message)"
+                    ));
+                } else {
+                    self.note(format!("history read ({tokens} tokens)"));
+                }
+            }
             Event::Regenerating => {
                 if self
                     .conversation
@@ -1038,6 +1053,38 @@ mod tests {
             [Effect::Cancel, Effect::Worker(Command::Shutdown)]
         );
         assert!(app.update(Msg::Terminate).is_empty(), "quitting once");
+    }
+
+    #[test]
+    fn reading_the_history_again_ends_with_its_own_event() {
+        let mut app = app();
+        app.update(Msg::Worker(Event::Prefill {
+            done: 32,
+            total: 64,
+        }));
+        assert!(
+            app.generation.is_some(),
+            "the status bar shows the progress"
+        );
+        app.update(Msg::Worker(Event::HistoryRead { tokens: 64 }));
+        assert!(app.generation.is_none());
+        assert!(app.conversation.messages.is_empty());
+        assert_eq!(
+            app.notice.as_ref().unwrap().text,
+            "history read (64 tokens)"
+        );
+        app.update(Msg::Worker(Event::Prefill {
+            done: 32,
+            total: 64,
+        }));
+        app.update(Msg::Worker(Event::HistoryRead { tokens: 32 }));
+        assert!(
+            app.notice
+                .as_ref()
+                .unwrap()
+                .text
+                .starts_with("stopped reading the history")
+        );
     }
 
     #[test]

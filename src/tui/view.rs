@@ -729,15 +729,20 @@ fn draw_sessions(frame: &mut Frame<'_>, app: &App, area: Rect) {
         let model = std::path::Path::new(&s.model)
             .file_name()
             .map_or(s.model.clone(), |f| f.to_string_lossy().into_owned());
+        let head = format!("{} {title}", if current { "●" } else { " " });
+        let mut detail = format!(
+            "  {} messages · {}",
+            thousands(s.messages as u64),
+            age(now_secs().saturating_sub(s.updated))
+        );
+        // The model's file name only where the line has room for it.
+        let room = rect.width.saturating_sub(2) as usize;
+        if str_width(&head) + str_width(&detail) + str_width(&model) + 3 <= room {
+            detail.push_str(&format!(" · {model}"));
+        }
         lines.push(Line::from(vec![
-            Span::styled(
-                format!("{} {title}", if current { "●" } else { " " }),
-                style,
-            ),
-            Span::styled(
-                format!("  {} messages · {model}", s.messages),
-                Style::default().fg(app.theme.evicted),
-            ),
+            Span::styled(head, style),
+            Span::styled(detail, Style::default().fg(app.theme.evicted)),
         ]));
     }
     lines.push(Line::from(""));
@@ -758,6 +763,12 @@ fn draw_sessions(frame: &mut Frame<'_>, app: &App, area: Rect) {
             .collect();
         Span::styled(keys.join(" · "), Style::default().fg(app.theme.evicted))
     };
+    // Keep the footer on the last inner row, whatever the list's length.
+    let inner_rows = rect.height.saturating_sub(2) as usize;
+    while lines.len() + 1 < inner_rows {
+        lines.push(Line::from(""));
+    }
+    lines.truncate(inner_rows.saturating_sub(1));
     lines.push(Line::from(footer));
     frame.render_widget(Clear, rect);
     frame.render_widget(
@@ -768,6 +779,22 @@ fn draw_sessions(frame: &mut Frame<'_>, app: &App, area: Rect) {
         ),
         rect,
     );
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `95` → `2 min ago`: how long ago a conversation was saved.
+pub fn age(secs: i64) -> String {
+    match secs {
+        s if s < 60 => "just now".into(),
+        s if s < 3600 => format!("{} min ago", s / 60),
+        s if s < 86_400 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
 }
 
 #[cfg(test)]
@@ -782,5 +809,9 @@ mod tests {
         assert_eq!(heat(1.0), Color::Rgb(240, 50, 40));
         assert_eq!(token_label(" a\n"), "·a⏎");
         assert_eq!(token_label(""), "∅");
+        assert_eq!(age(5), "just now");
+        assert_eq!(age(125), "2 min ago");
+        assert_eq!(age(7300), "2 h ago");
+        assert_eq!(age(3 * 86_400), "3 days ago");
     }
 }
