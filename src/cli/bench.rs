@@ -41,6 +41,9 @@ pub struct DecodeArgs {
     /// same run, as the peer to beat (qwen2 models only)
     #[arg(long)]
     pub compare_candle: bool,
+    /// Record each token's attention shares, as the chat does for its inspect mode
+    #[arg(long)]
+    pub probe: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +95,7 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
     let (engine, params) = settings.load()?;
     let every = args.every.unwrap_or((args.tokens / 10).max(1)).max(1);
     let mut session = Session::new(engine.clone(), params, settings.sampling.clone(), None)?;
+    session.set_probe(args.probe);
     let prompt = filler_tokens(&engine, args.context.max(1))?;
     if !args.json {
         println!(
