@@ -218,10 +218,6 @@ impl Session {
         self.cache.params()
     }
 
-    pub fn sampling(&self) -> &SamplingParams {
-        self.sampler.params()
-    }
-
     pub fn set_sampling(&mut self, params: SamplingParams) -> Result<(), SessionError> {
         self.sampler = Sampler::new(params)?;
         Ok(())

@@ -727,13 +727,11 @@ mod tests {
         assert_eq!(positions.last(), Some(&99_999));
     }
 
-    #[test]
-    fn stats_split_attended_and_evicted() {
-        let params = LambdaParams::new(2, 4, None).unwrap();
-        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2)]);
+    /// Feeds `tokens` single-token passes of one constant head (`head_dim` 2) to `layers` layers.
+    fn feed_constant(cache: &mut LambdaCache, layers: usize, tokens: usize) {
         let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
-        for _ in 0..10 {
-            let x = [0.5f32, -0.5];
+        let x = [0.5f32, -0.5];
+        for _ in 0..tokens {
             let input = AttentionInput {
                 q: &x,
                 k: &x,
@@ -743,9 +741,18 @@ mod tests {
                 rope: &rope,
                 scale: 1.0,
             };
-            cache.attend(0, &input).unwrap();
+            for layer in 0..layers {
+                cache.attend(layer, &input).unwrap();
+            }
             cache.advance(1);
         }
+    }
+
+    #[test]
+    fn stats_split_attended_and_evicted() {
+        let params = LambdaParams::new(2, 4, None).unwrap();
+        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2)]);
+        feed_constant(&mut cache, 1, 10);
         let s = cache.stats();
         // The 11th token sees tokens 7..=9 in its window (plus itself) and the 2 sinks.
         assert_eq!(s.tokens_seen, 10);
@@ -846,23 +853,7 @@ mod tests {
         let params = LambdaParams::new(1, 4, None).unwrap();
         let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
         cache.set_probe(true);
-        let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
-        for _ in 0..6 {
-            let x = [0.5f32, -0.5];
-            let input = AttentionInput {
-                q: &x,
-                k: &x,
-                v: &x,
-                n_tokens: 1,
-                n_heads: 1,
-                rope: &rope,
-                scale: 1.0,
-            };
-            for layer in 0..2 {
-                cache.attend(layer, &input).unwrap();
-            }
-            cache.advance(1);
-        }
+        feed_constant(&mut cache, 2, 6);
         // Token 5 saw the sink 0 (clamped) and the window 2..=5.
         let shares = cache.attention_shares();
         let positions: Vec<u64> = shares.iter().map(|s| s.0).collect();
