@@ -4,12 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::GgmlDType;
-
 use crate::chat::template::END_OF_TURN_MARKERS;
 use crate::chat::{ChatTemplate, TemplateError};
-use crate::model::{LanguageModel, ModelError, load_gguf};
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::model::{Checkpoint, LanguageModel, LoadOptions, ModelError};
+use crate::tokenizer::{HfTokenizerFiles, Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -19,6 +17,11 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Template(#[from] TemplateError),
+    #[error(
+        "the tokenizer has {tokenizer} tokens but the model's embedding table has {model} rows: \
+         they do not belong together"
+    )]
+    VocabMismatch { tokenizer: usize, model: usize },
 }
 
 pub struct Engine {
@@ -28,31 +31,62 @@ pub struct Engine {
     /// Sampling any of these ends the assistant's turn.
     pub stop_ids: Vec<u32>,
     pub path: PathBuf,
-    /// Quantization types of the weights and how many tensors use each.
-    pub quant: Vec<(GgmlDType, usize)>,
+    /// Weight types (quantizations or dtypes) and how many tensors use each.
+    pub quant: Vec<(String, usize)>,
     pub load_time: Duration,
 }
 
 impl Engine {
+    /// Loads a GGUF file or a Hugging Face directory with the default options.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        Self::load_with(path, LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, options: LoadOptions) -> Result<Self, EngineError> {
         let start = Instant::now();
-        let (model, gguf) = load_gguf(path)?;
-        let tokenizer = Tokenizer::for_gguf(&gguf)?;
+        let mut ckpt = Checkpoint::open(path, options)?;
+        let model = crate::model::load(&mut ckpt)?;
+        let (tokenizer, template_source, mut stop_ids) = match &ckpt {
+            Checkpoint::Gguf(gguf) => {
+                let tokenizer = Tokenizer::for_gguf(gguf)?;
+                let eot = gguf.meta.usize("tokenizer.ggml.eot_token_id").ok();
+                let template = gguf.meta.string("tokenizer.chat_template").ok();
+                (
+                    tokenizer,
+                    template,
+                    eot.map(|i| i as u32).into_iter().collect(),
+                )
+            }
+            Checkpoint::Hf(hf) => {
+                let files = HfTokenizerFiles::read(&hf.dir)?;
+                let id = |k: &str| hf.meta.usize(k).ok().map(|i| i as u32);
+                let tokenizer = Tokenizer::from_hf(
+                    &files,
+                    id("tokenizer.ggml.bos_token_id"),
+                    id("tokenizer.ggml.eos_token_id"),
+                )?;
+                (tokenizer, files.chat_template, files.eos_ids)
+            }
+        };
+        let rows = model.info().vocab_size;
+        if tokenizer.vocab_size() > rows {
+            return Err(EngineError::VocabMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: rows,
+            });
+        }
         let token_text = |id: Option<u32>| {
             id.and_then(|i| tokenizer.id_to_token(i))
                 .unwrap_or_default()
         };
         let fallback = ChatTemplate::fallback_for(|t| tokenizer.token_id(t).is_some());
         let template = ChatTemplate::new(
-            gguf.string("tokenizer.chat_template").ok(),
+            template_source,
             fallback,
             token_text(tokenizer.bos),
             token_text(tokenizer.eos),
         )?;
-        let mut stop_ids: Vec<u32> = tokenizer.eos.into_iter().collect();
-        if let Ok(eot) = gguf.usize("tokenizer.ggml.eot_token_id") {
-            stop_ids.push(eot as u32);
-        }
+        stop_ids.extend(tokenizer.eos);
         for marker in END_OF_TURN_MARKERS {
             if template.source().contains(marker) {
                 stop_ids.extend(tokenizer.token_id(marker));
@@ -61,7 +95,7 @@ impl Engine {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         Ok(Self {
-            quant: gguf.quant_summary(),
+            quant: ckpt.weight_summary(),
             model,
             tokenizer,
             template,

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod engine;
 pub mod fetch;
 pub mod logging;

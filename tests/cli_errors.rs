@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::cli::{assert_clean_error, lambdachat, run};
+
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -10,36 +12,6 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
-
-fn lambdachat() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lambdachat"));
-    // Never let a test reach for the network: the Hub probe fails at once.
-    c.env("HF_ENDPOINT", "http://127.0.0.1:9");
-    // Nor read the user's own config file (tests that need one set their own).
-    c.env("LAMBDACHAT_CONFIG", "/dev/null");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    lambdachat()
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-/// Exit ≠ 0, no panic, and the error is one line containing `needle`.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "succeeded; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line: {stderr}");
-    assert!(
-        errors[0].contains(needle),
-        "missing {needle:?} in: {stderr}"
-    );
-}
 
 #[test]
 fn missing_model_path() {
@@ -83,7 +55,7 @@ fn an_unsupported_architecture_lists_the_supported_ones() {
     let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
     assert_clean_error(
         &out,
-        "unsupported architecture 'bert' (supported: qwen2, llama, gemma3)",
+        "unsupported architecture 'bert' (supported: qwen2, qwen3, llama, gemma3)",
     );
 }
 

@@ -19,7 +19,7 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<i32> {
     let path = resolve_model(args.path.as_deref().or(args.model.model.as_deref()))?;
-    let engine = Engine::load(&path)?;
+    let engine = Engine::load_with(&path, args.model.load_options())?;
     let info = engine.model.info();
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     println!(
@@ -42,9 +42,9 @@ pub fn run(args: InspectArgs) -> Result<i32> {
     let quant: Vec<String> = engine
         .quant
         .iter()
-        .map(|(d, n)| format!("{d:?}×{n}"))
+        .map(|(d, n)| format!("{d}×{n}"))
         .collect();
-    println!("quantization    {}", quant.join(", "));
+    println!("weights         {}", quant.join(", "));
     let tok = &engine.tokenizer;
     let name = |id: Option<u32>| {
         id.and_then(|i| tok.id_to_token(i).map(|t| format!("{t} ({i})")))

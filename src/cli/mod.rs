@@ -18,6 +18,7 @@ use crate::attention::{DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::fetch;
+use crate::model::LoadOptions;
 use crate::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -45,6 +46,8 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Print what a model file contains.
     Inspect(inspect::InspectArgs),
+    /// Write a Hugging Face safetensors directory (f32) from a GGUF file.
+    Convert(ConvertArgs),
     /// List, rename, delete or export saved conversations.
     Sessions {
         #[command(subcommand)]
@@ -55,9 +58,44 @@ pub enum Command {
 /// Which model to run.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF file to load [default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched on first use]
+    /// GGUF file or Hugging Face model directory (config.json + safetensors) to load
+    /// [default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched on first use]
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
+    /// dtype of safetensors weight matrices (GGUF weights keep their quantization)
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
+}
+
+/// The dtypes safetensors weights can be held in on the CPU.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: match self.dtype {
+                WeightDtype::F32 => candle_core::DType::F32,
+                WeightDtype::F16 => candle_core::DType::F16,
+                WeightDtype::Bf16 => candle_core::DType::BF16,
+            },
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The GGUF file to convert
+    pub gguf: PathBuf,
+    /// The directory to create (must not exist, or be empty)
+    pub out: PathBuf,
+    /// Split the weights into shards of at most this many MiB, with an index
+    #[arg(long, value_name = "MIB")]
+    pub shard_mib: Option<u64>,
 }
 
 /// The Λ-attention parameters (flags beat the config file, which beats the defaults).
@@ -114,6 +152,7 @@ pub struct RunArgs {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub model: Option<PathBuf>,
+    pub load_options: LoadOptions,
     pub lambda: LambdaParams,
     pub sampling: SamplingParams,
 }
@@ -144,6 +183,7 @@ impl RunArgs {
         sampling.validate()?;
         Ok(RunSettings {
             model: self.model.model.clone().or_else(|| config.model.clone()),
+            load_options: self.model.load_options(),
             lambda,
             sampling,
         })
@@ -155,7 +195,7 @@ impl RunSettings {
     /// length.
     pub fn load(&self) -> Result<(Arc<Engine>, LambdaParams)> {
         let path = resolve_model(self.model.as_deref())?;
-        let engine = Engine::load(&path)?;
+        let engine = Engine::load_with(&path, self.load_options)?;
         let params = cap_to_training_length(self.lambda, engine.model.info().context_length)?;
         Ok((Arc::new(engine), params))
     }
@@ -208,6 +248,25 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Ask(a) => ask::run(a, &config),
         Command::Bench(b) => bench::run(b, &config),
         Command::Inspect(i) => inspect::run(i),
+        Command::Convert(c) => convert(c),
         Command::Sessions { command } => sessions::run(command),
     }
+}
+
+fn convert(args: ConvertArgs) -> Result<i32> {
+    let start = std::time::Instant::now();
+    let report = crate::convert::convert_gguf(
+        &args.gguf,
+        &args.out,
+        args.shard_mib.map(|m| m.max(1) << 20),
+    )?;
+    eprintln!(
+        "wrote {}: {} tensors, {:.1} MiB of f32 weights in {} file(s), {:.1} s",
+        args.out.display(),
+        report.tensors,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.shards,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(0)
 }

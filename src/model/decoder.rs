@@ -1,13 +1,14 @@
-//! The plain pre-norm decoder that Qwen2 and Llama share: `x + attn(norm(x))`, then
+//! The plain pre-norm decoder that Qwen2, Qwen3 and Llama share: `x + attn(norm(x))`, then
 //! `x + mlp(norm(x))`, every layer full attention. Architecture files only say how to load it.
 
 use candle_core::Tensor;
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_nn::RmsNorm;
 
+use super::checkpoint::Checkpoint;
 use super::layers::{
     Activation, GatedMlp, Linear, SelfAttention, forward_err, lm_head, norm, rms_norm,
 };
-use super::{GgufFile, LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding};
+use super::{LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding};
 use crate::attention::{AttentionCache, LambdaParams, LayerGeometry, Rope};
 
 struct Block {
@@ -28,40 +29,44 @@ pub struct PreNormDecoder {
 /// What differs between the architectures that share this decoder.
 pub struct DecoderVariant {
     pub qkv_bias: bool,
+    /// Per-head RMS norms on q and k (Qwen3).
+    pub qk_norm: bool,
     pub rope: Rope,
     pub rms_eps: f64,
 }
 
 impl PreNormDecoder {
     pub fn load(
-        gguf: &mut GgufFile,
-        info: ModelInfo,
+        ckpt: &mut Checkpoint,
+        mut info: ModelInfo,
         variant: DecoderVariant,
     ) -> Result<Self, ModelError> {
         let eps = variant.rms_eps;
-        let embed = TokenEmbedding::load(gguf)?;
+        let hidden = info.hidden_size;
+        let ffn = info.ffn_size;
+        let shape = info.head_shape();
+        let embed = TokenEmbedding::load(ckpt, hidden)?;
+        info.vocab_size = embed.rows();
         let mut blocks = Vec::with_capacity(info.n_layers);
         for i in 0..info.n_layers {
             let p = format!("blk.{i}");
             blocks.push(Block {
-                attn_norm: rms_norm(gguf, &format!("{p}.attn_norm.weight"), eps)?,
+                attn_norm: rms_norm(ckpt, &format!("{p}.attn_norm.weight"), hidden, eps)?,
                 attn: SelfAttention::load(
-                    gguf,
+                    ckpt,
                     &p,
+                    shape,
                     variant.qkv_bias,
-                    None,
-                    info.n_heads,
-                    info.n_kv_heads,
-                    info.head_dim,
+                    variant.qk_norm.then_some(eps),
                     variant.rope.clone(),
                     1.0 / (info.head_dim as f32).sqrt(),
                 )?,
-                ffn_norm: rms_norm(gguf, &format!("{p}.ffn_norm.weight"), eps)?,
-                mlp: GatedMlp::load(gguf, &p, Activation::Silu)?,
+                ffn_norm: rms_norm(ckpt, &format!("{p}.ffn_norm.weight"), hidden, eps)?,
+                mlp: GatedMlp::load(ckpt, &p, hidden, ffn, Activation::Silu)?,
             });
         }
-        let out_norm = rms_norm(gguf, "output_norm.weight", eps)?;
-        let head = embed.output_head(gguf)?;
+        let out_norm = rms_norm(ckpt, "output_norm.weight", hidden, eps)?;
+        let head = embed.output_head(ckpt)?;
         Ok(Self {
             info,
             embed,

@@ -1,41 +1,64 @@
-//! Token embeddings kept quantized: rows are dequantized on lookup, so the table (151,936 × 896
-//! for Qwen2.5-0.5B) costs its GGUF size in memory, not four bytes a weight.
+//! Token embeddings. GGUF tables stay quantized (rows are dequantized on lookup), so the table
+//! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight.
 
-use crate::model::candle_msg;
-use std::sync::Arc;
-
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
-use super::gguf::GgufFile;
+use super::checkpoint::Checkpoint;
 use super::layers::{Linear, forward_err};
+use crate::model::candle_msg;
 
 pub struct TokenEmbedding {
-    table: Arc<QTensor>,
+    table: QMatMul,
+    rows: usize,
+    hidden: usize,
 }
 
 impl TokenEmbedding {
-    pub fn load(gguf: &mut GgufFile) -> Result<Self, ModelError> {
+    pub fn load(ckpt: &mut Checkpoint, hidden: usize) -> Result<Self, ModelError> {
+        let table = ckpt.table("token_embd.weight", hidden)?;
+        let rows = match &table {
+            QMatMul::QTensor(q) => q.shape().dims()[0],
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+        };
         Ok(Self {
-            table: Arc::new(gguf.qtensor("token_embd.weight")?),
+            table,
+            rows,
+            hidden,
         })
     }
 
-    /// `[tokens, hidden]` rows for `ids`.
+    /// Rows of the table (the model's vocabulary, padding included).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `[tokens, hidden]` f32 rows for `ids`.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(ModelError::Forward(format!(
+                "token id {bad} is outside the embedding table ({} rows)",
+                self.rows
+            )));
+        }
         let ids = Tensor::new(ids, &Device::Cpu).map_err(forward_err)?;
-        self.table.embedding(&ids).map_err(forward_err)
+        self.table
+            .embedding(&ids)
+            .and_then(|x| x.to_dtype(DType::F32))
+            .map_err(forward_err)
     }
 
     /// The output projection: `output.weight` when present, else the tied embedding table.
-    pub fn output_head(&self, gguf: &mut GgufFile) -> Result<Linear, ModelError> {
-        let weight = if gguf.has_tensor("output.weight") {
-            QMatMul::from_qtensor(gguf.qtensor("output.weight")?)
-        } else {
-            QMatMul::from_arc(self.table.clone())
+    pub fn output_head(&self, ckpt: &mut Checkpoint) -> Result<Linear, ModelError> {
+        if ckpt.has_tensor("output.weight") {
+            return Linear::load(ckpt, "output", (self.rows, self.hidden), false);
         }
-        .map_err(|e| ModelError::Tensor("output.weight".into(), candle_msg(&e)))?;
+        let weight = match &self.table {
+            QMatMul::QTensor(q) => QMatMul::from_arc(q.clone())
+                .map_err(|e| ModelError::Tensor("output.weight".into(), candle_msg(&e)))?,
+            dense => dense.clone(),
+        };
         Ok(Linear::from_qmatmul(weight))
     }
 }

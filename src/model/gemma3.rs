@@ -5,12 +5,13 @@
 //! full layers get the Λ rule.
 
 use candle_core::Tensor;
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_nn::RmsNorm;
 
+use super::checkpoint::Checkpoint;
 use super::layers::{
     Activation, GatedMlp, Linear, SelfAttention, forward_err, lm_head, norm, rms_norm,
 };
-use super::{GgufFile, LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding, common_info};
+use super::{LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding, common_info};
 use crate::attention::{AttentionCache, LambdaParams, LayerGeometry, Rope, RopeStyle};
 
 struct Block {
@@ -33,47 +34,50 @@ pub struct Gemma3 {
 }
 
 impl Gemma3 {
-    pub fn load(gguf: &mut GgufFile) -> Result<Self, ModelError> {
-        let info = common_info(gguf, "gemma3")?;
-        let eps = gguf.f64("gemma3.attention.layer_norm_rms_epsilon")?;
-        let sliding_window = gguf.usize("gemma3.attention.sliding_window")?;
-        let pattern = gguf
+    pub fn load(ckpt: &mut Checkpoint) -> Result<Self, ModelError> {
+        let mut info = common_info(ckpt, "gemma3")?;
+        let meta = ckpt.meta();
+        let eps = meta.f64("gemma3.attention.layer_norm_rms_epsilon")?;
+        let sliding_window = meta.usize("gemma3.attention.sliding_window")?;
+        let pattern = meta
             .usize("gemma3.attention.sliding_window_type")
             .unwrap_or(6)
             .max(1);
-        let local_base = gguf.f64("gemma3.rope.local_freq_base").unwrap_or(10_000.0);
-        let scaling = gguf.f64("gemma3.rope.scaling.factor").unwrap_or(1.0);
+        let local_base = meta.f64("gemma3.rope.local_freq_base").unwrap_or(10_000.0);
+        let scaling = meta.f64("gemma3.rope.scaling.factor").unwrap_or(1.0);
+        // Gemma 3 scales queries by 1/√query_pre_attn_scalar, which is the head size for every
+        // size but 27B; GGUF files do not record it.
+        let scale = 1.0
+            / meta
+                .f64("gemma3.attention.query_pre_attn_scalar")
+                .unwrap_or(info.head_dim as f64)
+                .sqrt() as f32;
         let local_rope = Rope::new(info.head_dim, local_base, RopeStyle::Neox);
         let global_rope =
             Rope::new(info.head_dim, info.rope_theta, RopeStyle::Neox).scaled_linear(scaling);
-        let embed = TokenEmbedding::load(gguf)?;
+        let (hidden, ffn, shape) = (info.hidden_size, info.ffn_size, info.head_shape());
+        let embed = TokenEmbedding::load(ckpt, hidden)?;
+        info.vocab_size = embed.rows();
         let mut blocks = Vec::with_capacity(info.n_layers);
         for i in 0..info.n_layers {
             let p = format!("blk.{i}");
             let sliding = (i + 1) % pattern != 0;
             let rope = if sliding { &local_rope } else { &global_rope };
+            let mut norm = |name: &str| rms_norm(ckpt, &format!("{p}.{name}.weight"), hidden, eps);
+            let (attn_norm, post_attn_norm) = (norm("attn_norm")?, norm("post_attention_norm")?);
+            let (ffn_norm, post_ffn_norm) = (norm("ffn_norm")?, norm("post_ffw_norm")?);
             blocks.push(Block {
-                attn_norm: rms_norm(gguf, &format!("{p}.attn_norm.weight"), eps)?,
-                attn: SelfAttention::load(
-                    gguf,
-                    &p,
-                    false,
-                    Some(eps),
-                    info.n_heads,
-                    info.n_kv_heads,
-                    info.head_dim,
-                    rope.clone(),
-                    1.0 / (info.head_dim as f32).sqrt(),
-                )?,
-                post_attn_norm: rms_norm(gguf, &format!("{p}.post_attention_norm.weight"), eps)?,
-                ffn_norm: rms_norm(gguf, &format!("{p}.ffn_norm.weight"), eps)?,
-                mlp: GatedMlp::load(gguf, &p, Activation::GeluTanh)?,
-                post_ffn_norm: rms_norm(gguf, &format!("{p}.post_ffw_norm.weight"), eps)?,
+                attn_norm,
+                attn: SelfAttention::load(ckpt, &p, shape, false, Some(eps), rope.clone(), scale)?,
+                post_attn_norm,
+                ffn_norm,
+                mlp: GatedMlp::load(ckpt, &p, hidden, ffn, Activation::GeluTanh)?,
+                post_ffn_norm,
                 sliding,
             });
         }
-        let out_norm = rms_norm(gguf, "output_norm.weight", eps)?;
-        let head = embed.output_head(gguf)?;
+        let out_norm = rms_norm(ckpt, "output_norm.weight", hidden, eps)?;
+        let head = embed.output_head(ckpt)?;
         Ok(Self {
             info,
             embed,

@@ -13,11 +13,15 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 
 use super::ModelError;
+use super::metadata::Metadata;
 
 /// An opened GGUF file: parsed header plus a reader for its tensors.
 pub struct GgufFile {
     pub path: PathBuf,
-    pub content: gguf_file::Content,
+    /// The header's key/value pairs.
+    pub meta: Metadata,
+    /// The tensor table (its metadata moved to `meta`).
+    content: gguf_file::Content,
     reader: BufReader<File>,
     pub file_len: u64,
 }
@@ -35,7 +39,7 @@ impl GgufFile {
             return Err(ModelError::NotGguf(path.to_path_buf()));
         }
         reader.rewind().map_err(io)?;
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        let mut content = gguf_file::Content::read(&mut reader).map_err(|e| {
             let msg = candle_msg(&e);
             if msg.contains("unknown dtype") || msg.contains("dtype") {
                 ModelError::UnsupportedQuant(path.to_path_buf(), msg)
@@ -43,8 +47,10 @@ impl GgufFile {
                 ModelError::Truncated(path.to_path_buf(), msg)
             }
         })?;
+        let meta = Metadata::new(path, std::mem::take(&mut content.metadata));
         let gguf = Self {
             path: path.to_path_buf(),
+            meta,
             content,
             reader,
             file_len,
@@ -75,49 +81,11 @@ impl GgufFile {
     }
 
     pub fn architecture(&self) -> Result<String, ModelError> {
-        self.string("general.architecture")
+        self.meta.string("general.architecture")
     }
 
-    fn missing(&self, key: &str) -> ModelError {
-        ModelError::MissingMetadata(self.path.clone(), key.to_string())
-    }
-
-    pub fn value(&self, key: &str) -> Option<&gguf_file::Value> {
-        self.content.metadata.get(key)
-    }
-
-    pub fn string(&self, key: &str) -> Result<String, ModelError> {
-        self.value(key)
-            .and_then(|v| v.to_string().ok().cloned())
-            .ok_or_else(|| self.missing(key))
-    }
-
-    /// An unsigned integer of any GGUF width.
-    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
-        use gguf_file::Value::*;
-        let v = self.value(key).ok_or_else(|| self.missing(key))?;
-        let n = match v {
-            U8(x) => *x as i128,
-            I8(x) => *x as i128,
-            U16(x) => *x as i128,
-            I16(x) => *x as i128,
-            U32(x) => *x as i128,
-            I32(x) => *x as i128,
-            U64(x) => *x as i128,
-            I64(x) => *x as i128,
-            _ => return Err(self.missing(key)),
-        };
-        usize::try_from(n).map_err(|_| self.missing(key))
-    }
-
-    pub fn f64(&self, key: &str) -> Result<f64, ModelError> {
-        use gguf_file::Value::*;
-        match self.value(key) {
-            Some(F32(x)) => Ok(*x as f64),
-            Some(F64(x)) => Ok(*x),
-            Some(_) => self.usize(key).map(|x| x as f64),
-            None => Err(self.missing(key)),
-        }
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.content.tensor_infos.keys().cloned().collect()
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {

@@ -3,14 +3,14 @@
 //!
 //! Activations are 2-D `[tokens, features]` f32 tensors (batch size is always 1 in a chat).
 
-use crate::model::candle_msg;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_nn::RmsNorm;
 
 use super::ModelError;
-use super::gguf::GgufFile;
+use super::checkpoint::Checkpoint;
 use crate::attention::{AttentionCache, AttentionInput, Rope};
+use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
@@ -26,12 +26,16 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(gguf: &mut GgufFile, name: &str, with_bias: bool) -> Result<Self> {
-        let q = gguf.qtensor(&format!("{name}.weight"))?;
-        let weight = QMatMul::from_qtensor(q)
-            .map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))?;
+    /// `{name}.weight` of shape `[rows, cols]`, and `{name}.bias` when `with_bias`.
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        name: &str,
+        shape: (usize, usize),
+        with_bias: bool,
+    ) -> Result<Self> {
+        let weight = ckpt.matrix(&format!("{name}.weight"), shape)?;
         let bias = if with_bias {
-            Some(gguf.f32_tensor(&format!("{name}.bias"))?)
+            Some(ckpt.vector(&format!("{name}.bias"), shape.0)?)
         } else {
             None
         };
@@ -43,7 +47,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x).map_err(forward_err)?;
+        let y = match &self.weight {
+            // bf16/f16 safetensors weights: multiply in their dtype, keep activations f32.
+            QMatMul::Tensor(w) if w.dtype() != x.dtype() => x
+                .to_dtype(w.dtype())
+                .and_then(|x| x.matmul(&w.t()?))
+                .and_then(|y| y.to_dtype(x.dtype())),
+            w => w.forward(x),
+        }
+        .map_err(forward_err)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(forward_err),
             None => Ok(y),
@@ -51,9 +63,9 @@ impl Linear {
     }
 }
 
-pub fn rms_norm(gguf: &mut GgufFile, name: &str, eps: f64) -> Result<RmsNorm> {
-    let q = gguf.qtensor(name)?;
-    RmsNorm::from_qtensor(q, eps).map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))
+/// An RMS norm over `len` features.
+pub fn rms_norm(ckpt: &mut Checkpoint, name: &str, len: usize, eps: f64) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(ckpt.vector(name, len)?, eps))
 }
 
 pub fn norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
@@ -76,11 +88,18 @@ pub struct GatedMlp {
 }
 
 impl GatedMlp {
-    pub fn load(gguf: &mut GgufFile, prefix: &str, act: Activation) -> Result<Self> {
+    /// `ffn_gate/up/down` under `prefix`, `hidden → ffn → hidden`.
+    pub fn load(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        ffn: usize,
+        act: Activation,
+    ) -> Result<Self> {
         Ok(Self {
-            gate: Linear::load(gguf, &format!("{prefix}.ffn_gate"), false)?,
-            up: Linear::load(gguf, &format!("{prefix}.ffn_up"), false)?,
-            down: Linear::load(gguf, &format!("{prefix}.ffn_down"), false)?,
+            gate: Linear::load(ckpt, &format!("{prefix}.ffn_gate"), (ffn, hidden), false)?,
+            up: Linear::load(ckpt, &format!("{prefix}.ffn_up"), (ffn, hidden), false)?,
+            down: Linear::load(ckpt, &format!("{prefix}.ffn_down"), (hidden, ffn), false)?,
             act,
         })
     }
@@ -113,40 +132,76 @@ pub struct SelfAttention {
     pub scale: f32,
 }
 
+/// The head layout of an attention block.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
 impl SelfAttention {
-    /// Loads `attn_q/k/v/output` (llama.cpp names) under `prefix`.
-    #[allow(clippy::too_many_arguments)]
+    /// Loads `attn_q/k/v/output` (llama.cpp names) under `prefix`, with q/k biases when
+    /// `with_bias` and per-head q/k RMS norms when `qk_norm_eps` is set.
     pub fn load(
-        gguf: &mut GgufFile,
+        ckpt: &mut Checkpoint,
         prefix: &str,
+        shape: HeadShape,
         with_bias: bool,
         qk_norm_eps: Option<f64>,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
         rope: Rope,
         scale: f32,
     ) -> Result<Self> {
+        let HeadShape {
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = shape;
         let (q_norm, k_norm) = match qk_norm_eps {
             Some(eps) => (
                 Some(rms_norm(
-                    gguf,
+                    ckpt,
                     &format!("{prefix}.attn_q_norm.weight"),
+                    head_dim,
                     eps,
                 )?),
                 Some(rms_norm(
-                    gguf,
+                    ckpt,
                     &format!("{prefix}.attn_k_norm.weight"),
+                    head_dim,
                     eps,
                 )?),
             ),
             None => (None, None),
         };
+        let (q_rows, kv_rows) = (n_heads * head_dim, n_kv_heads * head_dim);
         Ok(Self {
-            q: Linear::load(gguf, &format!("{prefix}.attn_q"), with_bias)?,
-            k: Linear::load(gguf, &format!("{prefix}.attn_k"), with_bias)?,
-            v: Linear::load(gguf, &format!("{prefix}.attn_v"), with_bias)?,
-            o: Linear::load(gguf, &format!("{prefix}.attn_output"), false)?,
+            q: Linear::load(
+                ckpt,
+                &format!("{prefix}.attn_q"),
+                (q_rows, hidden),
+                with_bias,
+            )?,
+            k: Linear::load(
+                ckpt,
+                &format!("{prefix}.attn_k"),
+                (kv_rows, hidden),
+                with_bias,
+            )?,
+            v: Linear::load(
+                ckpt,
+                &format!("{prefix}.attn_v"),
+                (kv_rows, hidden),
+                with_bias,
+            )?,
+            o: Linear::load(
+                ckpt,
+                &format!("{prefix}.attn_output"),
+                (hidden, q_rows),
+                false,
+            )?,
             q_norm,
             k_norm,
             n_heads,

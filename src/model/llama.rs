@@ -1,46 +1,120 @@
 //! Llama 2/3, Mistral, TinyLlama, SmolLM (llama.cpp arch `llama`): the pre-norm decoder without
-//! biases, with interleaved RoPE (the GGUF converter permutes q/k for it). Llama-3 rope scaling
-//! arrives as the per-frequency divisors `rope_freqs.weight` that llama.cpp's converter writes.
+//! biases, with interleaved RoPE (llama.cpp's converter permutes q/k for it; `model::hf` does the
+//! same for safetensors). Llama-3 rope scaling arrives either as the per-frequency divisors
+//! `rope_freqs.weight` that llama.cpp's converter writes, or as `rope_scaling` in `config.json`,
+//! from which the same divisors are computed.
 
+use std::f64::consts::PI;
+
+use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{GgufFile, ModelError, ModelInfo, common_info};
+use super::{ModelError, ModelInfo, candle_msg, common_info};
 use crate::attention::{Rope, RopeStyle};
-use crate::model::candle_msg;
 
-pub fn load(gguf: &mut GgufFile, arch: &str) -> Result<PreNormDecoder, ModelError> {
-    let info = common_info(gguf, arch)?;
+pub fn load(ckpt: &mut Checkpoint, arch: &str) -> Result<PreNormDecoder, ModelError> {
+    let info = common_info(ckpt, arch)?;
     let variant = DecoderVariant {
         qkv_bias: false,
-        rope: rope(gguf, &info)?,
-        rms_eps: gguf.f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
+        qk_norm: false,
+        rope: rope(ckpt, arch, &info)?,
+        rms_eps: ckpt
+            .meta()
+            .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
     };
-    PreNormDecoder::load(gguf, info, variant)
+    PreNormDecoder::load(ckpt, info, variant)
 }
 
-fn rope(gguf: &mut GgufFile, info: &ModelInfo) -> Result<Rope, ModelError> {
+fn rope(ckpt: &mut Checkpoint, arch: &str, info: &ModelInfo) -> Result<Rope, ModelError> {
     let base = Rope::new(info.head_dim, info.rope_theta, RopeStyle::Interleaved);
-    if !gguf.has_tensor("rope_freqs.weight") {
+    let meta = ckpt.meta();
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let kind = meta.string(&key("type")).unwrap_or_default();
+    let divisors: Vec<f64> = if ckpt.has_tensor("rope_freqs.weight") {
+        ckpt.vector("rope_freqs.weight", base.half_dim())?
+            .to_vec1::<f32>()
+            .map_err(|e| ModelError::Tensor("rope_freqs.weight".into(), candle_msg(&e)))?
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    } else if kind == "llama3" {
+        let scaling = Llama3Scaling {
+            factor: meta.f64(&key("factor"))?,
+            low_freq_factor: meta.f64(&key("low_freq_factor"))?,
+            high_freq_factor: meta.f64(&key("high_freq_factor"))?,
+            original_context: meta.f64(&key("original_context_length"))?,
+        };
+        scaling.divisors(base.inv_freq())
+    } else if kind == "linear" {
+        return Ok(base.scaled_linear(meta.f64(&key("factor"))?));
+    } else {
         return Ok(base);
-    }
-    let factors = gguf
-        .f32_tensor("rope_freqs.weight")?
-        .to_vec1::<f32>()
-        .map_err(|e| ModelError::Tensor("rope_freqs.weight".into(), candle_msg(&e)))?;
-    if factors.len() != base.half_dim() {
-        return Err(ModelError::Tensor(
-            "rope_freqs.weight".into(),
-            format!(
-                "{} factors for {} rotary pairs",
-                factors.len(),
-                base.half_dim()
-            ),
-        ));
-    }
+    };
     let inv_freq = base
         .inv_freq()
         .iter()
-        .zip(&factors)
-        .map(|(f, s)| f / *s as f64)
+        .zip(&divisors)
+        .map(|(f, s)| f / s)
         .collect();
     Ok(Rope::from_inv_freq(inv_freq, RopeStyle::Interleaved))
+}
+
+/// Llama 3.1's `rope_scaling` (`rope_type: llama3`).
+struct Llama3Scaling {
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_context: f64,
+}
+
+impl Llama3Scaling {
+    /// What each frequency is divided by: 1 for short wavelengths, `factor` for long ones, a
+    /// smooth blend between (as transformers' `_compute_llama3_parameters`).
+    fn divisors(&self, inv_freq: &[f64]) -> Vec<f64> {
+        let low_wavelen = self.original_context / self.low_freq_factor;
+        let high_wavelen = self.original_context / self.high_freq_factor;
+        inv_freq
+            .iter()
+            .map(|&f| {
+                let wavelen = 2.0 * PI / f;
+                let scaled = if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / self.factor
+                } else {
+                    let smooth = (self.original_context / wavelen - self.low_freq_factor)
+                        / (self.high_freq_factor - self.low_freq_factor);
+                    (1.0 - smooth) * f / self.factor + smooth * f
+                };
+                f / scaled
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_divisors_span_one_to_factor() {
+        let s = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192.0,
+        };
+        let rope = Rope::new(128, 500_000.0, RopeStyle::Interleaved);
+        let d = s.divisors(rope.inv_freq());
+        assert_eq!(d[0], 1.0, "the fastest frequency is kept");
+        assert!(
+            (d[63] - 8.0).abs() < 1e-12,
+            "the slowest is divided by the factor"
+        );
+        assert!(
+            d.windows(2).all(|w| w[0] <= w[1] + 1e-12),
+            "monotone: {d:?}"
+        );
+        // Llama 3.1 8B: the frequencies with wavelengths between 2048 and 8192 are blended.
+        assert!(d.iter().any(|&x| x > 1.0 && x < 8.0));
+    }
 }

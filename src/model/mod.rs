@@ -3,25 +3,29 @@
 //! candle's model files keep their KV cache private; ours take an [`AttentionCache`] from the
 //! caller, so the same forward runs the bounded Λ cache, the dense oracle, or vanilla attention.
 
+pub mod checkpoint;
 mod decoder;
 mod embedding;
 mod gemma3;
 pub mod gguf;
+pub mod hf;
 mod layers;
 mod llama;
+pub mod metadata;
 mod qwen2;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::Tensor;
 
+pub use checkpoint::{Checkpoint, LoadOptions};
 pub use embedding::TokenEmbedding;
 pub use gguf::GgufFile;
 
 use crate::attention::{AttentionCache, AttentionError, LambdaParams, LayerGeometry};
 
-/// Architectures this build can run from GGUF.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["qwen2", "llama", "gemma3"];
+/// Architectures this build can run, from GGUF or safetensors (llama.cpp names).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["qwen2", "qwen3", "llama", "gemma3"];
 
 /// Everything that can go wrong opening or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,14 @@ pub enum ModelError {
     MissingTensor(PathBuf, String),
     #[error("tensor '{0}': {1}")]
     Tensor(String, String),
+    #[error("{0} has no config.json: a Hugging Face model directory needs one")]
+    NoConfig(PathBuf),
+    #[error("{0}: {1}")]
+    BadConfig(PathBuf, String),
+    #[error("{0} has no weights (no model.safetensors, index or *.safetensors file)")]
+    NoWeights(PathBuf),
+    #[error("{0} lists shard '{1}', which is missing")]
+    MissingShard(PathBuf, String),
     #[error("forward pass failed: {0}")]
     Forward(String),
     #[error(transparent)]
@@ -59,6 +71,8 @@ pub struct ModelInfo {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// Inner size of the MLP.
+    pub ffn_size: usize,
     /// Training context length from the metadata.
     pub context_length: usize,
     /// Sliding window of the model's local layers, if it has them.
@@ -92,17 +106,27 @@ pub trait LanguageModel: Send + Sync {
     ) -> Result<Tensor, ModelError>;
 }
 
-/// Loads a GGUF model, choosing the architecture file from `general.architecture`.
-pub fn load_gguf(path: &Path) -> Result<(Box<dyn LanguageModel>, GgufFile), ModelError> {
-    let mut gguf = GgufFile::open(path)?;
-    let arch = gguf.architecture()?;
-    let model: Box<dyn LanguageModel> = match arch.as_str() {
-        "qwen2" => Box::new(qwen2::load(&mut gguf)?),
-        "llama" | "mistral" => Box::new(llama::load(&mut gguf, &arch)?),
-        "gemma3" => Box::new(gemma3::Gemma3::load(&mut gguf)?),
+/// Loads a model from a GGUF file or an HF directory, choosing the architecture file from
+/// `general.architecture` (or `config.json`'s `model_type`).
+pub fn load(ckpt: &mut Checkpoint) -> Result<Box<dyn LanguageModel>, ModelError> {
+    let arch = ckpt.architecture()?;
+    Ok(match arch.as_str() {
+        "qwen2" | "qwen3" => Box::new(qwen2::load(ckpt, &arch)?),
+        "llama" | "mistral" => Box::new(llama::load(ckpt, &arch)?),
+        "gemma3" => Box::new(gemma3::Gemma3::load(ckpt)?),
         other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
-    };
-    Ok((model, gguf))
+    })
+}
+
+impl ModelInfo {
+    pub(crate) fn head_shape(&self) -> layers::HeadShape {
+        layers::HeadShape {
+            hidden: self.hidden_size,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
 }
 
 /// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
@@ -112,38 +136,48 @@ pub fn candle_msg(e: &impl std::fmt::Display) -> String {
     s.lines().next().unwrap_or_default().trim().to_string()
 }
 
-/// Reads the hyper-parameters every decoder-only GGUF shares, under the `{arch}.` prefix.
-pub(crate) fn common_info(gguf: &GgufFile, arch: &str) -> Result<ModelInfo, ModelError> {
+/// Reads the hyper-parameters every decoder-only model shares, under the `{arch}.` prefix.
+/// The vocabulary size is the embedding table's, set by the loader.
+pub(crate) fn common_info(ckpt: &Checkpoint, arch: &str) -> Result<ModelInfo, ModelError> {
+    let meta = ckpt.meta();
     let key = |k: &str| format!("{arch}.{k}");
-    let hidden_size = gguf.usize(&key("embedding_length"))?;
-    let n_heads = gguf.usize(&key("attention.head_count"))?;
-    let n_kv_heads = gguf
+    let hidden_size = meta.usize(&key("embedding_length"))?;
+    let n_heads = meta.usize(&key("attention.head_count"))?;
+    if n_heads == 0 {
+        return Err(ModelError::Tensor(
+            key("attention.head_count"),
+            "zero attention heads".into(),
+        ));
+    }
+    let n_kv_heads = meta
         .usize(&key("attention.head_count_kv"))
         .unwrap_or(n_heads);
-    let head_dim = gguf
+    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        return Err(ModelError::Tensor(
+            key("attention.head_count_kv"),
+            format!("{n_kv_heads} key/value heads do not divide {n_heads} heads"),
+        ));
+    }
+    let head_dim = meta
         .usize(&key("attention.key_length"))
-        .unwrap_or(hidden_size / n_heads.max(1));
-    let vocab_size = match gguf.value("tokenizer.ggml.tokens") {
-        Some(v) => v.to_vec().map(|v| v.len()).unwrap_or(0),
-        None => 0,
-    };
-    let vocab_size = gguf.usize(&key("vocab_size")).unwrap_or(vocab_size);
+        .unwrap_or(hidden_size / n_heads);
     Ok(ModelInfo {
         architecture: arch.to_string(),
-        name: gguf.string("general.name").unwrap_or_else(|_| {
-            gguf.path
+        name: meta.string("general.name").unwrap_or_else(|_| {
+            ckpt.path()
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         }),
-        n_layers: gguf.usize(&key("block_count"))?,
+        n_layers: meta.usize(&key("block_count"))?,
         hidden_size,
         n_heads,
         n_kv_heads,
         head_dim,
-        vocab_size,
-        context_length: gguf.usize(&key("context_length")).unwrap_or(4096),
-        sliding_window: gguf.usize(&key("attention.sliding_window")).ok(),
-        rope_theta: gguf.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+        vocab_size: 0,
+        ffn_size: meta.usize(&key("feed_forward_length"))?,
+        context_length: meta.usize(&key("context_length")).unwrap_or(4096),
+        sliding_window: meta.usize(&key("attention.sliding_window")).ok(),
+        rope_theta: meta.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
     })
 }

@@ -8,7 +8,7 @@ use tokenizers::AddedToken;
 use tokenizers::models::bpe::BPE;
 
 use super::TokenizerError;
-use crate::model::GgufFile;
+use crate::model::metadata::Metadata;
 
 /// llama.cpp token types (`tokenizer.ggml.token_type`).
 const TYPE_CONTROL: i32 = 3;
@@ -34,7 +34,7 @@ pub struct GgufVocab {
     add_space_prefix: bool,
 }
 
-fn strings(gguf: &GgufFile, key: &str) -> Vec<String> {
+fn strings(gguf: &Metadata, key: &str) -> Vec<String> {
     gguf.value(key)
         .and_then(|v| v.to_vec().ok())
         .map(|v| {
@@ -46,7 +46,7 @@ fn strings(gguf: &GgufFile, key: &str) -> Vec<String> {
 }
 
 fn numbers<T>(
-    gguf: &GgufFile,
+    gguf: &Metadata,
     key: &str,
     f: impl Fn(&candle_core::quantized::gguf_file::Value) -> Option<T>,
 ) -> Vec<T> {
@@ -57,7 +57,7 @@ fn numbers<T>(
 }
 
 impl GgufVocab {
-    pub fn read(gguf: &GgufFile) -> Result<Self, TokenizerError> {
+    pub fn read(gguf: &Metadata) -> Result<Self, TokenizerError> {
         let model = gguf
             .string("tokenizer.ggml.model")
             .map_err(|e| TokenizerError::Missing(e.to_string()))?;

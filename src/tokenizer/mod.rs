@@ -7,10 +7,12 @@
 //! A `tokenizer.json` beside the model file wins when present.
 
 mod gguf_vocab;
+pub mod hf_files;
 mod stream;
 
 use std::path::Path;
 
+pub use hf_files::HfTokenizerFiles;
 pub use stream::TextStream;
 
 use crate::model::GgufFile;
@@ -41,7 +43,7 @@ impl Tokenizer {
     /// Builds the tokenizer for a GGUF model: `tokenizer.json` next to it if present, else the
     /// GGUF's own vocabulary.
     pub fn for_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
-        let meta = gguf_vocab::GgufVocab::read(gguf)?;
+        let meta = gguf_vocab::GgufVocab::read(&gguf.meta)?;
         let beside = gguf
             .path
             .parent()
@@ -59,6 +61,45 @@ impl Tokenizer {
             add_bos: meta.add_bos,
             vocab_size,
         })
+    }
+
+    /// The tokenizer of a Hugging Face directory: `tokenizer.json` with the special tokens of
+    /// `tokenizer_config.json`, falling back to `config.json`'s ids (`model_bos`/`model_eos`).
+    /// Whether BOS is prepended is `add_bos_token`, or else what the tokenizer's own
+    /// post-processor does.
+    pub fn from_hf(
+        files: &HfTokenizerFiles,
+        model_bos: Option<u32>,
+        model_eos: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
+        let inner = load_json_file(&files.tokenizer_json)?;
+        let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
+        let bos = id(&files.bos_token).or(model_bos);
+        let eos = id(&files.eos_token).or(model_eos);
+        let add_bos = match files.add_bos_token {
+            Some(b) => b,
+            None => {
+                let probe = inner
+                    .encode_fast("a", true)
+                    .map_err(|e| TokenizerError::Build(e.to_string()))?;
+                bos.is_some() && probe.get_ids().first().copied() == bos
+            }
+        };
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            vocab_size,
+        })
+    }
+
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json` (the converter).
+    pub fn save_json(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))
     }
 
     pub fn vocab_size(&self) -> usize {

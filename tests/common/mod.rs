@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod tiny;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 

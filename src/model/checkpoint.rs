@@ -1,0 +1,174 @@
+//! Where a model comes from: a GGUF file or a Hugging Face safetensors directory. Architecture
+//! files load through this one interface (llama.cpp names and layout for both), so the formats
+//! differ only in how weights are read.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Tensor};
+
+use super::gguf::GgufFile;
+use super::hf::HfModel;
+use super::metadata::Metadata;
+use super::{ModelError, candle_msg};
+
+pub enum Checkpoint {
+    Gguf(GgufFile),
+    Hf(HfModel),
+}
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The dtype of safetensors weight matrices (GGUF keeps its quantization).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32 }
+    }
+}
+
+/// Whether `path` names a Hugging Face model (a directory, or a file inside one that is not GGUF).
+pub fn is_hf_path(path: &Path) -> bool {
+    path.is_dir()
+        || path
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "json")
+}
+
+impl Checkpoint {
+    /// Opens a GGUF file, or an HF directory (also when given one of its files).
+    pub fn open(path: &Path, options: LoadOptions) -> Result<Self, ModelError> {
+        if !path.exists() {
+            return Err(ModelError::Io(
+                path.to_path_buf(),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        if is_hf_path(path) {
+            let dir = if path.is_dir() {
+                path
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            Ok(Self::Hf(HfModel::open(dir, options.dtype)?))
+        } else {
+            Ok(Self::Gguf(GgufFile::open(path)?))
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Gguf(g) => &g.path,
+            Self::Hf(h) => &h.dir,
+        }
+    }
+
+    pub fn meta(&self) -> &Metadata {
+        match self {
+            Self::Gguf(g) => &g.meta,
+            Self::Hf(h) => &h.meta,
+        }
+    }
+
+    pub fn architecture(&self) -> Result<String, ModelError> {
+        self.meta().string("general.architecture")
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        match self {
+            Self::Gguf(g) => g.has_tensor(name),
+            Self::Hf(h) => h.has_tensor(name),
+        }
+    }
+
+    /// A weight matrix `[rows, cols]` for `x · Wᵀ`: quantized for GGUF, dense for safetensors.
+    pub fn matrix(&mut self, name: &str, shape: (usize, usize)) -> Result<QMatMul, ModelError> {
+        let (m, dims) = match self {
+            Self::Gguf(g) => {
+                let q = g.qtensor(name)?;
+                let dims = q.shape().dims().to_vec();
+                let m = QMatMul::from_qtensor(q)
+                    .map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))?;
+                (m, dims)
+            }
+            Self::Hf(h) => {
+                let t = h.matrix(name)?;
+                let dims = t.dims().to_vec();
+                (QMatMul::Tensor(t), dims)
+            }
+        };
+        expect_shape(&self.describe(name), &dims, &[shape.0, shape.1])?;
+        Ok(m)
+    }
+
+    /// A token table `[vocab, hidden]` for row lookups; GGUF rows stay quantized until looked up.
+    pub fn table(&mut self, name: &str, hidden: usize) -> Result<QMatMul, ModelError> {
+        let (m, dims) = match self {
+            Self::Gguf(g) => {
+                let q = g.qtensor(name)?;
+                let dims = q.shape().dims().to_vec();
+                (QMatMul::QTensor(Arc::new(q)), dims)
+            }
+            Self::Hf(h) => {
+                let t = h.matrix(name)?;
+                let dims = t.dims().to_vec();
+                (QMatMul::Tensor(t), dims)
+            }
+        };
+        if dims.len() != 2 || dims[1] != hidden {
+            return Err(ModelError::Tensor(
+                self.describe(name),
+                format!("shape {dims:?}, expected [vocab, {hidden}]"),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// A vector (norm weight, bias) of `len` values as f32.
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Tensor, ModelError> {
+        let t = match self {
+            Self::Gguf(g) => g.f32_tensor(name)?,
+            Self::Hf(h) => h.tensor(name, DType::F32)?,
+        };
+        expect_shape(&self.describe(name), t.dims(), &[len])?;
+        Ok(t)
+    }
+
+    /// A tensor's name as the user's files spell it (HF name, with llama.cpp's alongside).
+    fn describe(&self, name: &str) -> String {
+        match self {
+            Self::Gguf(_) => name.to_string(),
+            Self::Hf(h) => match super::hf::hf_tensor_name(h.architecture(), name) {
+                Some(hf) => format!("{hf} (llama.cpp: {name})"),
+                None => name.to_string(),
+            },
+        }
+    }
+
+    /// Weight types and how many tensors use each, most common first (for `inspect`).
+    pub fn weight_summary(&self) -> Vec<(String, usize)> {
+        match self {
+            Self::Gguf(g) => g
+                .quant_summary()
+                .into_iter()
+                .map(|(d, n)| (format!("{d:?}"), n))
+                .collect(),
+            Self::Hf(h) => h.dtype_summary(),
+        }
+    }
+}
+
+fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(ModelError::Tensor(
+            name.into(),
+            format!("shape {got:?}, expected {want:?}"),
+        ))
+    }
+}
