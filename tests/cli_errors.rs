@@ -283,3 +283,21 @@ fn sessions_of_an_empty_data_dir() {
     assert_clean_error(&sessions(&["delete", "7"]), "session 7 does not exist");
     assert_clean_error(&sessions(&["export", "7"]), "session 7 does not exist");
 }
+
+#[test]
+fn a_gpu_device_in_a_cpu_build_is_refused_before_loading() {
+    assert_clean_error(
+        &run(&[
+            "ask",
+            "--device",
+            "cuda",
+            "--model",
+            "/nonexistent.gguf",
+            "hi",
+        ]),
+        "--device cuda:0: this build of lambdachat computes on the CPU only",
+    );
+    let out = run(&["ask", "--device", "tpu", "hi"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use auto, cpu, cuda, cuda:N or metal"));
+}

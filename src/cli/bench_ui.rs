@@ -187,7 +187,7 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
     let sampling = settings.sampling.clone();
     let handle = worker::spawn(
         WorkerOptions {
-            load: Box::new(move || settings.load()),
+            load: Box::new(move |progress| settings.load_reporting(progress)),
             sampling,
             max_tokens: args.generate,
             system: None,

@@ -75,7 +75,7 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
         d.join("sessions.db")
     });
     let options = WorkerOptions {
-        load: Box::new(move || settings.load()),
+        load: Box::new(move |progress| settings.load_reporting(progress)),
         sampling: args.run.settings(config)?.sampling,
         max_tokens,
         system,

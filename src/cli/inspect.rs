@@ -18,7 +18,10 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<i32> {
-    let path = resolve_model(args.path.as_deref().or(args.model.model.as_deref()))?;
+    let path = resolve_model(
+        args.path.as_deref().or(args.model.model.as_deref()),
+        &crate::progress::Stderr,
+    )?;
     let engine = Engine::load_with(&path, args.model.load_options())?;
     let info = engine.model.info();
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -6,6 +6,7 @@ mod bench;
 mod bench_ui;
 mod chat;
 mod inspect;
+mod models;
 mod sessions;
 
 use std::path::PathBuf;
@@ -16,9 +17,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::attention::{DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
 use crate::config::Config;
+use crate::device::DeviceChoice;
 use crate::engine::Engine;
 use crate::fetch;
 use crate::model::LoadOptions;
+use crate::progress::{Progress, Stderr};
 use crate::sampling::SamplingParams;
 
 #[derive(Parser)]
@@ -46,6 +49,11 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Print what a model file contains.
     Inspect(inspect::InspectArgs),
+    /// List, download, locate or delete models (data dir and Hugging Face cache).
+    Models {
+        #[command(subcommand)]
+        command: Option<models::ModelsCommand>,
+    },
     /// Write a Hugging Face safetensors directory (f32) from a GGUF file.
     Convert(ConvertArgs),
     /// List, rename, delete or export saved conversations.
@@ -65,6 +73,9 @@ pub struct ModelArgs {
     /// dtype of safetensors weight matrices (GGUF weights keep their quantization)
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+    /// Where to compute: auto, cpu, cuda[:N] or metal (this build: the CPU)
+    #[arg(long, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 /// The dtypes safetensors weights can be held in on the CPU.
@@ -152,6 +163,7 @@ pub struct RunArgs {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub model: Option<PathBuf>,
+    pub device: DeviceChoice,
     pub load_options: LoadOptions,
     pub lambda: LambdaParams,
     pub sampling: SamplingParams,
@@ -184,6 +196,7 @@ impl RunArgs {
         Ok(RunSettings {
             model: self.model.model.clone().or_else(|| config.model.clone()),
             load_options: self.model.load_options(),
+            device: self.model.device,
             lambda,
             sampling,
         })
@@ -194,7 +207,13 @@ impl RunSettings {
     /// Loads the model (fetching the default one if needed) and caps `n_local` to its training
     /// length.
     pub fn load(&self) -> Result<(Arc<Engine>, LambdaParams)> {
-        let path = resolve_model(self.model.as_deref())?;
+        self.load_reporting(&Stderr)
+    }
+
+    /// [`Self::load`], reporting download progress to `progress`.
+    pub fn load_reporting(&self, progress: &dyn Progress) -> Result<(Arc<Engine>, LambdaParams)> {
+        self.device.select()?;
+        let path = resolve_model(self.model.as_deref(), progress)?;
         let engine = Engine::load_with(&path, self.load_options)?;
         let params = cap_to_training_length(self.lambda, engine.model.info().context_length)?;
         Ok((Arc::new(engine), params))
@@ -231,10 +250,19 @@ pub fn parse() -> Cli {
     Cli::parse_from(args)
 }
 
-pub fn resolve_model(model: Option<&std::path::Path>) -> Result<PathBuf> {
+/// The local path of `--model`: a file or directory as given, an `hf:` reference resolved
+/// through the Hugging Face cache (downloading what it lacks), or the default model.
+pub fn resolve_model(model: Option<&std::path::Path>, progress: &dyn Progress) -> Result<PathBuf> {
+    let reference = model
+        .and_then(|p| p.to_str())
+        .map(crate::hub::HubRef::parse);
+    if let Some(r) = reference.transpose()?.flatten() {
+        return Ok(crate::hub::resolve(&r, progress)?);
+    }
     match model {
         Some(p) => Ok(p.to_path_buf()),
-        None => fetch::ensure(&fetch::DEFAULT_MODEL).context("fetching the default model"),
+        None => fetch::ensure_with(&fetch::DEFAULT_MODEL, progress)
+            .context("fetching the default model"),
     }
 }
 
@@ -249,6 +277,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Bench(b) => bench::run(b, &config),
         Command::Inspect(i) => inspect::run(i),
         Command::Convert(c) => convert(c),
+        Command::Models { command } => models::run(command),
         Command::Sessions { command } => sessions::run(command),
     }
 }

@@ -1,0 +1,304 @@
+//! `hf:ORG/REPO[@REVISION][:FILE]` model references.
+//!
+//! Resolution reads the Hugging Face cache first (`$HF_HOME/hub`, laid out as `huggingface_hub`
+//! lays it out), so a model downloaded once opens offline; only what the cache lacks is fetched
+//! from the Hub (`$HF_ENDPOINT`, the token file beside the cache), with a progress bar on stderr.
+//! Without `:FILE` the reference names a safetensors directory (config.json, tokenizer, weights),
+//! or the repo's only `.gguf` file.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+use serde_json::Value as Json;
+
+use crate::progress::Progress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("'{0}' is not a model reference: write hf:ORG/REPO[@REVISION][:FILE]")]
+    BadReference(String),
+    #[error(
+        "hf:{repo}: {file} is not in the Hugging Face cache ({cache}) and the Hub is not reachable"
+    )]
+    NotCached {
+        repo: String,
+        file: String,
+        cache: PathBuf,
+    },
+    #[error("hf:{repo}: {file}: {msg}")]
+    Download {
+        repo: String,
+        file: String,
+        msg: String,
+    },
+    #[error("hf:{0} holds several GGUF files; name one: {1}")]
+    Ambiguous(String, String),
+    #[error("hf:{0} has neither config.json nor a .gguf file")]
+    NotAModel(String),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// A parsed `hf:` reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubRef {
+    pub repo: String,
+    pub revision: String,
+    pub file: Option<String>,
+}
+
+impl HubRef {
+    /// `None` when `s` is not an `hf:` reference (a path), an error when it is a malformed one.
+    pub fn parse(s: &str) -> Result<Option<Self>, HubError> {
+        let Some(rest) = s.strip_prefix("hf:") else {
+            return Ok(None);
+        };
+        let bad = || HubError::BadReference(s.to_string());
+        let (repo_rev, file) = match rest.split_once(':') {
+            Some((r, f)) if !f.is_empty() => (r, Some(f.to_string())),
+            Some(_) => return Err(bad()),
+            None => (rest, None),
+        };
+        let (repo, revision) = match repo_rev.split_once('@') {
+            Some((r, v)) if !v.is_empty() => (r, v.to_string()),
+            Some(_) => return Err(bad()),
+            None => (repo_rev, "main".to_string()),
+        };
+        let valid = repo
+            .split_once('/')
+            .is_some_and(|(o, n)| !o.is_empty() && !n.is_empty() && !n.contains('/'));
+        if !valid {
+            return Err(bad());
+        }
+        Ok(Some(Self {
+            repo: repo.to_string(),
+            revision,
+            file,
+        }))
+    }
+
+    fn hub_repo(&self) -> Repo {
+        Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone())
+    }
+}
+
+/// The Hugging Face cache (`$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
+pub fn cache() -> Cache {
+    Cache::from_env()
+}
+
+/// The cached snapshot directory of `r`, if its revision has been downloaded.
+pub fn snapshot_dir(r: &HubRef) -> Option<PathBuf> {
+    let repo_dir = cache().path().join(r.hub_repo().folder_name());
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(&r.revision)).ok()?;
+    let dir = repo_dir.join("snapshots").join(commit.trim());
+    dir.is_dir().then_some(dir)
+}
+
+/// Local path of `r` without any download: the cached file or model directory.
+pub fn cached(r: &HubRef) -> Option<PathBuf> {
+    let dir = snapshot_dir(r)?;
+    match &r.file {
+        Some(f) => Some(dir.join(f)).filter(|p| p.exists()),
+        None if dir.join("config.json").is_file() => Some(dir),
+        None => match gguf_files(&dir).as_slice() {
+            [one] => Some(dir.join(one)),
+            _ => None,
+        },
+    }
+}
+
+fn gguf_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gguf"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Resolves `r` to a local path, downloading what the cache lacks.
+pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError> {
+    if let Some(p) = cached(r) {
+        return Ok(p);
+    }
+    let offline = |file: &str| HubError::NotCached {
+        repo: r.repo.clone(),
+        file: file.to_string(),
+        cache: cache().path().clone(),
+    };
+    if !crate::fetch::hub_reachable() {
+        return Err(offline(r.file.as_deref().unwrap_or("config.json")));
+    }
+    // $HF_TOKEN beats the token file, as in huggingface_hub.
+    let token = std::env::var("HF_TOKEN").ok().or_else(|| cache().token());
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_token(token)
+        .with_progress(false)
+        .build()
+        .map_err(|e| download_err(r, "", &e))?;
+    let repo = api.repo(r.hub_repo());
+    let get = |file: &str| {
+        let forward = Forward {
+            to: progress,
+            file: file.to_string(),
+            total: 0,
+            done: 0,
+            shown_percent: None,
+        };
+        repo.download_with_progress(file, forward)
+            .map_err(|e| download_err(r, file, &e))
+    };
+    if let Some(f) = &r.file {
+        return get(f);
+    }
+    let info = repo.info().map_err(|e| download_err(r, "", &e))?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let has = |f: &str| files.iter().any(|x| x == f);
+    if !has("config.json") {
+        let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+        return match ggufs.as_slice() {
+            [] => Err(HubError::NotAModel(r.repo.clone())),
+            [one] => get(one),
+            many => Err(HubError::Ambiguous(
+                r.repo.clone(),
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        };
+    }
+    let config = get("config.json")?;
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        if has(f) {
+            get(f)?;
+        }
+    }
+    if has("model.safetensors.index.json") {
+        let index = get("model.safetensors.index.json")?;
+        let text = std::fs::read_to_string(&index).map_err(|e| HubError::Io(index.clone(), e))?;
+        let json: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+        let mut shards: Vec<&str> = json
+            .get("weight_map")
+            .and_then(Json::as_object)
+            .map(|m| m.values().filter_map(Json::as_str).collect())
+            .unwrap_or_default();
+        shards.sort_unstable();
+        shards.dedup();
+        for s in shards {
+            get(s)?;
+        }
+    } else if has("model.safetensors") {
+        get("model.safetensors")?;
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+fn download_err(r: &HubRef, file: &str, e: &dyn std::fmt::Display) -> HubError {
+    HubError::Download {
+        repo: r.repo.clone(),
+        file: file.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// Cached repositories: (`ORG/REPO`, directory, bytes on disk).
+pub fn cached_repos() -> Vec<(String, PathBuf, u64)> {
+    let root = cache().path().clone();
+    let mut v: Vec<(String, PathBuf, u64)> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("models--")?.replacen("--", "/", 1);
+            let path = e.path();
+            let size = dir_size(&path.join("blobs"));
+            Some((id, path, size))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Bytes of the regular files under `dir` (symlinks into blobs are not counted twice).
+pub fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// hf-hub's progress callbacks, forwarded to a [`Progress`] at most once per percent.
+struct Forward<'a> {
+    to: &'a dyn Progress,
+    file: String,
+    total: u64,
+    done: u64,
+    shown_percent: Option<u64>,
+}
+
+impl hf_hub::api::Progress for Forward<'_> {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.file = filename.to_string();
+        self.total = size as u64;
+        self.done = 0;
+        self.shown_percent = None;
+    }
+
+    fn update(&mut self, size: usize) {
+        self.done += size as u64;
+        let percent = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        if self.shown_percent != Some(percent) {
+            self.shown_percent = Some(percent);
+            self.to.bytes(&self.file, self.done, self.total);
+        }
+    }
+
+    fn finish(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_with_revision_and_file() {
+        let r = HubRef::parse("hf:Qwen/Qwen3-0.6B").unwrap().unwrap();
+        assert_eq!(
+            (r.repo.as_str(), r.revision.as_str(), r.file),
+            ("Qwen/Qwen3-0.6B", "main", None)
+        );
+        let r = HubRef::parse("hf:org/repo@v1.0:sub/model.gguf")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.revision, "v1.0");
+        assert_eq!(r.file.as_deref(), Some("sub/model.gguf"));
+        assert_eq!(HubRef::parse("models/x.gguf").unwrap(), None);
+        for bad in [
+            "hf:",
+            "hf:noslash",
+            "hf:a/b/c",
+            "hf:/b",
+            "hf:a/b@",
+            "hf:a/b:",
+        ] {
+            assert!(HubRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
