@@ -84,6 +84,9 @@ pub fn convert_gguf(
         names.sort();
         let mut tensors = BTreeMap::new();
         for name in &names {
+            if ROPE_FACTOR_TENSORS.contains(&name.as_str()) {
+                continue; // written into config.json's rope_scaling
+            }
             let hf = hf_tensor_name(&arch, name)
                 .ok_or_else(|| ConvertError::UnmappedTensor(name.clone(), arch.clone()))?;
             let err = |e: candle_core::Error| ModelError::Tensor(name.clone(), candle_msg(&e));
@@ -102,7 +105,7 @@ pub fn convert_gguf(
         let tied = !tensors.contains_key("lm_head.weight");
         let report = write_weights(&staging, tensors, max_shard_bytes)?;
 
-        let config = config_json(&gguf, &arch, model_type, class, vocab, tied)?;
+        let config = config_json(&mut gguf, &arch, model_type, class, vocab, tied)?;
         write_json(&staging.join("config.json"), &config)?;
         let tokenizer = Tokenizer::for_gguf(&gguf)?;
         tokenizer.save_json(&staging.join("tokenizer.json"))?;
@@ -142,6 +145,29 @@ pub fn convert_gguf(
             Err(e)
         }
     }
+}
+
+/// Phi-3's LongRoPE factors, which llama.cpp stores as tensors and HF in `config.json`.
+const ROPE_FACTOR_TENSORS: &[&str] = &["rope_factors_long.weight", "rope_factors_short.weight"];
+
+/// `{"type": "longrope", "short_factor": […], "long_factor": […]}` when the GGUF has them.
+fn longrope_scaling(gguf: &mut GgufFile) -> Result<Option<Json>, ConvertError> {
+    if !ROPE_FACTOR_TENSORS.iter().all(|t| gguf.has_tensor(t)) {
+        return Ok(None);
+    }
+    let mut factors = Vec::new();
+    for name in ROPE_FACTOR_TENSORS {
+        let v: Vec<f32> = gguf
+            .f32_tensor(name)?
+            .to_vec1()
+            .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))?;
+        factors.push(v);
+    }
+    Ok(Some(json!({
+        "type": "longrope",
+        "long_factor": factors[0],
+        "short_factor": factors[1],
+    })))
 }
 
 fn staging_dir(out: &Path) -> PathBuf {
@@ -209,13 +235,14 @@ fn write_weights(
 /// `config.json` from the GGUF metadata: the keys `model::hf` reads back, plus what HF loaders
 /// (transformers, candle-transformers) require of each architecture.
 fn config_json(
-    gguf: &GgufFile,
+    gguf: &mut GgufFile,
     arch: &str,
     model_type: &str,
     class: &str,
     vocab: usize,
     tied: bool,
 ) -> Result<Json, ConvertError> {
+    let longrope = longrope_scaling(gguf)?;
     let meta = &gguf.meta;
     if gguf.has_tensor("rope_freqs.weight") {
         return Err(ConvertError::UnmappedTensor(
@@ -292,6 +319,24 @@ fn config_json(
                     "rope_scaling".into(),
                     json!({"rope_type": "linear", "factor": f}),
                 );
+            }
+        }
+        "phi3" => {
+            c.insert("hidden_act".into(), json!("silu"));
+            let head_dim = hidden / heads.max(1);
+            if let Ok(rot) = meta.usize("phi3.rope.dimension_count")
+                && rot != head_dim
+            {
+                c.insert(
+                    "partial_rotary_factor".into(),
+                    json!(rot as f64 / head_dim as f64),
+                );
+            }
+            if let Ok(w) = meta.usize("phi3.attention.sliding_window") {
+                c.insert("sliding_window".into(), json!(w));
+            }
+            if let Some(scaling) = longrope {
+                c.insert("rope_scaling".into(), scaling);
             }
         }
         _ => {

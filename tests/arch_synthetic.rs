@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{gemma3, llama, qwen2, qwen3};
+use candle_transformers::models::{gemma3, llama, phi3, qwen2, qwen3};
 use common::rel_err;
 use common::tiny::{ARCHITECTURES, WINDOW, write_gguf};
 use lambdachat::attention::{LambdaCache, LambdaParams};
@@ -141,6 +141,14 @@ fn candle_logits(arch: &str, dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
                     pos += 1;
                 }
                 out.push(last(logits.unwrap()));
+            }
+        }
+        "phi3" => {
+            let cfg: phi3::Config = serde_json::from_str(&config).unwrap();
+            let mut model = phi3::Model::new(&cfg, vb).unwrap();
+            for c in chunks {
+                out.push(last(model.forward(&input(c), pos).unwrap()));
+                pos += c.len();
             }
         }
         other => panic!("no candle model for {other}"),

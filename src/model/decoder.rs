@@ -1,5 +1,5 @@
-//! The plain pre-norm decoder that Qwen2, Qwen3 and Llama share: `x + attn(norm(x))`, then
-//! `x + mlp(norm(x))`, every layer full attention. Architecture files only say how to load it.
+//! The plain pre-norm decoder that Qwen2, Qwen3, Llama and Phi-3 share: `x + attn(norm(x))`,
+//! then `x + mlp(norm(x))`, every layer alike. Architecture files only say how to load it.
 
 use candle_core::Tensor;
 use candle_nn::RmsNorm;
@@ -24,6 +24,7 @@ pub struct PreNormDecoder {
     blocks: Vec<Block>,
     out_norm: RmsNorm,
     head: Linear,
+    sliding_window: Option<usize>,
 }
 
 /// What differs between the architectures that share this decoder.
@@ -33,6 +34,27 @@ pub struct DecoderVariant {
     pub qk_norm: bool,
     pub rope: Rope,
     pub rms_eps: f64,
+    /// Fused `attn_qkv` and `[gate; up]` matrices (Phi-3).
+    pub fused: bool,
+    /// Multiplies the attention logits' 1/√head_dim (Phi-3's LongRoPE attention factor, squared).
+    pub logit_scale: f32,
+    /// Every layer attends through this sliding window (Phi-3 mini), capped by `n_local`.
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderVariant {
+    /// The plain variant: no biases, norms, fusion, scaling or window.
+    pub fn plain(rope: Rope, rms_eps: f64) -> Self {
+        Self {
+            qkv_bias: false,
+            qk_norm: false,
+            rope,
+            rms_eps,
+            fused: false,
+            logit_scale: 1.0,
+            sliding_window: None,
+        }
+    }
 }
 
 impl PreNormDecoder {
@@ -45,6 +67,7 @@ impl PreNormDecoder {
         let hidden = info.hidden_size;
         let ffn = info.ffn_size;
         let shape = info.head_shape();
+        let scale = variant.logit_scale / (info.head_dim as f32).sqrt();
         let embed = TokenEmbedding::load(ckpt, hidden)?;
         info.vocab_size = embed.rows();
         let mut blocks = Vec::with_capacity(info.n_layers);
@@ -52,17 +75,25 @@ impl PreNormDecoder {
             let p = format!("blk.{i}");
             blocks.push(Block {
                 attn_norm: rms_norm(ckpt, &format!("{p}.attn_norm.weight"), hidden, eps)?,
-                attn: SelfAttention::load(
-                    ckpt,
-                    &p,
-                    shape,
-                    variant.qkv_bias,
-                    variant.qk_norm.then_some(eps),
-                    variant.rope.clone(),
-                    1.0 / (info.head_dim as f32).sqrt(),
-                )?,
+                attn: if variant.fused {
+                    SelfAttention::load_fused(ckpt, &p, shape, variant.rope.clone(), scale)?
+                } else {
+                    SelfAttention::load(
+                        ckpt,
+                        &p,
+                        shape,
+                        variant.qkv_bias,
+                        variant.qk_norm.then_some(eps),
+                        variant.rope.clone(),
+                        scale,
+                    )?
+                },
                 ffn_norm: rms_norm(ckpt, &format!("{p}.ffn_norm.weight"), hidden, eps)?,
-                mlp: GatedMlp::load(ckpt, &p, hidden, ffn, Activation::Silu)?,
+                mlp: if variant.fused {
+                    GatedMlp::load_fused(ckpt, &p, hidden, ffn, Activation::Silu)?
+                } else {
+                    GatedMlp::load(ckpt, &p, hidden, ffn, Activation::Silu)?
+                },
             });
         }
         let out_norm = rms_norm(ckpt, "output_norm.weight", hidden, eps)?;
@@ -73,6 +104,7 @@ impl PreNormDecoder {
             blocks,
             out_norm,
             head,
+            sliding_window: variant.sliding_window,
         })
     }
 }
@@ -83,7 +115,11 @@ impl LanguageModel for PreNormDecoder {
     }
 
     fn layer_geometry(&self, params: LambdaParams) -> Vec<LayerGeometry> {
-        let g = LayerGeometry::full(params, self.info.n_kv_heads, self.info.head_dim);
+        let (kv, hd) = (self.info.n_kv_heads, self.info.head_dim);
+        let g = match self.sliding_window {
+            Some(w) => LayerGeometry::sliding(params, kv, hd, w),
+            None => LayerGeometry::full(params, kv, hd),
+        };
         vec![g; self.info.n_layers]
     }
 

@@ -33,6 +33,10 @@ pub const CONFIG_KEYS: &[(&str, &str)] = &[
     ("vocab_size", "vocab_size"),
     ("rope_local_base_freq", "rope.local_freq_base"),
     ("query_pre_attn_scalar", "attention.query_pre_attn_scalar"),
+    (
+        "original_max_position_embeddings",
+        "rope.scaling.original_context_length",
+    ),
 ];
 
 /// `rope_scaling` fields and their GGUF key suffixes.
@@ -54,6 +58,7 @@ pub const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("gemma3_text", "gemma3", "Gemma3ForCausalLM"),
+    ("phi3", "phi3", "Phi3ForCausalLM"),
 ];
 
 /// The HF name of a llama.cpp tensor name for `arch`, or `None` when it has no HF counterpart.
@@ -69,6 +74,7 @@ pub fn hf_tensor_name(arch: &str, gguf: &str) -> Option<String> {
     let (module, kind) = rest.rsplit_once('.')?;
     let hf = match (module, arch) {
         ("attn_norm", _) => "input_layernorm",
+        ("attn_qkv", _) => "self_attn.qkv_proj",
         ("attn_q", _) => "self_attn.q_proj",
         ("attn_k", _) => "self_attn.k_proj",
         ("attn_v", _) => "self_attn.v_proj",
@@ -76,6 +82,7 @@ pub fn hf_tensor_name(arch: &str, gguf: &str) -> Option<String> {
         ("attn_q_norm", _) => "self_attn.q_norm",
         ("attn_k_norm", _) => "self_attn.k_norm",
         ("ffn_gate", _) => "mlp.gate_proj",
+        ("ffn_up", "phi3") => "mlp.gate_up_proj",
         ("ffn_up", _) => "mlp.up_proj",
         ("ffn_down", _) => "mlp.down_proj",
         ("ffn_norm", "gemma3") => "pre_feedforward_layernorm",
@@ -195,8 +202,38 @@ fn config_metadata(config: &Json, arch: &str, name: &str) -> HashMap<String, Val
                 m.insert(format!("{arch}.{gguf}"), v);
             }
         }
+        // LongRoPE's per-frequency factors (Phi-3).
+        for which in ["short_factor", "long_factor"] {
+            if let Some(list) = s.get(which).and_then(Json::as_array) {
+                let values = list.iter().filter_map(Json::as_f64).map(Value::F64);
+                m.insert(
+                    format!("{arch}.rope.scaling.{which}"),
+                    Value::Array(values.collect()),
+                );
+            }
+        }
     }
-    // Qwen2 configs name a window they do not use; only Gemma's is real.
+    // Partial rotary embeddings (Phi-3.5/4): llama.cpp records the rotated dims.
+    if let Some(f) = config.get("partial_rotary_factor").and_then(Json::as_f64) {
+        let hidden = config.get("hidden_size").and_then(Json::as_u64);
+        let heads = config.get("num_attention_heads").and_then(Json::as_u64);
+        let head_dim = config
+            .get("head_dim")
+            .and_then(Json::as_u64)
+            .or(hidden.zip(heads).map(|(h, n)| h / n.max(1)));
+        if let Some(d) = head_dim {
+            m.insert(
+                format!("{arch}.rope.dimension_count"),
+                Value::U64((d as f64 * f).round() as u64),
+            );
+        }
+    }
+    // Qwen2 configs name a window they do not use; Phi-3's and Gemma's are real.
+    if arch == "phi3"
+        && let Some(v) = config.get("sliding_window").and_then(json_to_value)
+    {
+        m.insert(format!("{arch}.attention.sliding_window"), v);
+    }
     if arch == "gemma3" {
         if let Some(v) = config.get("sliding_window").and_then(json_to_value) {
             m.insert(format!("{arch}.attention.sliding_window"), v);

@@ -81,10 +81,16 @@ pub enum Activation {
 
 /// `down(act(gate(x)) * up(x))`.
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     act: Activation,
+}
+
+/// The gate and up projections: two matrices, or one fused `[gate; up]` matrix (Phi-3's
+/// `ffn_up` / `gate_up_proj`).
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused { both: Linear, ffn: usize },
 }
 
 impl GatedMlp {
@@ -96,40 +102,77 @@ impl GatedMlp {
         ffn: usize,
         act: Activation,
     ) -> Result<Self> {
-        Ok(Self {
-            gate: Linear::load(ckpt, &format!("{prefix}.ffn_gate"), (ffn, hidden), false)?,
-            up: Linear::load(ckpt, &format!("{prefix}.ffn_up"), (ffn, hidden), false)?,
-            down: Linear::load(ckpt, &format!("{prefix}.ffn_down"), (hidden, ffn), false)?,
+        let gate = Linear::load(ckpt, &format!("{prefix}.ffn_gate"), (ffn, hidden), false)?;
+        let up = Linear::load(ckpt, &format!("{prefix}.ffn_up"), (ffn, hidden), false)?;
+        Self::with(
+            ckpt,
+            prefix,
+            GateUp::Separate { gate, up },
+            hidden,
+            ffn,
             act,
-        })
+        )
+    }
+
+    /// Phi-3's MLP: `ffn_up` holds the gate rows, then the up rows.
+    pub fn load_fused(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        ffn: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        let both = Linear::load(ckpt, &format!("{prefix}.ffn_up"), (2 * ffn, hidden), false)?;
+        Self::with(ckpt, prefix, GateUp::Fused { both, ffn }, hidden, ffn, act)
+    }
+
+    fn with(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        gate_up: GateUp,
+        hidden: usize,
+        ffn: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        let down = Linear::load(ckpt, &format!("{prefix}.ffn_down"), (hidden, ffn), false)?;
+        Ok(Self { gate_up, down, act })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUp::Fused { both, ffn } => {
+                let y = both.forward(x)?;
+                let half = |i: usize| y.narrow(1, i * ffn, *ffn).map_err(forward_err);
+                (half(0)?, half(1)?)
+            }
+        };
         let gate = match self.act {
             Activation::Silu => candle_nn::ops::silu(&gate),
             Activation::GeluTanh => gate.gelu(),
         }
         .map_err(forward_err)?;
-        let up = self.up.forward(x)?;
         self.down.forward(&(gate * up).map_err(forward_err)?)
     }
+}
+
+/// The q/k/v projections: three matrices (with optional biases), or one fused `[q; k; v]`
+/// matrix (Phi-3's `attn_qkv` / `qkv_proj`).
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
 }
 
 /// Self-attention: projections (with optional biases and per-head q/k norms), then the Λ cache
 /// does rotation, masking, softmax and eviction, then the output projection.
 pub struct SelfAttention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub q_norm: Option<RmsNorm>,
-    pub k_norm: Option<RmsNorm>,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub rope: Rope,
-    pub scale: f32,
+    qkv: Qkv,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    shape: HeadShape,
+    rope: Rope,
+    scale: f32,
 }
 
 /// The head layout of an attention block.
@@ -139,6 +182,16 @@ pub struct HeadShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl HeadShape {
+    fn q_rows(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    fn kv_rows(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
 }
 
 impl SelfAttention {
@@ -153,77 +206,85 @@ impl SelfAttention {
         rope: Rope,
         scale: f32,
     ) -> Result<Self> {
-        let HeadShape {
-            hidden,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        } = shape;
         let (q_norm, k_norm) = match qk_norm_eps {
-            Some(eps) => (
-                Some(rms_norm(
-                    ckpt,
-                    &format!("{prefix}.attn_q_norm.weight"),
-                    head_dim,
-                    eps,
-                )?),
-                Some(rms_norm(
-                    ckpt,
-                    &format!("{prefix}.attn_k_norm.weight"),
-                    head_dim,
-                    eps,
-                )?),
-            ),
+            Some(eps) => {
+                let mut n = |which: &str| {
+                    rms_norm(
+                        ckpt,
+                        &format!("{prefix}.attn_{which}_norm.weight"),
+                        shape.head_dim,
+                        eps,
+                    )
+                };
+                (Some(n("q")?), Some(n("k")?))
+            }
             None => (None, None),
         };
-        let (q_rows, kv_rows) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let hidden = shape.hidden;
+        let mut lin = |name: &str, rows: usize| {
+            Linear::load(ckpt, &format!("{prefix}.{name}"), (rows, hidden), with_bias)
+        };
+        let qkv = Qkv::Separate {
+            q: lin("attn_q", shape.q_rows())?,
+            k: lin("attn_k", shape.kv_rows())?,
+            v: lin("attn_v", shape.kv_rows())?,
+        };
+        let mut attn = Self::with(ckpt, prefix, qkv, shape, rope, scale)?;
+        (attn.q_norm, attn.k_norm) = (q_norm, k_norm);
+        Ok(attn)
+    }
+
+    /// Loads a fused `attn_qkv` and `attn_output` under `prefix` (Phi-3).
+    pub fn load_fused(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        shape: HeadShape,
+        rope: Rope,
+        scale: f32,
+    ) -> Result<Self> {
+        let rows = shape.q_rows() + 2 * shape.kv_rows();
+        let fused = Linear::load(
+            ckpt,
+            &format!("{prefix}.attn_qkv"),
+            (rows, shape.hidden),
+            false,
+        )?;
+        Self::with(ckpt, prefix, Qkv::Fused(fused), shape, rope, scale)
+    }
+
+    fn with(
+        ckpt: &mut Checkpoint,
+        prefix: &str,
+        qkv: Qkv,
+        shape: HeadShape,
+        rope: Rope,
+        scale: f32,
+    ) -> Result<Self> {
+        let o = Linear::load(
+            ckpt,
+            &format!("{prefix}.attn_output"),
+            (shape.hidden, shape.q_rows()),
+            false,
+        )?;
         Ok(Self {
-            q: Linear::load(
-                ckpt,
-                &format!("{prefix}.attn_q"),
-                (q_rows, hidden),
-                with_bias,
-            )?,
-            k: Linear::load(
-                ckpt,
-                &format!("{prefix}.attn_k"),
-                (kv_rows, hidden),
-                with_bias,
-            )?,
-            v: Linear::load(
-                ckpt,
-                &format!("{prefix}.attn_v"),
-                (kv_rows, hidden),
-                with_bias,
-            )?,
-            o: Linear::load(
-                ckpt,
-                &format!("{prefix}.attn_output"),
-                (hidden, q_rows),
-                false,
-            )?,
-            q_norm,
-            k_norm,
-            n_heads,
-            n_kv_heads,
-            head_dim,
+            qkv,
+            o,
+            q_norm: None,
+            k_norm: None,
+            shape,
             rope,
             scale,
         })
     }
 
-    fn project(
-        &self,
-        lin: &Linear,
-        n_norm: Option<&RmsNorm>,
-        x: &Tensor,
-        heads: usize,
-    ) -> Result<Vec<f32>> {
-        let y = lin.forward(x)?;
+    /// Per-head norm (if any), then the rows as one flat f32 vector for the cache.
+    fn heads(&self, y: Tensor, n_norm: Option<&RmsNorm>, heads: usize) -> Result<Vec<f32>> {
         let y = match n_norm {
             Some(n) => {
                 let (t, _) = y.dims2().map_err(forward_err)?;
-                let y = y.reshape((t, heads, self.head_dim)).map_err(forward_err)?;
+                let y = y
+                    .reshape((t, heads, self.shape.head_dim))
+                    .map_err(forward_err)?;
                 norm(n, &y)?
             }
             None => y,
@@ -240,9 +301,24 @@ impl SelfAttention {
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor> {
         let (n_tokens, _) = x.dims2().map_err(forward_err)?;
-        let q = self.project(&self.q, self.q_norm.as_ref(), x, self.n_heads)?;
-        let k = self.project(&self.k, self.k_norm.as_ref(), x, self.n_kv_heads)?;
-        let v = self.project(&self.v, None, x, self.n_kv_heads)?;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                let (qr, kvr) = (self.shape.q_rows(), self.shape.kv_rows());
+                let part = |start, len| y.narrow(1, start, len).map_err(forward_err);
+                (part(0, qr)?, part(qr, kvr)?, part(qr + kvr, kvr)?)
+            }
+        };
+        let HeadShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ..
+        } = self.shape;
+        let q = self.heads(q, self.q_norm.as_ref(), n_heads)?;
+        let k = self.heads(k, self.k_norm.as_ref(), n_kv_heads)?;
+        let v = self.heads(v, None, n_kv_heads)?;
         let out = cache.attend(
             layer,
             &AttentionInput {
@@ -250,12 +326,12 @@ impl SelfAttention {
                 k: &k,
                 v: &v,
                 n_tokens,
-                n_heads: self.n_heads,
+                n_heads,
                 rope: &self.rope,
                 scale: self.scale,
             },
         )?;
-        let out = Tensor::from_vec(out, (n_tokens, self.n_heads * self.head_dim), x.device())
+        let out = Tensor::from_vec(out, (n_tokens, n_heads * head_dim), x.device())
             .map_err(forward_err)?;
         self.o.forward(&out)
     }

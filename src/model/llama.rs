@@ -13,14 +13,10 @@ use crate::attention::{Rope, RopeStyle};
 
 pub fn load(ckpt: &mut Checkpoint, arch: &str) -> Result<PreNormDecoder, ModelError> {
     let info = common_info(ckpt, arch)?;
-    let variant = DecoderVariant {
-        qkv_bias: false,
-        qk_norm: false,
-        rope: rope(ckpt, arch, &info)?,
-        rms_eps: ckpt
-            .meta()
-            .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
-    };
+    let eps = ckpt
+        .meta()
+        .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?;
+    let variant = DecoderVariant::plain(rope(ckpt, arch, &info)?, eps);
     PreNormDecoder::load(ckpt, info, variant)
 }
 

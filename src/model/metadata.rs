@@ -69,6 +69,21 @@ impl Metadata {
         }
     }
 
+    /// An array of numbers.
+    pub fn f64_array(&self, key: &str) -> Option<Vec<f64>> {
+        let Value::Array(items) = self.value(key)? else {
+            return None;
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x as f64),
+                Value::F64(x) => Some(*x),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn bool(&self, key: &str) -> Option<bool> {
         self.value(key).and_then(|v| v.to_bool().ok())
     }

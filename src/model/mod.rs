@@ -12,6 +12,7 @@ pub mod hf;
 mod layers;
 mod llama;
 pub mod metadata;
+mod phi3;
 mod qwen2;
 
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ pub use gguf::GgufFile;
 use crate::attention::{AttentionCache, AttentionError, LambdaParams, LayerGeometry};
 
 /// Architectures this build can run, from GGUF or safetensors (llama.cpp names).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["qwen2", "qwen3", "llama", "gemma3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["qwen2", "qwen3", "llama", "gemma3", "phi3"];
 
 /// Everything that can go wrong opening or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,7 @@ pub fn load(ckpt: &mut Checkpoint) -> Result<Box<dyn LanguageModel>, ModelError>
         "qwen2" | "qwen3" => Box::new(qwen2::load(ckpt, &arch)?),
         "llama" | "mistral" => Box::new(llama::load(ckpt, &arch)?),
         "gemma3" => Box::new(gemma3::Gemma3::load(ckpt)?),
+        "phi3" => Box::new(phi3::load(ckpt)?),
         other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
     })
 }

@@ -10,13 +10,14 @@ use crate::attention::{Rope, RopeStyle};
 pub fn load(ckpt: &mut Checkpoint, arch: &str) -> Result<PreNormDecoder, ModelError> {
     let info = common_info(ckpt, arch)?;
     let qwen3 = arch == "qwen3";
+    let rope = Rope::new(info.head_dim, info.rope_theta, RopeStyle::Neox);
+    let eps = ckpt
+        .meta()
+        .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?;
     let variant = DecoderVariant {
         qkv_bias: !qwen3,
         qk_norm: qwen3,
-        rope: Rope::new(info.head_dim, info.rope_theta, RopeStyle::Neox),
-        rms_eps: ckpt
-            .meta()
-            .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
+        ..DecoderVariant::plain(rope, eps)
     };
     PreNormDecoder::load(ckpt, info, variant)
 }

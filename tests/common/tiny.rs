@@ -16,7 +16,7 @@ pub const FFN: usize = 96;
 /// Gemma's sliding window in the tiny model.
 pub const WINDOW: usize = 16;
 
-pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3"];
+pub const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "gemma3", "phi3"];
 
 /// `<unk> <s> </s>`, the 256 byte tokens, then word pieces with scores (longer = better).
 pub fn vocabulary() -> (Vec<String>, Vec<f32>, Vec<i32>) {
@@ -70,6 +70,14 @@ pub fn head_dim(arch: &str) -> usize {
     }
 }
 
+/// Rotated dims per head: Phi-3's tiny model rotates half of each head (partial rotary).
+pub fn rope_dim(arch: &str) -> usize {
+    match arch {
+        "phi3" => head_dim(arch) / 2,
+        _ => head_dim(arch),
+    }
+}
+
 /// Writes the tiny `arch` model to `path`.
 pub fn write_gguf(path: &Path, arch: &str) {
     let (tokens, scores, types) = vocabulary();
@@ -86,8 +94,8 @@ pub fn write_gguf(path: &Path, arch: &str) {
         ),
         ("output_norm.weight".into(), norm(&mut rng, HIDDEN)),
     ];
-    // Llama keeps a separate output head; the others tie it to the embeddings.
-    if arch == "llama" {
+    // Llama and Phi-3 keep a separate output head; the others tie it to the embeddings.
+    if arch == "llama" || arch == "phi3" {
         tensors.push((
             "output.weight".into(),
             rng.tensor(&[vocab, HIDDEN], 1.0, 0.0),
@@ -96,15 +104,26 @@ pub fn write_gguf(path: &Path, arch: &str) {
     for l in 0..LAYERS {
         let p = format!("blk.{l}");
         let (q, kv) = (HEADS * hd, KV_HEADS * hd);
-        for (name, shape) in [
-            ("attn_q", [q, HIDDEN]),
-            ("attn_k", [kv, HIDDEN]),
-            ("attn_v", [kv, HIDDEN]),
-            ("attn_output", [HIDDEN, q]),
-            ("ffn_gate", [FFN, HIDDEN]),
-            ("ffn_up", [FFN, HIDDEN]),
-            ("ffn_down", [HIDDEN, FFN]),
-        ] {
+        // Phi-3 fuses q/k/v into one matrix and gate/up into another.
+        let projections: Vec<(&str, [usize; 2])> = if arch == "phi3" {
+            vec![
+                ("attn_qkv", [q + 2 * kv, HIDDEN]),
+                ("attn_output", [HIDDEN, q]),
+                ("ffn_up", [2 * FFN, HIDDEN]),
+                ("ffn_down", [HIDDEN, FFN]),
+            ]
+        } else {
+            vec![
+                ("attn_q", [q, HIDDEN]),
+                ("attn_k", [kv, HIDDEN]),
+                ("attn_v", [kv, HIDDEN]),
+                ("attn_output", [HIDDEN, q]),
+                ("ffn_gate", [FFN, HIDDEN]),
+                ("ffn_up", [FFN, HIDDEN]),
+                ("ffn_down", [HIDDEN, FFN]),
+            ]
+        };
+        for (name, shape) in projections {
             tensors.push((format!("{p}.{name}.weight"), rng.tensor(&shape, 0.5, 0.0)));
         }
         if arch == "qwen2" {
@@ -137,7 +156,7 @@ pub fn write_gguf(path: &Path, arch: &str) {
         (k("attention.head_count_kv"), Value::U32(KV_HEADS as u32)),
         (k("attention.key_length"), Value::U32(hd as u32)),
         (k("attention.value_length"), Value::U32(hd as u32)),
-        (k("rope.dimension_count"), Value::U32(hd as u32)),
+        (k("rope.dimension_count"), Value::U32(rope_dim(arch) as u32)),
         (
             k("rope.freq_base"),
             Value::F32(if gemma { 1_000_000.0 } else { 10_000.0 }),
