@@ -99,34 +99,40 @@ fn candle_logits(arch: &str, dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
         };
         t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
     };
-    let mut out = Vec::new();
-    let mut pos = 0;
+    // Feeds the chunks through a model's `forward(input, position)`, keeping last-token logits.
+    let feed = |forward: &mut dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>| {
+        let mut pos = 0;
+        chunks
+            .iter()
+            .map(|c| {
+                let logits = forward(&input(c), pos).unwrap();
+                pos += c.len();
+                last(logits)
+            })
+            .collect::<Vec<_>>()
+    };
     match arch {
         "llama" => {
             let cfg: llama::LlamaConfig = serde_json::from_str(&config).unwrap();
             let cfg = cfg.into_config(false);
             let model = llama::Llama::load(vb, &cfg).unwrap();
             let mut cache = llama::Cache::new(true, DType::F32, &cfg, &dev).unwrap();
-            for c in chunks {
-                out.push(last(model.forward(&input(c), pos, &mut cache).unwrap()));
-                pos += c.len();
-            }
+            feed(&mut |x, pos| model.forward(x, pos, &mut cache))
         }
         "qwen2" => {
             let cfg: qwen2::Config = serde_json::from_str(&config).unwrap();
             let mut model = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
-            for c in chunks {
-                out.push(last(model.forward(&input(c), pos).unwrap()));
-                pos += c.len();
-            }
+            feed(&mut |x, pos| model.forward(x, pos))
         }
         "qwen3" => {
             let cfg: qwen3::Config = serde_json::from_str(&config).unwrap();
             let mut model = qwen3::ModelForCausalLM::new(&cfg, vb).unwrap();
-            for c in chunks {
-                out.push(last(model.forward(&input(c), pos).unwrap()));
-                pos += c.len();
-            }
+            feed(&mut |x, pos| model.forward(x, pos))
+        }
+        "phi3" => {
+            let cfg: phi3::Config = serde_json::from_str(&config).unwrap();
+            let mut model = phi3::Model::new(&cfg, vb).unwrap();
+            feed(&mut |x, pos| model.forward(x, pos))
         }
         "gemma3" => {
             let cfg: gemma3::Config = serde_json::from_str(&config).unwrap();
@@ -134,26 +140,17 @@ fn candle_logits(arch: &str, dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
             // candle's Gemma 3 appends non-contiguous values to its KV cache when a chunk has
             // several tokens and several KV heads ("slice-set only supports contiguous
             // tensors"), so it is fed one token at a time.
-            for c in chunks {
+            feed(&mut |x, pos| {
+                let ids = x.squeeze(0)?.to_vec1::<u32>()?;
                 let mut logits = None;
-                for id in c {
-                    logits = Some(model.forward(&input(&[*id]), pos).unwrap());
-                    pos += 1;
+                for (i, id) in ids.iter().enumerate() {
+                    logits = Some(model.forward(&input(&[*id]), pos + i)?);
                 }
-                out.push(last(logits.unwrap()));
-            }
-        }
-        "phi3" => {
-            let cfg: phi3::Config = serde_json::from_str(&config).unwrap();
-            let mut model = phi3::Model::new(&cfg, vb).unwrap();
-            for c in chunks {
-                out.push(last(model.forward(&input(c), pos).unwrap()));
-                pos += c.len();
-            }
+                Ok(logits.expect("chunks are not empty"))
+            })
         }
         other => panic!("no candle model for {other}"),
     }
-    out
 }
 
 #[test]

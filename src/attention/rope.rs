@@ -32,9 +32,13 @@ impl Rope {
         Self { inv_freq, style }
     }
 
-    /// RoPE with explicit inverse frequencies (rope scaling variants compute their own).
-    pub fn from_inv_freq(inv_freq: Vec<f64>, style: RopeStyle) -> Self {
-        Self { inv_freq, style }
+    /// Every frequency divided by its own factor (Llama 3's `rope_freqs`, Phi-3's LongRoPE
+    /// factors).
+    pub fn divided_by(mut self, divisors: &[f64]) -> Self {
+        for (f, d) in self.inv_freq.iter_mut().zip(divisors) {
+            *f /= d;
+        }
+        self
     }
 
     /// Linear position scaling (Gemma 3 global layers): every frequency divided by `factor`.

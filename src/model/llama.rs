@@ -45,13 +45,7 @@ fn rope(ckpt: &mut Checkpoint, arch: &str, info: &ModelInfo) -> Result<Rope, Mod
     } else {
         return Ok(base);
     };
-    let inv_freq = base
-        .inv_freq()
-        .iter()
-        .zip(&divisors)
-        .map(|(f, s)| f / s)
-        .collect();
-    Ok(Rope::from_inv_freq(inv_freq, RopeStyle::Interleaved))
+    Ok(base.divided_by(&divisors))
 }
 
 /// Llama 3.1's `rope_scaling` (`rope_type: llama3`).

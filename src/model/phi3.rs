@@ -36,16 +36,7 @@ pub fn load(ckpt: &mut Checkpoint) -> Result<PreNormDecoder, ModelError> {
             let factor = attn_factor
                 .unwrap_or_else(|| longrope_attention_factor(info.context_length, original));
             info.context_length = original;
-            let inv_freq = base
-                .inv_freq()
-                .iter()
-                .zip(&factors)
-                .map(|(f, s)| f / s)
-                .collect();
-            (
-                Rope::from_inv_freq(inv_freq, RopeStyle::Neox),
-                (factor * factor) as f32,
-            )
+            (base.divided_by(&factors), (factor * factor) as f32)
         }
     };
     let sliding_window = info.sliding_window.filter(|&w| w < info.context_length);
