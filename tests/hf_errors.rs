@@ -61,7 +61,10 @@ fn an_unsupported_architecture_is_named() {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replace("\"llama\"", "\"bert\"")).unwrap();
-    assert_clean_error(&inspect(&dir), "unsupported architecture 'bert'");
+    assert_clean_error(
+        &inspect(&dir),
+        "config.json: unsupported model_type 'bert' (supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3)",
+    );
 }
 
 #[test]

@@ -324,7 +324,7 @@ impl HfModel {
             .iter()
             .find(|(hf, _, _)| *hf == model_type)
             .map(|(_, arch, _)| arch.to_string())
-            .ok_or_else(|| ModelError::UnsupportedArchitecture(model_type.to_string()))?;
+            .ok_or_else(|| ModelError::UnsupportedModelType(model_type.to_string()))?;
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

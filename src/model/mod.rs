@@ -47,6 +47,10 @@ pub enum ModelError {
     MissingTensor(PathBuf, String),
     #[error("tensor '{0}': {1}")]
     Tensor(String, String),
+    #[error("config.json: unsupported model_type '{0}' (supported: {list}){hint}",
+        list = hf::ARCHITECTURES.iter().map(|a| a.0).collect::<Vec<_>>().join(", "),
+        hint = if .0 == "gemma3" { "; this is a multimodal Gemma 3 checkpoint, use its text-only model" } else { "" })]
+    UnsupportedModelType(String),
     #[error("{0} has no config.json: a Hugging Face model directory needs one")]
     NoConfig(PathBuf),
     #[error("{0}: {1}")]
