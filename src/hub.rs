@@ -159,7 +159,8 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let has = |f: &str| files.iter().any(|x| x == f);
     if !has("config.json") {
-        let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+        let mut ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+        ggufs.sort();
         return match ggufs.as_slice() {
             [] => Err(HubError::NotAModel(r.repo.clone())),
             [one] => get(one),

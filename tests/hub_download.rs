@@ -1,0 +1,199 @@
+//! `hf:` downloads against a small Hub stand-in on localhost (the real Hub is not reachable
+//! here): the repo listing, `resolve/` with the headers hf-hub reads (commit, etag, size by
+//! range), files fetched once into `$HF_HOME`, then opened offline from the cache.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+
+use common::cli::{assert_clean_error, lambdachat};
+use common::tiny::write_gguf;
+use sha2::{Digest, Sha256};
+
+/// Serves `repos` (repo id → file name → bytes) the way the Hub's HTTP API does; counts the
+/// file bodies it sent.
+fn serve(repos: HashMap<String, HashMap<String, Vec<u8>>>) -> (u16, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = Arc::new(Mutex::new(0));
+    let sent = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let mut range_start = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(r) = lower.strip_prefix("range: bytes=") {
+                    range_start = Some(r.trim().to_string());
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let respond = |stream: &mut std::net::TcpStream,
+                           status: &str,
+                           headers: &str,
+                           body: &[u8]| {
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            };
+            // /api/models/ORG/REPO/revision/main
+            if let Some(rest) = path.strip_prefix("/api/models/") {
+                let repo = rest.split("/revision/").next().unwrap_or("");
+                match repos.get(repo) {
+                    Some(files) => {
+                        let siblings: Vec<_> = files
+                            .keys()
+                            .map(|f| serde_json::json!({ "rfilename": f }))
+                            .collect();
+                        let body = serde_json::json!({"siblings": siblings, "sha": "c0ffee"});
+                        respond(
+                            &mut stream,
+                            "200 OK",
+                            "Content-Type: application/json\r\n",
+                            body.to_string().as_bytes(),
+                        );
+                    }
+                    None => respond(&mut stream, "404 Not Found", "", b"{}"),
+                }
+                continue;
+            }
+            // /ORG/REPO/resolve/main/FILE
+            let found = path.split_once("/resolve/").and_then(|(repo, rest)| {
+                let file = rest.split_once('/')?.1;
+                repos.get(repo.trim_start_matches('/'))?.get(file)
+            });
+            let Some(data) = found else {
+                respond(&mut stream, "404 Not Found", "", b"");
+                continue;
+            };
+            // The Hub's etag is the content hash; hf-hub names cache blobs by it.
+            let etag: String = Sha256::digest(data)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let (start, end) = match range_start.as_deref() {
+                Some("0-0") => (0, 1.min(data.len())),
+                Some(r) => (r.trim_end_matches('-').parse().unwrap_or(0), data.len()),
+                None => (0, data.len()),
+            };
+            if end - start > 1 {
+                *sent.lock().unwrap() += 1;
+            }
+            let headers = format!(
+                "ETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                end.max(1) - 1,
+                data.len()
+            );
+            respond(
+                &mut stream,
+                "206 Partial Content",
+                &headers,
+                &data[start..end],
+            );
+        }
+    });
+    (port, bodies)
+}
+
+fn files_of(dir: &Path) -> HashMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let mut bytes = Vec::new();
+            std::fs::File::open(e.path())
+                .unwrap()
+                .read_to_end(&mut bytes)
+                .unwrap();
+            (e.file_name().to_string_lossy().into_owned(), bytes)
+        })
+        .collect()
+}
+
+fn run(home: &Path, endpoint: &str, args: &[&str]) -> Output {
+    lambdachat()
+        .env("HF_HOME", home)
+        .env("HF_ENDPOINT", endpoint)
+        .env("LAMBDACHAT_DATA_DIR", home.join("data"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_sharded_repo_downloads_once_then_opens_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("tiny.gguf");
+    write_gguf(&gguf, "gemma3");
+    let model = tmp.path().join("model");
+    let report = lambdachat::convert::convert_gguf(&gguf, &model, Some(1 << 16)).unwrap();
+    assert!(report.shards > 1);
+    let mut two_ggufs = HashMap::new();
+    two_ggufs.insert("a.gguf".to_string(), b"x".to_vec());
+    two_ggufs.insert("b.gguf".to_string(), b"y".to_vec());
+    let repos = HashMap::from([
+        ("org/tiny".to_string(), files_of(&model)),
+        ("org/two".to_string(), two_ggufs),
+    ]);
+    let (port, bodies) = serve(repos);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let home = tmp.path().join("hf");
+
+    let out = run(&home, &endpoint, &["models", "pull", "hf:org/tiny"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("downloading model-00001-of-"), "{stderr}");
+    assert!(stderr.contains("100%"), "{stderr}");
+    let fetched = *bodies.lock().unwrap();
+    assert_eq!(fetched, files_of(&model).len(), "every file once");
+
+    // Offline now: the Hub address refuses connections, the cache answers.
+    let out = run(
+        &home,
+        "http://127.0.0.1:9",
+        &["inspect", "--model", "hf:org/tiny"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("architecture    gemma3"));
+    // A second pull downloads nothing.
+    assert!(
+        run(&home, &endpoint, &["models", "pull", "hf:org/tiny"])
+            .status
+            .success()
+    );
+    assert_eq!(*bodies.lock().unwrap(), fetched);
+
+    assert_clean_error(
+        &run(&home, &endpoint, &["inspect", "--model", "hf:org/two"]),
+        "hf:org/two holds several GGUF files; name one: a.gguf, b.gguf",
+    );
+    assert_clean_error(
+        &run(
+            &home,
+            &endpoint,
+            &["inspect", "--model", "hf:org/tiny:absent.gguf"],
+        ),
+        "hf:org/tiny: absent.gguf:",
+    );
+}
