@@ -54,6 +54,9 @@ fn cached_repos_open_offline() {
     ] {
         let out = stdout(&run(home.path(), &["inspect", "--model", model]));
         assert!(out.contains("architecture    qwen3"), "{model}: {out}");
+        if !model.contains("gguf") {
+            assert!(out.contains("name            org/tiny"), "{out}");
+        }
     }
 }
 

@@ -270,6 +270,23 @@ fn gemma_sliding_pattern(config: &Json) -> Option<usize> {
         .map(|p| p as usize)
 }
 
+/// The directory's name, or `ORG/REPO` for a snapshot in the Hugging Face cache
+/// (`models--ORG--REPO/snapshots/COMMIT`).
+fn model_name(dir: &Path) -> String {
+    let name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let parent = dir.parent();
+    if name(parent) == "snapshots"
+        && let Some(repo) = name(parent.and_then(Path::parent)).strip_prefix("models--")
+    {
+        return repo.replacen("--", "/", 1);
+    }
+    name(Some(dir))
+}
+
 /// The safetensors files of `dir`: the shards an index lists (each must exist), else
 /// `model.safetensors`, else every `*.safetensors` file.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
@@ -325,10 +342,7 @@ impl HfModel {
             .find(|(hf, _, _)| *hf == model_type)
             .map(|(_, arch, _)| arch.to_string())
             .ok_or_else(|| ModelError::UnsupportedModelType(model_type.to_string()))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = model_name(dir);
         let meta = Metadata::new(&config_path, config_metadata(&config, &arch, &name));
         let n_heads = meta.usize(&format!("{arch}.attention.head_count"))?;
         let n_kv_heads = meta
@@ -448,6 +462,13 @@ mod tests {
         let g = Relayout::InterleaveHeads(2).to_gguf(&t).unwrap();
         let rows: Vec<f32> = g.to_vec2::<f32>().unwrap().iter().map(|r| r[0]).collect();
         assert_eq!(rows, vec![0.0, 6.0, 3.0, 9.0, 12.0, 18.0, 15.0, 21.0]);
+    }
+
+    #[test]
+    fn cache_snapshots_are_named_by_their_repo() {
+        let snap = Path::new("/h/hub/models--Qwen--Qwen3-0.6B/snapshots/0a1b2c");
+        assert_eq!(model_name(snap), "Qwen/Qwen3-0.6B");
+        assert_eq!(model_name(Path::new("/models/my-model")), "my-model");
     }
 
     #[test]
