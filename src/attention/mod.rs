@@ -6,13 +6,17 @@
 //! forward hands each layer's projected q/k/v to an [`AttentionCache`]; the cache owns rotation,
 //! storage and eviction, so model files never deal with positions beyond asking for them.
 
+use candle_core::Tensor;
+
 mod cache;
+mod device;
 mod kernel;
 mod reference;
 mod rope;
 mod snapshot;
 
 pub use cache::{CacheStats, LambdaCache, LayerCache};
+pub use device::DeviceCache;
 pub use reference::{
     ReferenceCache, reference_lambda_attention, reference_lambda_attention_pinned,
 };
@@ -145,6 +149,8 @@ pub enum AttentionError {
     },
     #[error("{0} query heads cannot share {1} KV heads")]
     Gqa(usize, usize),
+    #[error("attention on the device failed: {0}")]
+    Tensor(String),
 }
 
 /// Where a model's attention layers keep their keys and values.
@@ -159,6 +165,44 @@ pub trait AttentionCache: Send {
         layer: usize,
         input: &AttentionInput<'_>,
     ) -> Result<Vec<f32>, AttentionError>;
+
+    /// [`Self::attend`] on tensors `q [tokens, heads · head_dim]`, `k`/`v [tokens, kv_heads ·
+    /// head_dim]`, returning `[tokens, heads · head_dim]` on their device. Host caches take the
+    /// default (through host memory); a device cache keeps everything on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_tensors(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_heads: usize,
+        rope: &Rope,
+        scale: f32,
+    ) -> Result<Tensor, AttentionError> {
+        let err = |e: candle_core::Error| AttentionError::Tensor(crate::model::candle_msg(&e));
+        let host = |x: &Tensor| {
+            x.flatten_all()
+                .and_then(|x| x.to_vec1::<f32>())
+                .map_err(err)
+        };
+        let (qh, kh, vh) = (host(q)?, host(k)?, host(v)?);
+        let n_tokens = q.dim(0).map_err(err)?;
+        let out = self.attend(
+            layer,
+            &AttentionInput {
+                q: &qh,
+                k: &kh,
+                v: &vh,
+                n_tokens,
+                n_heads,
+                rope,
+                scale,
+            },
+        )?;
+        let width = out.len() / n_tokens.max(1);
+        Tensor::from_vec(out, (n_tokens, width), q.device()).map_err(err)
+    }
 
     /// Absolute position of the next token (= tokens seen so far).
     fn next_position(&self) -> u64;

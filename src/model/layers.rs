@@ -9,7 +9,7 @@ use candle_nn::RmsNorm;
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
-use crate::attention::{AttentionCache, AttentionInput, Rope};
+use crate::attention::{AttentionCache, Rope};
 use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -277,21 +277,18 @@ impl SelfAttention {
         })
     }
 
-    /// Per-head norm (if any), then the rows as one flat f32 vector for the cache.
-    fn heads(&self, y: Tensor, n_norm: Option<&RmsNorm>, heads: usize) -> Result<Vec<f32>> {
-        let y = match n_norm {
+    /// Per-head norm (if any), as `[tokens, heads · head_dim]`.
+    fn heads(&self, y: Tensor, n_norm: Option<&RmsNorm>, heads: usize) -> Result<Tensor> {
+        match n_norm {
             Some(n) => {
-                let (t, _) = y.dims2().map_err(forward_err)?;
+                let (t, width) = y.dims2().map_err(forward_err)?;
                 let y = y
                     .reshape((t, heads, self.shape.head_dim))
                     .map_err(forward_err)?;
-                norm(n, &y)?
+                norm(n, &y)?.reshape((t, width)).map_err(forward_err)
             }
-            None => y,
-        };
-        y.flatten_all()
-            .and_then(|y| y.to_vec1::<f32>())
-            .map_err(forward_err)
+            None => Ok(y),
+        }
     }
 
     pub fn forward(
@@ -300,7 +297,6 @@ impl SelfAttention {
         layer: usize,
         cache: &mut dyn AttentionCache,
     ) -> Result<Tensor> {
-        let (n_tokens, _) = x.dims2().map_err(forward_err)?;
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
             Qkv::Fused(qkv) => {
@@ -313,26 +309,12 @@ impl SelfAttention {
         let HeadShape {
             n_heads,
             n_kv_heads,
-            head_dim,
             ..
         } = self.shape;
         let q = self.heads(q, self.q_norm.as_ref(), n_heads)?;
         let k = self.heads(k, self.k_norm.as_ref(), n_kv_heads)?;
-        let v = self.heads(v, None, n_kv_heads)?;
-        let out = cache.attend(
-            layer,
-            &AttentionInput {
-                q: &q,
-                k: &k,
-                v: &v,
-                n_tokens,
-                n_heads,
-                rope: &self.rope,
-                scale: self.scale,
-            },
-        )?;
-        let out = Tensor::from_vec(out, (n_tokens, n_heads * head_dim), x.device())
-            .map_err(forward_err)?;
+        let v = v.contiguous().map_err(forward_err)?;
+        let out = cache.attend_tensors(layer, &q, &k, &v, n_heads, &self.rope, self.scale)?;
         self.o.forward(&out)
     }
 }
