@@ -11,7 +11,9 @@
 
 use candle_core::{D, Device, Tensor};
 
-use super::{AttentionCache, AttentionError, AttentionInput, LayerGeometry, Rope, RopeStyle};
+use super::{
+    AttentionCache, AttentionError, AttentionInput, LayerGeometry, Rope, RopeStyle, TensorInput,
+};
 
 fn tensor_err(e: candle_core::Error) -> AttentionError {
     AttentionError::Tensor(crate::model::candle_msg(&e))
@@ -258,22 +260,29 @@ impl AttentionCache for DeviceCache {
             tensor(input.k, geometry.n_kv_heads)?,
             tensor(input.v, geometry.n_kv_heads)?,
         );
-        let out = self.attend_tensors(layer, &q, &k, &v, input.n_heads, input.rope, input.scale)?;
+        let tensors = TensorInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            n_heads: input.n_heads,
+            rope: input.rope,
+            scale: input.scale,
+        };
+        let out = self.attend_tensors(layer, &tensors)?;
         out.flatten_all()
             .and_then(|o| o.to_vec1::<f32>())
             .map_err(tensor_err)
     }
 
-    fn attend_tensors(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        n_heads: usize,
-        rope: &Rope,
-        scale: f32,
-    ) -> Result<Tensor> {
+    fn attend_tensors(&mut self, layer: usize, input: &TensorInput<'_>) -> Result<Tensor> {
+        let TensorInput {
+            q,
+            k,
+            v,
+            n_heads,
+            rope,
+            scale,
+        } = *input;
         let geometry = self.geometry(layer)?;
         let kv = geometry.n_kv_heads;
         if kv == 0 || !n_heads.is_multiple_of(kv) {

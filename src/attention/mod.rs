@@ -136,6 +136,17 @@ pub struct AttentionInput<'a> {
     pub scale: f32,
 }
 
+/// [`AttentionInput`] as tensors on the model's device: `q [tokens, heads · head_dim]`,
+/// `k`/`v [tokens, kv_heads · head_dim]`.
+pub struct TensorInput<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub n_heads: usize,
+    pub rope: &'a Rope,
+    pub scale: f32,
+}
+
 /// Errors of the attention caches: misuse by a model file, never by the user.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AttentionError {
@@ -166,19 +177,12 @@ pub trait AttentionCache: Send {
         input: &AttentionInput<'_>,
     ) -> Result<Vec<f32>, AttentionError>;
 
-    /// [`Self::attend`] on tensors `q [tokens, heads · head_dim]`, `k`/`v [tokens, kv_heads ·
-    /// head_dim]`, returning `[tokens, heads · head_dim]` on their device. Host caches take the
-    /// default (through host memory); a device cache keeps everything on the device.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Self::attend`] on tensors, returning `[tokens, heads · head_dim]` on their device. Host
+    /// caches take this default (through host memory); a device cache keeps everything there.
     fn attend_tensors(
         &mut self,
         layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        n_heads: usize,
-        rope: &Rope,
-        scale: f32,
+        input: &TensorInput<'_>,
     ) -> Result<Tensor, AttentionError> {
         let err = |e: candle_core::Error| AttentionError::Tensor(crate::model::candle_msg(&e));
         let host = |x: &Tensor| {
@@ -186,22 +190,22 @@ pub trait AttentionCache: Send {
                 .and_then(|x| x.to_vec1::<f32>())
                 .map_err(err)
         };
-        let (qh, kh, vh) = (host(q)?, host(k)?, host(v)?);
-        let n_tokens = q.dim(0).map_err(err)?;
+        let (q, k, v) = (host(input.q)?, host(input.k)?, host(input.v)?);
+        let n_tokens = input.q.dim(0).map_err(err)?;
         let out = self.attend(
             layer,
             &AttentionInput {
-                q: &qh,
-                k: &kh,
-                v: &vh,
+                q: &q,
+                k: &k,
+                v: &v,
                 n_tokens,
-                n_heads,
-                rope,
-                scale,
+                n_heads: input.n_heads,
+                rope: input.rope,
+                scale: input.scale,
             },
         )?;
         let width = out.len() / n_tokens.max(1);
-        Tensor::from_vec(out, (n_tokens, width), q.device()).map_err(err)
+        Tensor::from_vec(out, (n_tokens, width), input.q.device()).map_err(err)
     }
 
     /// Absolute position of the next token (= tokens seen so far).

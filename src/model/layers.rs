@@ -9,7 +9,7 @@ use candle_nn::RmsNorm;
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
-use crate::attention::{AttentionCache, Rope};
+use crate::attention::{AttentionCache, Rope, TensorInput};
 use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -314,7 +314,15 @@ impl SelfAttention {
         let q = self.heads(q, self.q_norm.as_ref(), n_heads)?;
         let k = self.heads(k, self.k_norm.as_ref(), n_kv_heads)?;
         let v = v.contiguous().map_err(forward_err)?;
-        let out = cache.attend_tensors(layer, &q, &k, &v, n_heads, &self.rope, self.scale)?;
+        let input = TensorInput {
+            q: &q,
+            k: &k,
+            v: &v,
+            n_heads,
+            rope: &self.rope,
+            scale: self.scale,
+        };
+        let out = cache.attend_tensors(layer, &input)?;
         self.o.forward(&out)
     }
 }
