@@ -163,11 +163,15 @@ fn longrope_scaling(gguf: &mut GgufFile) -> Result<Option<Json>, ConvertError> {
             .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))?;
         factors.push(v);
     }
-    Ok(Some(json!({
+    let mut scaling = json!({
         "type": "longrope",
         "long_factor": factors[0],
         "short_factor": factors[1],
-    })))
+    });
+    if let Ok(f) = gguf.meta.f64("phi3.rope.scaling.attn_factor") {
+        scaling["attention_factor"] = json!(f);
+    }
+    Ok(Some(scaling))
 }
 
 fn staging_dir(out: &Path) -> PathBuf {

@@ -10,11 +10,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma3, llama, phi3, qwen2, qwen3};
 use common::rel_err;
-use common::tiny::{ARCHITECTURES, WINDOW, write_gguf};
+use common::tiny::{ARCHITECTURES, Rng, WINDOW, rope_dim, tiny_model, write_gguf};
 use lambdachat::attention::{LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
@@ -185,4 +186,57 @@ fn sentencepiece_tokenizer_survives_conversion() {
     assert_eq!((h.tokenizer.bos, h.tokenizer.eos), (Some(1), Some(2)));
     assert!(h.tokenizer.add_bos);
     assert_eq!(h.stop_ids, g.stop_ids);
+}
+
+/// Phi-3 with LongRoPE (factors as llama.cpp stores them: two tensors and an attention factor)
+/// reads the same through `config.json`'s `rope_scaling` after conversion, and the factors do
+/// change the logits.
+#[test]
+fn phi3_longrope_survives_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.gguf");
+    write_gguf(&plain, "phi3");
+    let mut parts = tiny_model("phi3");
+    let pairs = rope_dim("phi3") / 2;
+    let mut rng = Rng::new(7);
+    for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+        parts
+            .tensors
+            .push((name.into(), rng.tensor(&[pairs], 4.0, 3.0)));
+    }
+    parts.metadata.extend([
+        (
+            "phi3.rope.scaling.original_context_length".into(),
+            Value::U32(64),
+        ),
+        ("phi3.rope.scaling.attn_factor".into(), Value::F32(1.19)),
+    ]);
+    let gguf = dir.path().join("longrope.gguf");
+    parts.write(&gguf);
+    let hf = dir.path().join("longrope");
+    lambdachat::convert::convert_gguf(&gguf, &hf, None).unwrap();
+    let config = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    assert!(
+        config.contains("longrope") && config.contains("short_factor"),
+        "{config}"
+    );
+
+    let params = LambdaParams::new(2, 6, None).unwrap();
+    let g = Engine::load(&gguf).unwrap();
+    let h = Engine::load(&hf).unwrap();
+    // Λ never shows more than the original length: the model reports it as its training length.
+    assert_eq!(g.model.info().context_length, 64);
+    let (a, b) = (
+        our_logits(&g, params, &ids()),
+        our_logits(&h, params, &ids()),
+    );
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        let err = rel_err(y, x);
+        assert!(err < 1e-5, "step {step}: relative error {err}");
+    }
+    let without = our_logits(&Engine::load(&plain).unwrap(), params, &ids());
+    assert!(
+        rel_err(&without[5], &a[5]) > 1e-2,
+        "the factors change nothing"
+    );
 }

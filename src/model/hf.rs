@@ -44,6 +44,7 @@ pub const ROPE_SCALING_KEYS: &[(&str, &str)] = &[
     ("factor", "rope.scaling.factor"),
     ("low_freq_factor", "rope.scaling.low_freq_factor"),
     ("high_freq_factor", "rope.scaling.high_freq_factor"),
+    ("attention_factor", "rope.scaling.attn_factor"),
     (
         "original_max_position_embeddings",
         "rope.scaling.original_context_length",

@@ -78,8 +78,28 @@ pub fn rope_dim(arch: &str) -> usize {
     }
 }
 
+/// A GGUF's metadata and tensors, before writing.
+pub struct GgufParts {
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<(String, QTensor)>,
+}
+
+impl GgufParts {
+    pub fn write(&self, path: &Path) {
+        let md: Vec<(&str, &Value)> = self.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = self.tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &md, &ts).unwrap();
+    }
+}
+
 /// Writes the tiny `arch` model to `path`.
 pub fn write_gguf(path: &Path, arch: &str) {
+    tiny_model(arch).write(path);
+}
+
+/// The tiny `arch` model.
+pub fn tiny_model(arch: &str) -> GgufParts {
     let (tokens, scores, types) = vocabulary();
     let vocab = tokens.len();
     let hd = head_dim(arch);
@@ -184,8 +204,5 @@ pub fn write_gguf(path: &Path, arch: &str) {
             (k("rope.local_freq_base"), Value::F32(10_000.0)),
         ]);
     }
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &md, &ts).unwrap();
+    GgufParts { metadata, tensors }
 }
