@@ -88,7 +88,7 @@ pub fn cache() -> Cache {
 }
 
 /// The cached snapshot directory of `r`, if its revision has been downloaded.
-pub fn snapshot_dir(r: &HubRef) -> Option<PathBuf> {
+fn snapshot_dir(r: &HubRef) -> Option<PathBuf> {
     let repo_dir = cache().path().join(r.hub_repo().folder_name());
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(&r.revision)).ok()?;
     let dir = repo_dir.join("snapshots").join(commit.trim());

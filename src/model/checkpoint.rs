@@ -32,7 +32,7 @@ impl Default for LoadOptions {
 }
 
 /// Whether `path` names a Hugging Face model (a directory, or a file inside one that is not GGUF).
-pub fn is_hf_path(path: &Path) -> bool {
+fn is_hf_path(path: &Path) -> bool {
     path.is_dir()
         || path
             .extension()

@@ -24,10 +24,6 @@ impl Metadata {
         }
     }
 
-    pub fn values(&self) -> &HashMap<String, Value> {
-        &self.values
-    }
-
     fn missing(&self, key: &str) -> ModelError {
         ModelError::MissingMetadata(self.origin.clone(), key.to_string())
     }
