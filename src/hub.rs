@@ -231,15 +231,16 @@ pub fn cached_repos() -> Vec<(String, PathBuf, u64)> {
     v
 }
 
-/// Bytes of the regular files under `dir` (symlinks into blobs are not counted twice).
+/// Bytes of the files under `dir`, following links to files (an HF snapshot links to its
+/// blobs).
 pub fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+        .map(|e| match (e.file_type(), std::fs::metadata(e.path())) {
+            (Ok(t), _) if t.is_dir() => dir_size(&e.path()),
+            (_, Ok(m)) if m.is_file() => m.len(),
             _ => 0,
         })
         .sum()

@@ -1,4 +1,4 @@
-//! `lambdachat inspect`: what a model file holds, before running it.
+//! `lambdachat inspect`: what a model holds, before running it.
 
 use anyhow::Result;
 use clap::Args;
@@ -10,7 +10,7 @@ use crate::engine::Engine;
 pub struct InspectArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Model file (same as --model)
+    /// Model: GGUF file, model directory or hf:ORG/REPO (same as --model)
     pub path: Option<std::path::PathBuf>,
     /// Also print the chat template
     #[arg(long)]
@@ -24,7 +24,11 @@ pub fn run(args: InspectArgs) -> Result<i32> {
     )?;
     let engine = Engine::load_with(&path, args.model.load_options())?;
     let info = engine.model.info();
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let size = if path.is_dir() {
+        crate::hub::dir_size(&path)
+    } else {
+        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+    };
     println!(
         "file            {} ({:.1} MB)",
         path.display(),

@@ -47,7 +47,7 @@ pub enum Command {
     /// Measure decode and prefill speed, cache size and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Print what a model file contains.
+    /// Print what a model contains (GGUF file, model directory or hf: reference).
     Inspect(inspect::InspectArgs),
     /// List, download, locate or delete models (data dir and Hugging Face cache).
     Models {
