@@ -53,6 +53,9 @@ fn a_directory_without_config_or_weights() {
     assert_clean_error(&inspect(&dir), "has no weights");
     std::fs::remove_file(dir.join("config.json")).unwrap();
     assert_clean_error(&inspect(&dir), "has no config.json");
+    // A directory of GGUF files (the models dir, say) points at the file.
+    std::fs::write(dir.join("m.gguf"), b"GGUF").unwrap();
+    assert_clean_error(&inspect(&dir), "(for the GGUF file in it: --model ");
 }
 
 #[test]

@@ -51,8 +51,9 @@ pub enum ModelError {
         list = hf::ARCHITECTURES.iter().map(|a| a.0).collect::<Vec<_>>().join(", "),
         hint = if .0 == "gemma3" { "; this is a multimodal Gemma 3 checkpoint, use its text-only model" } else { "" })]
     UnsupportedModelType(String),
-    #[error("{0} has no config.json: a Hugging Face model directory needs one")]
-    NoConfig(PathBuf),
+    #[error("{0} has no config.json: a Hugging Face model directory needs one{hint}",
+        hint = .1.as_ref().map(|g| format!(" (for the GGUF file in it: --model {})", g.display())).unwrap_or_default())]
+    NoConfig(PathBuf, Option<PathBuf>),
     #[error("{0}: {1}")]
     BadConfig(PathBuf, String),
     #[error("{0} has no weights (no model.safetensors, index or *.safetensors file)")]
