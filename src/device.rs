@@ -1,6 +1,8 @@
-//! `--device auto|cpu|cuda[:N]|metal`. This build computes on the CPU only: the Λ cache and its
-//! kernels are CPU code, and candle is built without its `cuda`/`metal` features. Asking for a
-//! GPU is therefore a clear error rather than a silent fallback; `auto` means the CPU.
+//! `--device auto|cpu|cuda[:N]|metal`. GPUs come from candle's backends, compiled in only by
+//! lambdachat's `cuda` / `metal` cargo features; in a build without them a GPU device is a clear
+//! error, and `auto` is the CPU. With them, the weights and the model's matrix products run on
+//! the GPU; the Λ cache and sampling still run on the CPU (docs/ARCHITECTURE.md says what is
+//! left), and no such build has been run yet.
 
 use std::str::FromStr;
 
@@ -18,10 +20,12 @@ pub enum DeviceError {
     #[error("unknown device '{0}': use auto, cpu, cuda, cuda:N or metal")]
     Unknown(String),
     #[error(
-        "--device {0}: this build of lambdachat computes on the CPU only (GPU support is not \
-         implemented yet); use --device cpu"
+        "--device {0}: this lambdachat was built without {1} support (build it with \
+         `--features {1}`), or use --device cpu"
     )]
-    NotBuilt(String),
+    NotBuilt(String, &'static str),
+    #[error("--device {0}: {1}")]
+    Unavailable(String, String),
 }
 
 impl FromStr for DeviceChoice {
@@ -55,11 +59,38 @@ impl std::fmt::Display for DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// The device to compute on.
+    /// The device to compute on. `auto` takes the first GPU of a GPU build when one is there,
+    /// else the CPU (saying so in the log).
     pub fn select(self) -> Result<candle_core::Device, DeviceError> {
+        use candle_core::utils::{cuda_is_available, metal_is_available};
+        let unavailable = |e: candle_core::Error| {
+            DeviceError::Unavailable(self.to_string(), crate::model::candle_msg(&e))
+        };
         match self {
-            Self::Auto | Self::Cpu => Ok(candle_core::Device::Cpu),
-            gpu => Err(DeviceError::NotBuilt(gpu.to_string())),
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Cuda(n) if cuda_is_available() => {
+                candle_core::Device::new_cuda(n).map_err(unavailable)
+            }
+            Self::Metal if metal_is_available() => {
+                candle_core::Device::new_metal(0).map_err(unavailable)
+            }
+            Self::Cuda(_) => Err(DeviceError::NotBuilt(self.to_string(), "cuda")),
+            Self::Metal => Err(DeviceError::NotBuilt(self.to_string(), "metal")),
+            Self::Auto => {
+                let gpu = if cuda_is_available() {
+                    Self::Cuda(0).select().ok()
+                } else if metal_is_available() {
+                    Self::Metal.select().ok()
+                } else {
+                    None
+                };
+                if gpu.is_none() {
+                    tracing::info!(
+                        "--device auto: no usable GPU in this build; computing on the CPU"
+                    );
+                }
+                Ok(gpu.unwrap_or(candle_core::Device::Cpu))
+            }
         }
     }
 }
@@ -77,6 +108,6 @@ mod tests {
         assert!(DeviceChoice::Auto.select().unwrap().is_cpu());
         assert!(DeviceChoice::Cpu.select().unwrap().is_cpu());
         let e = DeviceChoice::Metal.select().unwrap_err().to_string();
-        assert!(e.contains("CPU only"), "{e}");
+        assert!(e.contains("built without metal support"), "{e}");
     }
 }

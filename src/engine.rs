@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
+
 use crate::chat::template::END_OF_TURN_MARKERS;
 use crate::chat::{ChatTemplate, TemplateError};
 use crate::model::{Checkpoint, LanguageModel, LoadOptions, ModelError};
@@ -34,6 +36,8 @@ pub struct Engine {
     /// Weight types (quantizations or dtypes) and how many tensors use each.
     pub quant: Vec<(String, usize)>,
     pub load_time: Duration,
+    /// Where the weights live and the forwards run.
+    pub device: Device,
 }
 
 impl Engine {
@@ -44,7 +48,7 @@ impl Engine {
 
     pub fn load_with(path: &Path, options: LoadOptions) -> Result<Self, EngineError> {
         let start = Instant::now();
-        let mut ckpt = Checkpoint::open(path, options)?;
+        let mut ckpt = Checkpoint::open(path, &options)?;
         let model = crate::model::load(&mut ckpt)?;
         let (tokenizer, template_source, mut stop_ids) = match &ckpt {
             Checkpoint::Gguf(gguf) => {
@@ -102,6 +106,7 @@ impl Engine {
             stop_ids,
             path: path.to_path_buf(),
             load_time: start.elapsed(),
+            device: options.device,
         })
     }
 

@@ -295,7 +295,7 @@ fn a_gpu_device_in_a_cpu_build_is_refused_before_loading() {
             "/nonexistent.gguf",
             "hi",
         ]),
-        "--device cuda:0: this build of lambdachat computes on the CPU only",
+        "--device cuda:0: this lambdachat was built without cuda support (build it with `--features cuda`)",
     );
     let out = run(&["ask", "--device", "tpu", "hi"]);
     assert!(!out.status.success());

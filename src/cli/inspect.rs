@@ -18,11 +18,12 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<i32> {
+    let options = args.model.load_options()?;
     let path = resolve_model(
         args.path.as_deref().or(args.model.model.as_deref()),
         &crate::progress::Stderr,
     )?;
-    let engine = Engine::load_with(&path, args.model.load_options())?;
+    let engine = Engine::load_with(&path, options)?;
     let info = engine.model.info();
     let size = if path.is_dir() {
         crate::hub::dir_size(&path)

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::attention::{DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
 use crate::config::Config;
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, DeviceError};
 use crate::engine::Engine;
 use crate::fetch;
 use crate::model::LoadOptions;
@@ -87,14 +87,17 @@ pub enum WeightDtype {
 }
 
 impl ModelArgs {
-    pub fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    /// The dtype and the device (checked now: a GPU this build cannot use is an error before
+    /// anything is fetched or loaded).
+    pub fn load_options(&self) -> Result<LoadOptions, DeviceError> {
+        Ok(LoadOptions {
             dtype: match self.dtype {
                 WeightDtype::F32 => candle_core::DType::F32,
                 WeightDtype::F16 => candle_core::DType::F16,
                 WeightDtype::Bf16 => candle_core::DType::BF16,
             },
-        }
+            device: self.device.select()?,
+        })
     }
 }
 
@@ -163,7 +166,6 @@ pub struct RunArgs {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub model: Option<PathBuf>,
-    pub device: DeviceChoice,
     pub load_options: LoadOptions,
     pub lambda: LambdaParams,
     pub sampling: SamplingParams,
@@ -195,8 +197,7 @@ impl RunArgs {
         sampling.validate()?;
         Ok(RunSettings {
             model: self.model.model.clone().or_else(|| config.model.clone()),
-            load_options: self.model.load_options(),
-            device: self.model.device,
+            load_options: self.model.load_options()?,
             lambda,
             sampling,
         })
@@ -212,9 +213,8 @@ impl RunSettings {
 
     /// [`Self::load`], reporting download progress to `progress`.
     pub fn load_reporting(&self, progress: &dyn Progress) -> Result<(Arc<Engine>, LambdaParams)> {
-        self.device.select()?;
         let path = resolve_model(self.model.as_deref(), progress)?;
-        let engine = Engine::load_with(&path, self.load_options)?;
+        let engine = Engine::load_with(&path, self.load_options.clone())?;
         let params = cap_to_training_length(self.lambda, engine.model.info().context_length)?;
         Ok((Arc::new(engine), params))
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::gguf::GgufFile;
 use super::hf::HfModel;
@@ -19,15 +19,20 @@ pub enum Checkpoint {
 }
 
 /// How to load a checkpoint.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// The dtype of safetensors weight matrices (GGUF keeps its quantization).
     pub dtype: DType,
+    /// Where the weights go.
+    pub device: Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
     }
 }
 
@@ -41,7 +46,7 @@ fn is_hf_path(path: &Path) -> bool {
 
 impl Checkpoint {
     /// Opens a GGUF file, or an HF directory (also when given one of its files).
-    pub fn open(path: &Path, options: LoadOptions) -> Result<Self, ModelError> {
+    pub fn open(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
         if !path.exists() {
             return Err(ModelError::Io(
                 path.to_path_buf(),
@@ -54,9 +59,15 @@ impl Checkpoint {
             } else {
                 path.parent().unwrap_or(Path::new("."))
             };
-            Ok(Self::Hf(HfModel::open(dir, options.dtype)?))
+            Ok(Self::Hf(HfModel::open(
+                dir,
+                options.dtype,
+                &options.device,
+            )?))
         } else {
-            Ok(Self::Gguf(GgufFile::open(path)?))
+            let mut gguf = GgufFile::open(path)?;
+            gguf.load_onto(&options.device);
+            Ok(Self::Gguf(gguf))
         }
     }
 

@@ -2,7 +2,7 @@
 //! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
@@ -42,7 +42,11 @@ impl TokenEmbedding {
                 self.rows
             )));
         }
-        let ids = Tensor::new(ids, &Device::Cpu).map_err(forward_err)?;
+        let device = match &self.table {
+            QMatMul::QTensor(q) => q.device(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+        };
+        let ids = Tensor::new(ids, &device).map_err(forward_err)?;
         self.table
             .embedding(&ids)
             .and_then(|x| x.to_dtype(DType::F32))

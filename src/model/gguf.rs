@@ -24,6 +24,8 @@ pub struct GgufFile {
     content: gguf_file::Content,
     reader: BufReader<File>,
     pub file_len: u64,
+    /// Where tensors are loaded (the CPU unless [`GgufFile::load_onto`] says otherwise).
+    device: Device,
 }
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -54,6 +56,7 @@ impl GgufFile {
             content,
             reader,
             file_len,
+            device: Device::Cpu,
         };
         gguf.check_tensor_data()?;
         Ok(gguf)
@@ -84,6 +87,11 @@ impl GgufFile {
         self.meta.string("general.architecture")
     }
 
+    /// Loads tensors onto `device` from now on.
+    pub fn load_onto(&mut self, device: &Device) {
+        self.device = device.clone();
+    }
+
     pub fn tensor_names(&self) -> Vec<String> {
         self.content.tensor_infos.keys().cloned().collect()
     }
@@ -100,14 +108,14 @@ impl GgufFile {
             ));
         }
         self.content
-            .tensor(&mut self.reader, name, &Device::Cpu)
+            .tensor(&mut self.reader, name, &self.device)
             .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))
     }
 
     /// A small tensor (norm weight, bias) dequantized to f32.
     pub fn f32_tensor(&mut self, name: &str) -> Result<Tensor, ModelError> {
         let q = self.qtensor(name)?;
-        q.dequantize(&Device::Cpu)
+        q.dequantize(&self.device)
             .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))
     }
 

@@ -155,6 +155,7 @@ pub struct HfModel {
     weights: MmapedSafetensors,
     /// Weight matrices are converted to this dtype (norms, biases and activations stay f32).
     dtype: DType,
+    device: Device,
     n_heads: usize,
     n_kv_heads: usize,
 }
@@ -326,7 +327,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 impl HfModel {
-    pub fn open(dir: &Path, dtype: DType) -> Result<Self, ModelError> {
+    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
             let gguf = std::fs::read_dir(dir).ok().and_then(|entries| {
@@ -365,6 +366,7 @@ impl HfModel {
             arch,
             weights,
             dtype,
+            device: device.clone(),
             n_heads,
             n_kv_heads,
         })
@@ -398,7 +400,7 @@ impl HfModel {
         let err = |e: candle_core::Error| {
             ModelError::Tensor(format!("{hf} (llama.cpp: {gguf})"), candle_msg(&e))
         };
-        let t = self.weights.load(&hf, &Device::Cpu).map_err(err)?;
+        let t = self.weights.load(&hf, &self.device).map_err(err)?;
         let r = relayout(&self.arch, gguf, self.n_heads, self.n_kv_heads);
         let t = if r == Relayout::None {
             t
