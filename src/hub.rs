@@ -87,11 +87,14 @@ pub fn cache() -> Cache {
     Cache::from_env()
 }
 
-/// The cached snapshot directory of `r`, if its revision has been downloaded.
+/// The cached snapshot directory of `r`, if its revision has been downloaded: a branch or tag
+/// through `refs/`, a commit hash directly.
 fn snapshot_dir(r: &HubRef) -> Option<PathBuf> {
     let repo_dir = cache().path().join(r.hub_repo().folder_name());
-    let commit = std::fs::read_to_string(repo_dir.join("refs").join(&r.revision)).ok()?;
-    let dir = repo_dir.join("snapshots").join(commit.trim());
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(&r.revision))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| r.revision.clone());
+    let dir = repo_dir.join("snapshots").join(commit);
     dir.is_dir().then_some(dir)
 }
 

@@ -49,6 +49,7 @@ fn cached_repos_open_offline() {
     let home = hf_home();
     for model in [
         "hf:org/tiny",
+        "hf:org/tiny@c0ffee",
         "hf:org/tiny-gguf",
         "hf:org/tiny-gguf:tiny.gguf",
     ] {
