@@ -142,7 +142,7 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
         .with_token(token)
         .with_progress(false)
         .build()
-        .map_err(|e| download_err(r, "", &e))?;
+        .map_err(|e| download_err(r, "the Hub client", &e))?;
     let repo = api.repo(r.hub_repo());
     let get = |file: &str| {
         let forward = Forward {
@@ -158,7 +158,9 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
     if let Some(f) = &r.file {
         return get(f);
     }
-    let info = repo.info().map_err(|e| download_err(r, "", &e))?;
+    let info = repo
+        .info()
+        .map_err(|e| download_err(r, "the repository listing", &e))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let has = |f: &str| files.iter().any(|x| x == f);
     if !has("config.json") {
@@ -208,10 +210,18 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
 }
 
 fn download_err(r: &HubRef, file: &str, e: &dyn std::fmt::Display) -> HubError {
+    let msg = e.to_string();
+    let hint = if msg.contains("401") || msg.contains("403") {
+        " (a private or gated repo needs a token: $HF_TOKEN or the token file)"
+    } else if msg.contains("404") {
+        " (no such repo, revision or file)"
+    } else {
+        ""
+    };
     HubError::Download {
         repo: r.repo.clone(),
         file: file.to_string(),
-        msg: e.to_string(),
+        msg: format!("{msg}{hint}"),
     }
 }
 

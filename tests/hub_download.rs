@@ -196,4 +196,8 @@ fn a_sharded_repo_downloads_once_then_opens_offline() {
         ),
         "hf:org/tiny: absent.gguf:",
     );
+    assert_clean_error(
+        &run(&home, &endpoint, &["inspect", "--model", "hf:org/nowhere"]),
+        "hf:org/nowhere: the repository listing: ",
+    );
 }
