@@ -21,11 +21,11 @@ fn tensor_err(e: candle_core::Error) -> AttentionError {
 
 type Result<T> = std::result::Result<T, AttentionError>;
 
+/// One layer. Its window holds the last `min(tokens seen, window)` positions, in order, so the
+/// positions need not be stored.
 struct DeviceLayer {
     geometry: LayerGeometry,
     stores: Stores,
-    /// Absolute position of each window entry, oldest first.
-    window_pos: Vec<u64>,
 }
 
 pub struct DeviceCache {
@@ -42,7 +42,6 @@ impl DeviceCache {
                 .map(|geometry| DeviceLayer {
                     geometry,
                     stores: Stores::default(),
-                    window_pos: Vec::new(),
                 })
                 .collect(),
             device: device.clone(),
@@ -81,7 +80,7 @@ impl DeviceCache {
         Ok((cos, sin))
     }
 
-    /// A `[rows, cols]` additive mask: 0 where `allowed(row, col)`, −∞ elsewhere.
+    /// A `[rows, 1, cols]` additive mask: 0 where `allowed(row, col)`, −∞ elsewhere.
     fn mask(
         &self,
         rows: usize,
@@ -97,7 +96,7 @@ impl DeviceCache {
                 }
             })
             .collect();
-        Tensor::from_vec(m, (rows, cols), &self.device).map_err(tensor_err)
+        Tensor::from_vec(m, (rows, 1, cols), &self.device).map_err(tensor_err)
     }
 }
 
@@ -166,7 +165,8 @@ struct Step<'a> {
     rot_d: (Tensor, Tensor),
     /// Leading tokens of the chunk that are sinks.
     new_sinks: usize,
-    /// Additive masks `[tokens · group, keys]` of the sink and the window blocks.
+    /// Additive masks `[tokens, 1, keys]` of the sink and the window blocks (one row per token,
+    /// shared by the heads of a group).
     sink_mask: Tensor,
     window_mask: Tensor,
 }
@@ -212,7 +212,11 @@ fn lambda_step(
     let keys = append(&stores.window_k, &k_rot)?;
     let values = append(&stores.window_v, &v)?;
     let scores = |q: &Tensor, k: &Tensor, mask: &Tensor| {
-        (q.matmul(&k.transpose(1, 2)?.contiguous()?)? * step.scale as f64)?.broadcast_add(mask)
+        let s = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? * step.scale as f64)?;
+        let keys = s.dim(2)?;
+        s.reshape((kv, t, group, keys))?
+            .broadcast_add(mask)?
+            .reshape((kv, t * group, keys))
     };
     let window_scores = scores(&q_local, &keys, &step.window_mask)?;
     let out = match (&next.sink_k, &next.sink_v) {
@@ -288,23 +292,21 @@ impl AttentionCache for DeviceCache {
         if kv == 0 || !n_heads.is_multiple_of(kv) {
             return Err(AttentionError::Gqa(n_heads, kv));
         }
-        let group = n_heads / kv;
         let t = q.dim(0).map_err(tensor_err)?;
         let p0 = self.next_position;
         let positions: Vec<u64> = (p0..p0 + t as u64).collect();
         let l = &self.layers[layer];
         let new_sinks = (geometry.n_global as u64).saturating_sub(p0).min(t as u64) as usize;
         let n_sinks = l.stores.sink_k.as_ref().map_or(0, |s| s.dims()[1]) + new_sinks;
-        let key_pos: Vec<u64> = l.window_pos.iter().chain(&positions).copied().collect();
         let w = geometry.window as u64;
-        // Row r is token r / group; key j of the window is at key_pos[j], sink j at position j.
-        let window_mask = self.mask(t * group, key_pos.len(), |r, j| {
-            let (i, pj) = (positions[r / group], key_pos[j]);
+        // The window's keys are positions `first_key..p0` (what it holds) then the chunk's.
+        let first_key = p0 - p0.min(w);
+        let n_keys = (p0 - first_key) as usize + t;
+        let window_mask = self.mask(t, n_keys, |r, j| {
+            let (i, pj) = (positions[r], first_key + j as u64);
             pj <= i && i - pj < w
         })?;
-        let sink_mask = self.mask(t * group, n_sinks, |r, j| {
-            positions[r / group] >= j as u64 + w
-        })?;
+        let sink_mask = self.mask(t, n_sinks, |r, j| positions[r] >= j as u64 + w)?;
         let step = Step {
             q,
             k,
@@ -319,11 +321,7 @@ impl AttentionCache for DeviceCache {
             window_mask,
         };
         let (out, stores) = lambda_step(&l.stores, &geometry, &step).map_err(tensor_err)?;
-        let l = &mut self.layers[layer];
-        l.stores = stores;
-        l.window_pos.extend(&positions);
-        let excess = l.window_pos.len().saturating_sub(geometry.window);
-        l.window_pos.drain(..excess);
+        self.layers[layer].stores = stores;
         Ok(out)
     }
 
