@@ -96,40 +96,22 @@ impl Checkpoint {
         }
     }
 
-    /// A weight matrix `[rows, cols]` for `x · Wᵀ`: quantized for GGUF, dense for safetensors.
+    /// A weight matrix `[rows, cols]` for `x · Wᵀ`: quantized for GGUF (dequantized where
+    /// candle's `QMatMul` decides so), dense for safetensors.
     pub fn matrix(&mut self, name: &str, shape: (usize, usize)) -> Result<QMatMul, ModelError> {
-        let (m, dims) = match self {
-            Self::Gguf(g) => {
-                let q = g.qtensor(name)?;
-                let dims = q.shape().dims().to_vec();
-                let m = QMatMul::from_qtensor(q)
-                    .map_err(|e| ModelError::Tensor(name.into(), candle_msg(&e)))?;
-                (m, dims)
-            }
-            Self::Hf(h) => {
-                let t = h.matrix(name)?;
-                let dims = t.dims().to_vec();
-                (QMatMul::Tensor(t), dims)
-            }
+        let m = match self.weight(name)? {
+            QMatMul::QTensor(q) => QMatMul::from_arc(q)
+                .map_err(|e| ModelError::Tensor(self.describe(name), candle_msg(&e)))?,
+            dense => dense,
         };
-        expect_shape(&self.describe(name), &dims, &[shape.0, shape.1])?;
+        expect_shape(&self.describe(name), &weight_dims(&m), &[shape.0, shape.1])?;
         Ok(m)
     }
 
     /// A token table `[vocab, hidden]` for row lookups; GGUF rows stay quantized until looked up.
     pub fn table(&mut self, name: &str, hidden: usize) -> Result<QMatMul, ModelError> {
-        let (m, dims) = match self {
-            Self::Gguf(g) => {
-                let q = g.qtensor(name)?;
-                let dims = q.shape().dims().to_vec();
-                (QMatMul::QTensor(Arc::new(q)), dims)
-            }
-            Self::Hf(h) => {
-                let t = h.matrix(name)?;
-                let dims = t.dims().to_vec();
-                (QMatMul::Tensor(t), dims)
-            }
-        };
+        let m = self.weight(name)?;
+        let dims = weight_dims(&m);
         if dims.len() != 2 || dims[1] != hidden {
             return Err(ModelError::Tensor(
                 self.describe(name),
@@ -137,6 +119,14 @@ impl Checkpoint {
             ));
         }
         Ok(m)
+    }
+
+    /// A 2-D weight as stored: a GGUF `QTensor`, or a safetensors tensor in the chosen dtype.
+    fn weight(&mut self, name: &str) -> Result<QMatMul, ModelError> {
+        Ok(match self {
+            Self::Gguf(g) => QMatMul::QTensor(Arc::new(g.qtensor(name)?)),
+            Self::Hf(h) => QMatMul::Tensor(h.matrix(name)?),
+        })
     }
 
     /// A vector (norm weight, bias) of `len` values as f32.
@@ -170,6 +160,14 @@ impl Checkpoint {
                 .collect(),
             Self::Hf(h) => h.dtype_summary(),
         }
+    }
+}
+
+/// The shape of a weight, whichever form it has.
+pub fn weight_dims(m: &QMatMul) -> Vec<usize> {
+    match m {
+        QMatMul::QTensor(q) => q.shape().dims().to_vec(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().to_vec(),
     }
 }
 

@@ -2,10 +2,10 @@
 //! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, weight_dims};
 use super::layers::{Linear, forward_err};
 use crate::model::candle_msg;
 
@@ -13,19 +13,23 @@ pub struct TokenEmbedding {
     table: QMatMul,
     rows: usize,
     hidden: usize,
+    /// Where the table lives: token ids are made there.
+    device: Device,
 }
 
 impl TokenEmbedding {
     pub fn load(ckpt: &mut Checkpoint, hidden: usize) -> Result<Self, ModelError> {
         let table = ckpt.table("token_embd.weight", hidden)?;
-        let rows = match &table {
-            QMatMul::QTensor(q) => q.shape().dims()[0],
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+        let rows = weight_dims(&table)[0];
+        let device = match &table {
+            QMatMul::QTensor(q) => q.device(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
         };
         Ok(Self {
             table,
             rows,
             hidden,
+            device,
         })
     }
 
@@ -42,11 +46,7 @@ impl TokenEmbedding {
                 self.rows
             )));
         }
-        let device = match &self.table {
-            QMatMul::QTensor(q) => q.device(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
-        };
-        let ids = Tensor::new(ids, &device).map_err(forward_err)?;
+        let ids = Tensor::new(ids, &self.device).map_err(forward_err)?;
         self.table
             .embedding(&ids)
             .and_then(|x| x.to_dtype(DType::F32))
