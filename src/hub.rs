@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::{Cache, Repo, RepoType};
 use serde_json::Value as Json;
 
+use crate::model::gguf::gguf_files_in;
 use crate::progress::Progress;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,10 +88,15 @@ pub fn cache() -> Cache {
     Cache::from_env()
 }
 
+/// Where the cache keeps `r`'s repository (`models--ORG--REPO`), whether or not it is there.
+pub fn repo_dir(r: &HubRef) -> PathBuf {
+    cache().path().join(r.hub_repo().folder_name())
+}
+
 /// The cached snapshot directory of `r`, if its revision has been downloaded: a branch or tag
 /// through `refs/`, a commit hash directly.
 fn snapshot_dir(r: &HubRef) -> Option<PathBuf> {
-    let repo_dir = cache().path().join(r.hub_repo().folder_name());
+    let repo_dir = repo_dir(r);
     let commit = std::fs::read_to_string(repo_dir.join("refs").join(&r.revision))
         .map(|c| c.trim().to_string())
         .unwrap_or_else(|_| r.revision.clone());
@@ -104,23 +110,11 @@ pub fn cached(r: &HubRef) -> Option<PathBuf> {
     match &r.file {
         Some(f) => Some(dir.join(f)).filter(|p| p.exists()),
         None if dir.join("config.json").is_file() => Some(dir),
-        None => match gguf_files(&dir).as_slice() {
-            [one] => Some(dir.join(one)),
+        None => match gguf_files_in(&dir).as_slice() {
+            [one] => Some(one.clone()),
             _ => None,
         },
     }
-}
-
-fn gguf_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".gguf"))
-        .collect();
-    v.sort();
-    v
 }
 
 /// Resolves `r` to a local path, downloading what the cache lacks.

@@ -59,9 +59,7 @@ pub fn run(command: Option<ModelsCommand>) -> Result<i32> {
                     bail!("rm removes whole repositories: write hf:{}", r.repo)
                 }
                 Some(r) => {
-                    let dir = hub::cache()
-                        .path()
-                        .join(format!("models--{}", r.repo.replace('/', "--")));
+                    let dir = hub::repo_dir(&r);
                     if !dir.is_dir() {
                         bail!("hf:{} is not in the Hugging Face cache", r.repo);
                     }

@@ -30,6 +30,18 @@ pub struct GgufFile {
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
+/// The `.gguf` files directly in `dir`, sorted by name.
+pub fn gguf_files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    v.sort();
+    v
+}
+
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let io = |e: std::io::Error| ModelError::Io(path.to_path_buf(), e);

@@ -330,11 +330,7 @@ impl HfModel {
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            let gguf = std::fs::read_dir(dir).ok().and_then(|entries| {
-                entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .find(|p| p.extension().is_some_and(|e| e == "gguf"))
-            });
+            let gguf = super::gguf::gguf_files_in(dir).into_iter().next();
             return Err(ModelError::NoConfig(dir.to_path_buf(), gguf));
         }
         let config = read_json(&config_path)?;
