@@ -14,8 +14,8 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma3, llama, phi3, qwen2, qwen3};
-use common::rel_err;
 use common::tiny::{ARCHITECTURES, Rng, WINDOW, rope_dim, tiny_model, write_gguf};
+use common::{assert_rows_close, rel_err};
 use lambdachat::attention::{LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
@@ -71,10 +71,7 @@ fn gguf_and_safetensors_loaders_agree_for_every_architecture() {
             our_logits(&g, params, &ids()),
             our_logits(&h, params, &ids()),
         );
-        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-            let err = rel_err(y, x);
-            assert!(err < 1e-5, "{arch} step {step}: relative error {err}");
-        }
+        assert_rows_close(&b, &a, 1e-5, &format!("{arch} loaders"));
     }
 }
 
@@ -164,10 +161,7 @@ fn converted_directories_match_candle_transformers_models() {
         let params = LambdaParams::new(4, 256, None).unwrap();
         let a = our_logits(&ours, params, ids);
         let b = candle_logits(arch, &t.hf, ids);
-        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-            let err = rel_err(x, y);
-            assert!(err < 1e-4, "{arch} step {step}: relative error {err}");
-        }
+        assert_rows_close(&a, &b, 1e-4, &format!("{arch} against candle"));
     }
 }
 
@@ -230,10 +224,7 @@ fn phi3_longrope_survives_conversion() {
         our_logits(&g, params, &ids()),
         our_logits(&h, params, &ids()),
     );
-    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-        let err = rel_err(y, x);
-        assert!(err < 1e-5, "step {step}: relative error {err}");
-    }
+    assert_rows_close(&b, &a, 1e-5, "phi3 LongRoPE loaders");
     let without = our_logits(&Engine::load(&plain).unwrap(), params, &ids());
     assert!(
         rel_err(&without[5], &a[5]) > 1e-2,

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::tiny::{ARCHITECTURES, write_gguf};
-use common::{default_model_path, rel_err, text_tokens};
+use common::{assert_rows_close, default_model_path, text_tokens};
 use lambdachat::attention::{AttentionCache, DeviceCache, LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
@@ -43,10 +43,7 @@ fn compare(
     let mut device = DeviceCache::new(layers, &Device::Cpu);
     let a = run(engine, &mut cpu, ids, chunk);
     let b = run(engine, &mut device, ids, chunk);
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let err = rel_err(y, x);
-        assert!(err < tolerance, "{what} token {i}: relative error {err}");
-    }
+    assert_rows_close(&b, &a, tolerance, what);
 }
 
 #[test]

@@ -32,6 +32,16 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     diff / scale
 }
 
+/// Asserts that each row of `got` is within `tolerance` of the same row of `want`, by
+/// [`rel_err`] (relative to `want`'s scale); `what` names the comparison in the message.
+pub fn assert_rows_close(got: &[Vec<f32>], want: &[Vec<f32>], tolerance: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: row counts differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = rel_err(g, w);
+        assert!(err < tolerance, "{what} row {i}: relative error {err}");
+    }
+}
+
 pub fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
