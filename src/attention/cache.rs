@@ -386,8 +386,101 @@ impl LayerCache {
 }
 
 /// Whether `pos` falls in one of the sorted, disjoint `ranges`.
-fn is_pinned(ranges: &[Range<u64>], pos: u64) -> bool {
+pub(super) fn is_pinned(ranges: &[Range<u64>], pos: u64) -> bool {
     ranges.iter().any(|r| r.contains(&pos))
+}
+
+/// Adds `range` to the sorted, disjoint `ranges`, merging what overlaps or touches.
+pub(super) fn add_range(ranges: &mut Vec<Range<u64>>, range: Range<u64>) {
+    ranges.push(range);
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::new();
+    for r in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    *ranges = merged;
+}
+
+/// Removes every position of `range` from the sorted, disjoint `ranges`.
+pub(super) fn remove_range(ranges: &mut Vec<Range<u64>>, range: Range<u64>) {
+    *ranges = ranges
+        .iter()
+        .flat_map(|r| {
+            [
+                r.start..r.end.min(range.start),
+                r.start.max(range.end)..r.end,
+            ]
+        })
+        .filter(|r| !r.is_empty())
+        .collect();
+}
+
+/// Per-layer probes (`(position, probability)` lists) averaged over `n_layers` layers, sorted
+/// by position: what the inspect view shows.
+pub(super) fn merge_shares<'a>(
+    layers: impl Iterator<Item = &'a [(u64, f32)]>,
+    n_layers: usize,
+) -> Vec<(u64, f32)> {
+    let mut all: Vec<(u64, f32)> = layers.flat_map(|l| l.iter().copied()).collect();
+    all.sort_unstable_by_key(|(p, _)| *p);
+    let n = n_layers.max(1) as f32;
+    let mut out: Vec<(u64, f32)> = Vec::with_capacity(all.len());
+    for (pos, p) in all {
+        match out.last_mut() {
+            Some((last, share)) if *last == pos => *share += p / n,
+            _ => out.push((pos, p / n)),
+        }
+    }
+    out
+}
+
+/// How a cache's layers look from the status bar's point of view.
+pub(super) struct Occupancy<'a> {
+    /// Tokens fed so far.
+    pub seen: u64,
+    /// The first full-attention layer's geometry and global-store positions.
+    pub reference: Option<(&'a LayerGeometry, &'a [u64])>,
+    pub slots_in_use: u64,
+    pub slot_capacity: u64,
+    pub bytes: u64,
+}
+
+impl CacheStats {
+    /// Counts for the status bar: attended/evicted as seen by the next query of the reference
+    /// layer.
+    pub(super) fn measure(o: Occupancy<'_>) -> Self {
+        let seen = o.seen;
+        let (global, pinned, window) = match o.reference {
+            Some((geometry, global_pos)) => {
+                let w = geometry.window as u64;
+                // The next query (position `seen`) sees `seen - j < w` locally.
+                let first_local = (seen + 1).saturating_sub(w);
+                let outside = |p: &&u64| **p < first_local;
+                let global = global_pos.iter().filter(outside).count() as u64;
+                let sinks = geometry.n_global as u64;
+                let pinned = global_pos
+                    .iter()
+                    .filter(outside)
+                    .filter(|p| **p >= sinks)
+                    .count() as u64;
+                (global, pinned, seen - first_local)
+            }
+            None => (0, 0, 0),
+        };
+        CacheStats {
+            tokens_seen: seen,
+            attended_global: global,
+            attended_window: window,
+            pinned,
+            evicted: seen - global - window,
+            slots_in_use: o.slots_in_use,
+            slot_capacity: o.slot_capacity,
+            bytes: o.bytes,
+        }
+    }
 }
 
 /// The bounded Λ cache of a whole model: one [`LayerCache`] per layer.
@@ -425,47 +518,26 @@ impl LambdaCache {
     /// Pins `range` (absolute positions): its tokens stay attended, like sinks, until unpinned.
     /// Returns how many of its tokens were already evicted and so cannot be pinned.
     pub fn pin(&mut self, range: Range<u64>) -> u64 {
-        let lost = self.reference_layer().map_or(0, |l| {
-            range
-                .clone()
-                .filter(|&p| p < self.next_position && !l.holds(p))
-                .count() as u64
-        });
-        self.pinned.push(range);
-        self.set_pinned();
+        let lost = range
+            .clone()
+            .filter(|&p| p < self.next_position && !self.holds(p))
+            .count() as u64;
+        add_range(&mut self.pinned, range);
+        self.apply_pins();
         lost
     }
 
     /// Stops pinning every position of `range`; those outside the window are evicted at once.
     pub fn unpin(&mut self, range: Range<u64>) {
-        self.pinned = self
-            .pinned
-            .iter()
-            .flat_map(|r| {
-                [
-                    r.start..r.end.min(range.start),
-                    r.start.max(range.end)..r.end,
-                ]
-            })
-            .filter(|r| !r.is_empty())
-            .collect();
-        self.set_pinned();
+        remove_range(&mut self.pinned, range);
+        self.apply_pins();
     }
 
     pub fn pinned(&self) -> &[Range<u64>] {
         &self.pinned
     }
 
-    fn set_pinned(&mut self) {
-        self.pinned.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::new();
-        for r in self.pinned.drain(..) {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        self.pinned = merged;
+    fn apply_pins(&mut self) {
         for layer in &mut self.layers {
             layer.set_pinned(&self.pinned);
         }
@@ -484,50 +556,19 @@ impl LambdaCache {
     /// The share of attention the last single-token pass gave each position, averaged over heads
     /// and layers, sorted by position. Shares sum to 1 (up to rounding). Empty unless probing.
     pub fn attention_shares(&self) -> Vec<(u64, f32)> {
-        let mut all: Vec<(u64, f32)> = self
-            .layers
-            .iter()
-            .flat_map(|l| l.last_attention().iter().copied())
-            .collect();
-        all.sort_unstable_by_key(|(p, _)| *p);
-        let n = self.layers.len().max(1) as f32;
-        let mut out: Vec<(u64, f32)> = Vec::with_capacity(all.len());
-        for (pos, p) in all {
-            match out.last_mut() {
-                Some((last, share)) if *last == pos => *share += p / n,
-                _ => out.push((pos, p / n)),
-            }
-        }
-        out
+        merge_shares(
+            self.layers.iter().map(|l| l.last_attention()),
+            self.layers.len(),
+        )
     }
 
     /// Counts for the status bar: attended/evicted as seen by the next query of a full layer.
     pub fn stats(&self) -> CacheStats {
-        let seen = self.next_position;
-        let (global, pinned, window) = match self.reference_layer() {
-            Some(l) => {
-                let w = l.geometry.window as u64;
-                // The next query (position `seen`) sees `seen - j < w` locally.
-                let first_local = (seen + 1).saturating_sub(w);
-                let outside = |p: &&u64| **p < first_local;
-                let global = l.global_pos.iter().filter(outside).count() as u64;
-                let sinks = l.geometry.n_global as u64;
-                let pinned = l
-                    .global_pos
-                    .iter()
-                    .filter(outside)
-                    .filter(|p| **p >= sinks)
-                    .count() as u64;
-                (global, pinned, seen - first_local)
-            }
-            None => (0, 0, 0),
-        };
-        CacheStats {
-            tokens_seen: seen,
-            attended_global: global,
-            attended_window: window,
-            pinned,
-            evicted: seen - global - window,
+        CacheStats::measure(Occupancy {
+            seen: self.next_position,
+            reference: self
+                .reference_layer()
+                .map(|l| (&l.geometry, l.global_pos.as_slice())),
             slots_in_use: self.layers.iter().map(|l| l.slots_in_use() as u64).sum(),
             slot_capacity: self
                 .layers
@@ -535,7 +576,7 @@ impl LambdaCache {
                 .map(|l| (l.geometry.n_global + l.geometry.window) as u64)
                 .sum(),
             bytes: self.layers.iter().map(|l| l.bytes() as u64).sum(),
-        }
+        })
     }
 }
 
@@ -564,9 +605,7 @@ impl AttentionCache for LambdaCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{
-        Rope, RopeStyle, reference_lambda_attention, reference_lambda_attention_pinned,
-    };
+    use crate::attention::{Rope, RopeStyle, reference_lambda_attention};
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
     struct Case {
@@ -761,91 +800,6 @@ mod tests {
         assert_eq!(s.evicted, 5);
         assert_eq!(s.slots_in_use, 6);
         assert_eq!(s.slot_capacity, 6);
-    }
-
-    /// Pinned tokens (set P) match the oracle, whether pinned before they arrive or while they
-    /// are still in the window, and the probe's shares are the oracle's probabilities.
-    #[test]
-    fn pinned_tokens_match_the_reference() {
-        let (hd, heads, kv, t) = (16, 4, 2, 90);
-        let params = LambdaParams::new(2, 16, None).unwrap();
-        let pins = [3..4u64, 20..26, 40..43];
-        let mut rng = StdRng::seed_from_u64(11);
-        let q = random(&mut rng, t * heads * hd);
-        let k: Vec<f32> = random(&mut rng, t * kv * hd)
-            .iter()
-            .map(|x| x * 3.0)
-            .collect();
-        let v = random(&mut rng, t * kv * hd);
-        for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
-            let rope = Rope::new(hd, 10_000.0, style);
-            let scale = 1.0 / (hd as f32).sqrt();
-            let expected = reference_lambda_attention_pinned(
-                &q, &k, &v, t, heads, kv, hd, params, &pins, &rope, scale,
-            );
-            let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, kv, hd)]);
-            cache.pin(pins[1].clone());
-            let mut got = Vec::new();
-            for (pos, chunk) in [(0, 30), (30, 1), (31, 13), (44, 1), (45, 45)] {
-                if pos == 44 {
-                    // Tokens 40..43 are still in the window: pinning them now loses nothing.
-                    assert_eq!(cache.pin(pins[2].clone()), 0);
-                    // Token 3 has left it, but the sinks' store never held it: lost.
-                    assert_eq!(cache.pin(pins[0].clone()), 1);
-                }
-                let input = AttentionInput {
-                    q: &q[pos * heads * hd..(pos + chunk) * heads * hd],
-                    k: &k[pos * kv * hd..(pos + chunk) * kv * hd],
-                    v: &v[pos * kv * hd..(pos + chunk) * kv * hd],
-                    n_tokens: chunk,
-                    n_heads: heads,
-                    rope: &rope,
-                    scale,
-                };
-                got.extend(cache.attend(0, &input).unwrap());
-                cache.advance(chunk);
-            }
-            // Token 3 was evicted before its pin, so the oracle with 3 pinned differs only in
-            // rows ≥ 44 that would see it; compare rows before that pin took effect exactly and
-            // the others against an oracle without token 3.
-            let expected_late = reference_lambda_attention_pinned(
-                &q,
-                &k,
-                &v,
-                t,
-                heads,
-                kv,
-                hd,
-                params,
-                &pins[1..],
-                &rope,
-                scale,
-            );
-            let row = heads * hd;
-            let err = got
-                .iter()
-                .enumerate()
-                .map(|(x, a)| {
-                    let e = if x < 19 * row {
-                        expected[x]
-                    } else {
-                        expected_late[x]
-                    };
-                    (*a as f64 - e).abs()
-                })
-                .fold(0.0, f64::max);
-            assert!(err <= 1e-5, "{style:?}: max |Δ| = {err}");
-            let s = cache.stats();
-            assert_eq!(s.pinned, 6 + 3);
-            assert_eq!(s.attended_global, 2 + 9);
-            assert_eq!(s.attended_window, 15);
-            assert_eq!(s.evicted, 90 - 11 - 15);
-            cache.unpin(21..41);
-            // The range of token 3 stays recorded (the message is pinned) though it is not held.
-            assert_eq!(cache.pinned(), &[3..4, 20..21, 41..43]);
-            assert_eq!(cache.stats().pinned, 3);
-            assert!(cache.holds(20) && !cache.holds(22) && cache.holds(1) && cache.holds(89));
-        }
     }
 
     #[test]

@@ -11,12 +11,14 @@ use candle_core::Tensor;
 mod cache;
 mod device;
 mod kernel;
+mod kv_cache;
 mod reference;
 mod rope;
 mod snapshot;
 
 pub use cache::{CacheStats, LambdaCache, LayerCache};
 pub use device::DeviceCache;
+pub use kv_cache::KvCache;
 pub use reference::{
     ReferenceCache, reference_lambda_attention, reference_lambda_attention_pinned,
 };

@@ -22,6 +22,8 @@ pub enum SnapshotError {
     Format(String),
     #[error("the snapshot does not fit this model or these Λ parameters: {0}")]
     Mismatch(String),
+    #[error("moving the cache to or from the device failed: {0}")]
+    Device(String),
 }
 
 impl From<safetensors::SafeTensorError> for SnapshotError {
