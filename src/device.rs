@@ -1,8 +1,8 @@
 //! `--device auto|cpu|cuda[:N]|metal`. GPUs come from candle's backends, compiled in only by
 //! lambdachat's `cuda` / `metal` cargo features; in a build without them a GPU device is a clear
-//! error, and `auto` is the CPU. With them, the weights and the model's matrix products run on
-//! the GPU; the Λ cache and sampling still run on the CPU (docs/ARCHITECTURE.md says what is
-//! left), and no such build has been run yet.
+//! error, and `auto` is the CPU. With them, the weights, the model's matrix products, the Λ
+//! cache ([`crate::attention::DeviceCache`]) and sampling run on the GPU: a decode step sends the
+//! token id up and brings the sampled id back, nothing else.
 
 use std::str::FromStr;
 
@@ -95,6 +95,16 @@ impl DeviceChoice {
     }
 }
 
+/// The device unit tests run the tensor paths on: `$LAMBDACHAT_TEST_DEVICE` (`cuda`, `metal`, …),
+/// else the CPU. The GPU check runs the same tests there.
+#[cfg(test)]
+pub(crate) fn test_device() -> candle_core::Device {
+    std::env::var("LAMBDACHAT_TEST_DEVICE").map_or(candle_core::Device::Cpu, |d| {
+        let choice: DeviceChoice = d.parse().expect("LAMBDACHAT_TEST_DEVICE");
+        choice.select().expect("LAMBDACHAT_TEST_DEVICE")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,7 +115,9 @@ mod tests {
         assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert!("tpu".parse::<DeviceChoice>().is_err());
-        assert!(DeviceChoice::Auto.select().unwrap().is_cpu());
+        if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
+            assert!(DeviceChoice::Auto.select().unwrap().is_cpu());
+        }
         assert!(DeviceChoice::Cpu.select().unwrap().is_cpu());
         let e = DeviceChoice::Metal.select().unwrap_err().to_string();
         assert!(e.contains("built without metal support"), "{e}");

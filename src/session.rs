@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::attention::{AttentionCache, CacheStats, LambdaCache, LambdaParams, SnapshotError};
+use candle_core::Tensor;
+
+use crate::attention::{
+    AttentionCache, AttentionError, CacheStats, KvCache, LambdaParams, SnapshotError,
+};
 use crate::chat::{Message, Role, TemplateError};
 use crate::engine::Engine;
 use crate::model::{Logits, ModelError, candle_msg};
@@ -32,6 +36,8 @@ pub enum SessionError {
     Sampling(#[from] SamplingError),
     #[error("logits: {0}")]
     Logits(String),
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
 }
 
 /// Why a reply ended.
@@ -111,14 +117,14 @@ pub struct SessionState {
 
 /// The state after a prompt's prefill, kept so `regenerate` can draw another reply.
 struct Checkpoint {
-    cache: LambdaCache,
+    cache: KvCache,
     state: SessionState,
-    logits: Vec<f32>,
+    logits: Tensor,
 }
 
 pub struct Session {
     engine: Arc<Engine>,
-    cache: LambdaCache,
+    cache: KvCache,
     state: SessionState,
     sampler: Sampler,
     checkpoint: Option<Checkpoint>,
@@ -133,7 +139,7 @@ impl Session {
         sampling: SamplingParams,
         system: Option<String>,
     ) -> Result<Self, SessionError> {
-        let cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+        let cache = KvCache::new(params, engine.model.layer_geometry(params), &engine.device);
         let mut state = SessionState::default();
         if let Some(s) = system {
             state.messages.push(Message::new(Role::System, s));
@@ -159,7 +165,8 @@ impl Session {
         snapshot: Option<&[u8]>,
     ) -> Result<(Self, Option<SnapshotError>), SessionError> {
         let layers = engine.model.layer_geometry(params);
-        let restored = snapshot.map(|b| LambdaCache::from_snapshot(b, params, layers.clone()));
+        let restored =
+            snapshot.map(|b| KvCache::from_snapshot(b, params, layers.clone(), &engine.device));
         let (cache, problem) = match restored {
             Some(Ok(c))
                 if c.next_position() as usize + state.pending.len() == state.tokens.len() =>
@@ -176,7 +183,7 @@ impl Session {
             None => (None, None),
         };
         let mut session = Self {
-            cache: LambdaCache::new(params, layers),
+            cache: KvCache::new(params, layers, &engine.device),
             engine,
             state: SessionState::default(),
             sampler: Sampler::new(sampling)?,
@@ -223,7 +230,7 @@ impl Session {
         Ok(())
     }
 
-    /// The cache as a safetensors snapshot (see [`LambdaCache::to_snapshot`]).
+    /// The cache as a safetensors snapshot (see [`crate::attention::LambdaCache::to_snapshot`]).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         self.cache.to_snapshot()
     }
@@ -294,11 +301,23 @@ impl Session {
         self.cache.pin(range)
     }
 
-    pub fn unpin(&mut self, index: usize) {
+    pub fn unpin(&mut self, index: usize) -> Result<(), SessionError> {
         let range = self.message_tokens(index);
         if !range.is_empty() {
-            self.cache.unpin(range);
+            self.cache.unpin(range)?;
         }
+        Ok(())
+    }
+
+    /// Runs the rest of the conversation on the tensor cache (the one a GPU uses) on the
+    /// engine's device, contents kept: how the GPU path is checked against the CPU one.
+    pub fn use_tensor_cache(&mut self) -> Result<(), SessionError> {
+        let device = self.engine.device.clone();
+        self.cache = self.cache.clone().into_device(&device)?;
+        if let Some(c) = &mut self.checkpoint {
+            c.cache = c.cache.clone().into_device(&device)?;
+        }
+        Ok(())
     }
 
     /// Positions pinned now.
@@ -306,15 +325,16 @@ impl Session {
         self.cache.pinned()
     }
 
-    /// Runs tokens through the model in chunks of `chunk` and returns the last token's logits.
-    /// When `cancel` is set between chunks, the rest is kept in `pending` and `None` returned.
+    /// Runs tokens through the model in chunks of `chunk` and returns the last token's logits
+    /// `[vocab]`, on the model's device. When `cancel` is set between chunks, the rest is kept
+    /// in `pending` and `None` returned.
     fn feed_cancellable(
         &mut self,
         ids: &[u32],
         chunk: usize,
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(TurnEvent<'_>),
-    ) -> Result<Option<Vec<f32>>, SessionError> {
+    ) -> Result<Option<Tensor>, SessionError> {
         let mut done = 0;
         let mut last = None;
         for piece in ids.chunks(chunk.max(1)) {
@@ -337,21 +357,20 @@ impl Session {
         let logits = last.ok_or_else(|| SessionError::Logits("nothing to feed".into()))?;
         logits
             .flatten_all()
-            .and_then(|l| l.to_vec1::<f32>())
             .map(Some)
             .map_err(|e| SessionError::Logits(candle_msg(&e)))
     }
 
-    /// Runs tokens through the model in chunks and returns the last token's logits.
-    pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>, SessionError> {
+    /// Runs tokens through the model in chunks and returns the last token's logits `[vocab]`.
+    pub fn feed(&mut self, ids: &[u32]) -> Result<Tensor, SessionError> {
         let never = AtomicBool::new(false);
         self.feed_cancellable(ids, self.prefill_chunk, &never, &mut |_| {})?
             .ok_or_else(|| SessionError::Logits("nothing to feed".into()))
     }
 
-    /// Samples the next token and remembers it for the repeat penalty.
-    pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32, SessionError> {
-        let id = self.sampler.sample(logits, &self.state.recent)?;
+    /// Samples the next token (on the logits' device) and remembers it for the repeat penalty.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32, SessionError> {
+        let id = self.sampler.sample_tensor(logits, &self.state.recent)?;
         self.state.recent.push(id);
         let keep = self.sampler.params().repeat_last_n.max(1);
         if self.state.recent.len() > 2 * keep {
@@ -524,7 +543,7 @@ impl Session {
     /// Samples a reply after a prefill and records it as the assistant's message.
     fn generate(
         &mut self,
-        mut logits: Vec<f32>,
+        mut logits: Tensor,
         max_tokens: Option<usize>,
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(TurnEvent<'_>),
@@ -542,7 +561,7 @@ impl Session {
             if max_tokens.is_some_and(|m| generated >= m) {
                 break StopReason::Length;
             }
-            let id = self.sample(&mut logits)?;
+            let id = self.sample(&logits)?;
             if engine.is_stop(id) {
                 self.state.pending.push(id);
                 break StopReason::EndOfTurn;

@@ -422,8 +422,10 @@ impl Worker<'_> {
                 self.timeline();
             }
             Command::Unpin(i) => {
-                self.session.unpin(i);
-                self.emit.send(Event::Notice("unpinned".into()));
+                match self.session.unpin(i) {
+                    Ok(()) => self.emit.send(Event::Notice("unpinned".into())),
+                    Err(e) => self.emit.send(Event::Error(format!("cannot unpin: {e}"))),
+                }
                 self.timeline();
             }
             Command::Inspect(i) => self.inspect(i),

@@ -1,15 +1,20 @@
-//! The device cache (`DeviceCache`: the Λ rule in candle tensor operations, the path a GPU takes)
-//! gives the same logits as the CPU cache through whole models, on the CPU device: every
-//! architecture's tiny model and the real default model, with evictions.
+//! The GPU path — the tensor Λ cache (`DeviceCache`) and the device sampler — gives what the CPU
+//! path gives, through whole models: every architecture's tiny model (weights and cache on the
+//! test device, `$LAMBDACHAT_TEST_DEVICE`, else the CPU) and the real default model, with
+//! evictions; and a whole session on it decodes the same greedy tokens.
 
 mod common;
 
-use candle_core::Device;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
 use common::tiny::{ARCHITECTURES, write_gguf};
-use common::{assert_rows_close, default_model_path, text_tokens};
+use common::{assert_rows_close, default_model_path, test_device, text_tokens};
 use lambdachat::attention::{AttentionCache, DeviceCache, LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
-use lambdachat::model::Logits;
+use lambdachat::model::{LoadOptions, Logits};
+use lambdachat::sampling::SamplingParams;
+use lambdachat::session::Session;
 
 /// All-rows logits of `ids` fed in chunks of `chunk` through `cache`.
 fn run(
@@ -24,40 +29,55 @@ fn run(
                 .model
                 .forward(c, cache, Logits::All)
                 .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
                 .to_vec2::<f32>()
                 .unwrap()
         })
         .collect()
 }
 
+/// The CPU path (`cpu` engine, host cache) against the tensor cache on `on_device`'s device.
 fn compare(
-    engine: &Engine,
+    cpu: &Engine,
+    on_device: &Engine,
     params: LambdaParams,
     ids: &[u32],
     chunk: usize,
     tolerance: f32,
     what: &str,
 ) {
-    let layers = engine.model.layer_geometry(params);
-    let mut cpu = LambdaCache::new(params, layers.clone());
-    let mut device = DeviceCache::new(layers, &Device::Cpu);
-    let a = run(engine, &mut cpu, ids, chunk);
-    let b = run(engine, &mut device, ids, chunk);
+    let layers = cpu.model.layer_geometry(params);
+    let mut host = LambdaCache::new(params, layers.clone());
+    let mut tensor = DeviceCache::new(params, layers, &on_device.device);
+    let a = run(cpu, &mut host, ids, chunk);
+    let b = run(on_device, &mut tensor, ids, chunk);
     assert_rows_close(&b, &a, tolerance, what);
+}
+
+fn load_on(path: &std::path::Path, device: &Device) -> Engine {
+    let options = LoadOptions {
+        dtype: DType::F32,
+        device: device.clone(),
+    };
+    Engine::load_with(path, options).unwrap()
 }
 
 #[test]
 fn every_architecture_agrees_with_the_cpu_cache() {
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % 280).collect();
+    let device = test_device();
     for arch in ARCHITECTURES {
         let path = dir.path().join(format!("{arch}.gguf"));
         write_gguf(&path, arch);
-        let engine = Engine::load(&path).unwrap();
+        let cpu = Engine::load(&path).unwrap();
+        let on_device = load_on(&path, &device);
         let params = LambdaParams::new(2, 6, None).unwrap();
         for chunk in [1, 7, 40] {
             compare(
-                &engine,
+                &cpu,
+                &on_device,
                 params,
                 &ids,
                 chunk,
@@ -65,6 +85,57 @@ fn every_architecture_agrees_with_the_cpu_cache() {
                 &format!("{arch} chunk {chunk}"),
             );
         }
+    }
+}
+
+/// Greedy decoding through `Session` (prefill, then sample and feed one token at a time).
+fn greedy(session: &mut Session, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut logits = session.feed(prompt).unwrap();
+    (0..n)
+        .map(|_| {
+            let id = session.sample(&logits).unwrap();
+            logits = session.feed(&[id]).unwrap();
+            id
+        })
+        .collect()
+}
+
+/// A whole session on the GPU path — tensor cache and, off the CPU, the device sampler — decodes
+/// the CPU session's greedy tokens, past several evictions.
+#[test]
+fn a_session_on_the_tensor_cache_decodes_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device();
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 53 + 11) % 280).collect();
+    let sampling = SamplingParams {
+        temperature: 0.0,
+        repeat_penalty: 1.3,
+        ..SamplingParams::default()
+    };
+    for arch in ARCHITECTURES {
+        let path = dir.path().join(format!("{arch}.gguf"));
+        write_gguf(&path, arch);
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let mut cpu = Session::new(
+            Arc::new(Engine::load(&path).unwrap()),
+            params,
+            sampling.clone(),
+            None,
+        )
+        .unwrap();
+        let mut gpu = Session::new(
+            Arc::new(load_on(&path, &device)),
+            params,
+            sampling.clone(),
+            None,
+        )
+        .unwrap();
+        gpu.use_tensor_cache().unwrap();
+        let want = greedy(&mut cpu, &prompt, 24);
+        let got = greedy(&mut gpu, &prompt, 24);
+        assert_eq!(got, want, "{arch}");
+        assert_eq!(gpu.stats().tokens_seen, cpu.stats().tokens_seen, "{arch}");
+        assert_eq!(gpu.stats().evicted, cpu.stats().evicted, "{arch}");
     }
 }
 
@@ -76,5 +147,5 @@ fn the_default_model_agrees_with_the_cpu_cache_after_evictions() {
     let engine = Engine::load(&default_model_path()).unwrap();
     let ids = text_tokens(&engine, 70);
     let params = LambdaParams::new(4, 32, None).unwrap();
-    compare(&engine, params, &ids, 16, 1e-4, "qwen2.5-0.5b");
+    compare(&engine, &engine, params, &ids, 16, 1e-4, "qwen2.5-0.5b");
 }

@@ -208,7 +208,7 @@ fn message_tokens_and_pins() {
             .any(|p| s.token_state(p) == TokenState::Evicted)
     );
     assert!(s.stats().pinned >= code_word.end - code_word.start);
-    s.unpin(0);
+    s.unpin(0).unwrap();
     assert!(
         code_word
             .clone()

@@ -118,7 +118,7 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
         started = Instant::now();
         let mut mark = Instant::now();
         for t in 1..=args.tokens {
-            let id = session.sample(&mut logits)?;
+            let id = session.sample(&logits)?;
             logits = session.feed(&[id])?;
             if t % every == 0 || t == args.tokens {
                 let span = (t - 1) % every + 1;
@@ -206,6 +206,8 @@ fn prefill(args: PrefillArgs, config: &Config) -> Result<i32> {
             session.set_prefill_chunk(args.chunk);
             let start = Instant::now();
             session.feed(&ids)?;
+            // A GPU queues the work and returns at once: the time is the device's, not the queue's.
+            engine.device.synchronize()?;
             rates.push(ids.len() as f64 / start.elapsed().as_secs_f64());
         }
         Ok(())

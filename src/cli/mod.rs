@@ -71,14 +71,15 @@ pub struct ModelArgs {
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
     /// dtype of safetensors weight matrices (GGUF weights keep their quantization)
-    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
-    pub dtype: WeightDtype,
+    /// [default: f32 on a CPU, bf16 on CUDA, f16 on Metal]
+    #[arg(long, value_enum)]
+    pub dtype: Option<WeightDtype>,
     /// Where to compute: auto, cpu, cuda[:N] or metal (this build: the CPU)
     #[arg(long, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 }
 
-/// The dtypes safetensors weights can be held in on the CPU.
+/// The dtypes safetensors weights can be held in.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightDtype {
     F32,
@@ -90,13 +91,21 @@ impl ModelArgs {
     /// The dtype and the device (checked now: a GPU this build cannot use is an error before
     /// anything is fetched or loaded).
     pub fn load_options(&self) -> Result<LoadOptions, DeviceError> {
+        let device = self.device.select()?;
+        // A CPU computes f32 fastest (candle has no bf16 CPU matmul); a GPU's tensor cores want
+        // half precision, and Metal's bf16 support depends on the chip.
+        let dtype = self.dtype.unwrap_or(match &device {
+            candle_core::Device::Cpu => WeightDtype::F32,
+            candle_core::Device::Cuda(_) => WeightDtype::Bf16,
+            candle_core::Device::Metal(_) => WeightDtype::F16,
+        });
         Ok(LoadOptions {
-            dtype: match self.dtype {
+            dtype: match dtype {
                 WeightDtype::F32 => candle_core::DType::F32,
                 WeightDtype::F16 => candle_core::DType::F16,
                 WeightDtype::Bf16 => candle_core::DType::BF16,
             },
-            device: self.device.select()?,
+            device,
         })
     }
 }

@@ -1,8 +1,11 @@
 //! Next-token sampling: repeat penalty, then temperature, top-k, top-p and min-p, as llama.cpp
 //! orders them. Temperature 0 is greedy (argmax after the penalty).
 
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+mod device;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
@@ -44,6 +47,8 @@ pub enum SamplingError {
     RepeatPenalty(f32),
     #[error("the model produced no logits")]
     Empty,
+    #[error("sampling on the device failed: {0}")]
+    Device(String),
 }
 
 impl SamplingParams {
@@ -87,11 +92,7 @@ impl Sampler {
         }
         let p = &self.params;
         if p.repeat_penalty != 1.0 {
-            let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut recent: Vec<u32> = history[start..].to_vec();
-            recent.sort_unstable();
-            recent.dedup();
-            for id in recent {
+            for id in recent_tokens(history, p.repeat_last_n) {
                 if let Some(l) = logits.get_mut(id as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repeat_penalty
@@ -148,6 +149,54 @@ impl Sampler {
         }
         Ok(cands[keep - 1].0)
     }
+}
+
+impl Sampler {
+    /// Picks the next token from a logits row `[vocab]` where it lies: a CPU row goes through
+    /// [`Self::sample`]; a GPU row is sampled there ([`Self::sample_on_device`]), so only the id
+    /// crosses to the host.
+    pub fn sample_tensor(
+        &mut self,
+        logits: &Tensor,
+        history: &[u32],
+    ) -> Result<u32, SamplingError> {
+        if logits.device().is_cpu() {
+            let mut row = logits
+                .flatten_all()
+                .and_then(|l| l.to_dtype(DType::F32))
+                .and_then(|l| l.to_vec1::<f32>())
+                .map_err(|e| SamplingError::Device(crate::model::candle_msg(&e)))?;
+            self.sample(&mut row, history)
+        } else {
+            self.sample_on_device(logits, history)
+        }
+    }
+
+    /// The same rules as [`Self::sample`] in tensor operations on the logits' own device
+    /// (see `device.rs` for how it differs: ties with the k-th logit, the order of the draw).
+    pub fn sample_on_device(
+        &mut self,
+        logits: &Tensor,
+        history: &[u32],
+    ) -> Result<u32, SamplingError> {
+        let p = &self.params;
+        let recent = if p.repeat_penalty != 1.0 {
+            recent_tokens(history, p.repeat_last_n)
+        } else {
+            Vec::new()
+        };
+        let u = self.rng.random_range(0.0f32..1.0);
+        device::sample(logits, &self.params, &recent, u)
+    }
+}
+
+/// The distinct tokens among the last `n` of `history`: what the repeat penalty applies to.
+fn recent_tokens(history: &[u32], n: usize) -> Vec<u32> {
+    let start = history.len().saturating_sub(n);
+    let mut recent = history[start..].to_vec();
+    recent.sort_unstable();
+    recent.dedup();
+    recent
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -227,6 +276,95 @@ mod tests {
         assert_eq!(a, draw(1));
         let ones = a.iter().filter(|x| **x == 1).count() as f32 / 2000.0;
         assert!((ones - 0.75).abs() < 0.04, "{ones}");
+    }
+
+    /// The device sampler (on the test device) follows the host sampler's rules: the same
+    /// greedy pick after the penalty, the same distribution under temperature, top-k, top-p,
+    /// min-p and penalty, nothing outside what they keep, and a seed reproduces its draws.
+    #[test]
+    fn the_device_sampler_draws_like_the_host_sampler() {
+        let device = crate::device::test_device();
+        let logits = [
+            2.0,
+            1.5,
+            1.4,
+            1.0,
+            0.5,
+            0.0,
+            -0.5,
+            f32::NAN,
+            -3.0,
+            0.9,
+            1.6,
+            -1.0,
+        ];
+        let row = Tensor::new(&logits, &device).unwrap();
+        let history = [1u32, 10, 10];
+        let mut greedy = sampler(|p| {
+            p.temperature = 0.0;
+            p.repeat_penalty = 1.3;
+        });
+        // The penalty lowers tokens 1 and 10; token 0 stays the best.
+        assert_eq!(greedy.sample_on_device(&row, &history).unwrap(), 0);
+        let mut greedy = sampler(|p| {
+            p.temperature = 0.0;
+            p.repeat_penalty = 2.0;
+        });
+        assert_eq!(
+            greedy.sample_on_device(&row, &[0]).unwrap(),
+            greedy.sample(&mut logits.clone(), &[0]).unwrap()
+        );
+        // Each rule set has one cut that binds: top-k, then top-p, then min-p.
+        let rule_sets: [(usize, f32, f32); 3] = [(3, 1.0, 0.0), (6, 0.9, 0.0), (0, 1.0, 0.3)];
+        let rules = |(top_k, top_p, min_p): (usize, f32, f32)| {
+            move |p: &mut SamplingParams| {
+                p.temperature = 0.8;
+                p.top_k = top_k;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.repeat_penalty = 1.3;
+            }
+        };
+        let n = 6000;
+        let frequencies = |set, on_device: bool| {
+            let mut s = sampler(rules(set));
+            let mut counts = [0usize; 12];
+            for _ in 0..n {
+                let id = if on_device {
+                    s.sample_on_device(&row, &history).unwrap()
+                } else {
+                    s.sample(&mut logits.clone(), &history).unwrap()
+                };
+                counts[id as usize] += 1;
+            }
+            counts.map(|c| c as f64 / n as f64)
+        };
+        for set in rule_sets {
+            let (host, dev) = (frequencies(set, false), frequencies(set, true));
+            for (id, (h, d)) in host.iter().zip(&dev).enumerate() {
+                assert!(
+                    (h - d).abs() < 0.03,
+                    "{set:?} token {id}: host {h:.3}, device {d:.3}"
+                );
+                if *h == 0.0 {
+                    assert_eq!(
+                        *d, 0.0,
+                        "{set:?}: token {id} is cut on the host, not on the device"
+                    );
+                }
+            }
+        }
+        let draws = |seed| {
+            let mut s = sampler(|p| {
+                rules(rule_sets[1])(p);
+                p.seed = seed;
+            });
+            (0..50)
+                .map(|_| s.sample_on_device(&row, &history).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draws(3), draws(3));
+        assert_ne!(draws(3), draws(4));
     }
 
     #[test]
