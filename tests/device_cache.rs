@@ -7,8 +7,9 @@ mod common;
 
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
-use common::tiny::{ARCHITECTURES, write_gguf};
+use common::tiny::{ARCHITECTURES, tiny_model, write_gguf};
 use common::{assert_rows_close, default_model_path, test_device, text_tokens};
 use lambdachat::attention::{AttentionCache, DeviceCache, LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
@@ -136,6 +137,43 @@ fn a_session_on_the_tensor_cache_decodes_the_same_tokens() {
         assert_eq!(got, want, "{arch}");
         assert_eq!(gpu.stats().tokens_seen, cpu.stats().tokens_seen, "{arch}");
         assert_eq!(gpu.stats().evicted, cpu.stats().evicted, "{arch}");
+    }
+}
+
+/// Quantized GGUF weights (Q8_0, Q4_0) on the device: the GPU path's logits match the CPU's.
+/// On the CPU device the kernels are the same, so the match is tight; a GPU quantizes the
+/// activations differently (q8_1 blocks against the CPU's q8_0), which the looser bound covers.
+#[test]
+fn quantized_weights_run_on_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device();
+    let mut parts = tiny_model("qwen2");
+    for (i, (name, t)) in parts.tensors.iter_mut().enumerate() {
+        if name.starts_with("blk.") && name.ends_with(".weight") && t.shape().dims().len() == 2 {
+            let kind = [GgmlDType::Q8_0, GgmlDType::Q4_0][i % 2];
+            let values = t.dequantize(&Device::Cpu).unwrap();
+            *t = QTensor::quantize(&values, kind).unwrap();
+        }
+    }
+    let path = dir.path().join("q.gguf");
+    parts.write(&path);
+    let cpu = Engine::load(&path).unwrap();
+    let on_device = load_on(&path, &device);
+    let quants: Vec<&str> = cpu.quant.iter().map(|(q, _)| q.as_str()).collect();
+    assert!(quants.iter().any(|q| q.contains("Q4_0")), "{quants:?}");
+    let ids: Vec<u32> = (0..30u32).map(|i| (i * 41 + 3) % 280).collect();
+    let tolerance = if device.is_cpu() { 1e-4 } else { 5e-2 };
+    let params = LambdaParams::new(2, 8, None).unwrap();
+    for chunk in [1, 30] {
+        compare(
+            &cpu,
+            &on_device,
+            params,
+            &ids,
+            chunk,
+            tolerance,
+            &format!("Q8_0/Q4_0 chunk {chunk}"),
+        );
     }
 }
 
