@@ -70,7 +70,9 @@ fn draw(logits: &Tensor, p: &SamplingParams, recent: &[u32], u: f32) -> Result<O
         let count = |t: &Tensor| l.broadcast_ge(t)?.to_dtype(DType::F32)?.sum_keepdim(0);
         let lo = (&max - (110.0 * p.temperature as f64 + 1.0))?;
         let hi = (&max + 1.0)?;
-        let threshold = bisect(lo, hi, VALUE_STEPS, |mid| count(mid)?.ge(p.top_k as f64))?;
+        let threshold = bisect(lo, hi, VALUE_STEPS, false, |mid| {
+            count(mid)?.ge(p.top_k as f64)
+        })?;
         keep = l.broadcast_ge(&threshold)?.where_cond(&keep, &zero)?;
     }
     // Probabilities over what top-k kept, at the temperature.
@@ -86,7 +88,9 @@ fn draw(logits: &Tensor, p: &SamplingParams, recent: &[u32], u: f32) -> Result<O
         };
         let lo = best.zeros_like()?;
         let hi = (&best * 2.0)?;
-        let threshold = bisect(lo, hi, VALUE_STEPS, |mid| mass(mid)?.ge(p.top_p as f64))?;
+        let threshold = bisect(lo, hi, VALUE_STEPS, false, |mid| {
+            mass(mid)?.ge(p.top_p as f64)
+        })?;
         keep = probs.broadcast_ge(&threshold)?.where_cond(&keep, &zero)?;
     }
     if p.min_p > 0.0 {
@@ -105,7 +109,9 @@ fn draw(logits: &Tensor, p: &SamplingParams, recent: &[u32], u: f32) -> Result<O
     let hi = Tensor::new(&[vocab as f32 - 1.0], l.device())?;
     let steps = (usize::BITS - vocab.leading_zeros()) as usize + 1;
     // Largest m with running(m) ≤ target; the answer is m + 1 (kept by `hi`).
-    let below = bisect_floor(lo, hi, steps, |mid| running(mid)?.broadcast_le(&target))?;
+    let below = bisect(lo, hi, steps, true, |mid| {
+        running(mid)?.broadcast_le(&target)
+    })?;
     let id = (below + 1.0)?
         .minimum(vocab as f64 - 1.0)?
         .to_dtype(DType::U32)?;
@@ -113,30 +119,19 @@ fn draw(logits: &Tensor, p: &SamplingParams, recent: &[u32], u: f32) -> Result<O
 }
 
 /// Bisection on a `[1]` interval: `lo` always satisfies `ok`, `hi` never does; returns `lo`.
+/// With `integers`, midpoints are rounded down (indices held in f32, exact below 2^24).
 fn bisect(
     mut lo: Tensor,
     mut hi: Tensor,
     steps: usize,
+    integers: bool,
     ok: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     for _ in 0..steps {
-        let mid = ((&lo + &hi)? * 0.5)?;
-        let yes = ok(&mid)?;
-        lo = yes.where_cond(&mid, &lo)?;
-        hi = yes.where_cond(&hi, &mid)?;
-    }
-    Ok(lo)
-}
-
-/// [`bisect`] over integers held in f32 (indices below 2^24).
-fn bisect_floor(
-    mut lo: Tensor,
-    mut hi: Tensor,
-    steps: usize,
-    ok: impl Fn(&Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    for _ in 0..steps {
-        let mid = ((&lo + &hi)? * 0.5)?.floor()?;
+        let mut mid = ((&lo + &hi)? * 0.5)?;
+        if integers {
+            mid = mid.floor()?;
+        }
         let yes = ok(&mid)?;
         lo = yes.where_cond(&mid, &lo)?;
         hi = yes.where_cond(&hi, &mid)?;
