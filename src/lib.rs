@@ -13,6 +13,7 @@ pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod hub;
+pub mod kernels;
 pub mod logging;
 pub mod model;
 pub mod progress;

@@ -3,13 +3,14 @@
 //!
 //! Activations are 2-D `[tokens, features]` f32 tensors (batch size is always 1 in a chat).
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Module, Tensor};
 use candle_nn::RmsNorm;
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
 use crate::attention::{AttentionCache, Rope, TensorInput};
+use crate::kernels::Q5_0Matrix;
 use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -19,10 +20,41 @@ pub fn forward_err(e: candle_core::Error) -> ModelError {
     ModelError::Forward(candle_msg(&e))
 }
 
-/// A quantized weight matrix with an optional f32 bias.
+/// A weight matrix (quantized, or dense in any dtype) with an optional f32 bias.
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// Who multiplies by a weight matrix.
+enum Weight {
+    /// candle: dense tensors, and the quantized types whose CPU kernels it vectorizes.
+    Candle(QMatMul),
+    /// Q5_0 on the CPU: lambdachat's kernel (candle's is scalar; see `crate::kernels`).
+    Q5_0(Q5_0Matrix),
+}
+
+impl Weight {
+    /// Hands Q5_0 CPU matrices to our kernel, unless `LAMBDACHAT_KERNELS=candle` asks for
+    /// candle's everywhere (for side-by-side measurements). The kernel keeps the GGUF bytes as
+    /// they are: the weights are moved, not copied twice.
+    fn new(q: QMatMul, name: &str) -> Result<Self> {
+        let ours = std::env::var("LAMBDACHAT_KERNELS").map_or(true, |k| k != "candle");
+        match &q {
+            QMatMul::QTensor(t) if ours && t.dtype() == GgmlDType::Q5_0 && t.device().is_cpu() => {
+                let tensor_err = |e: String| ModelError::Tensor(name.to_string(), e);
+                let (rows, cols) = t.shape().dims2().map_err(|e| tensor_err(candle_msg(&e)))?;
+                let bytes = t
+                    .data()
+                    .map_err(|e| tensor_err(candle_msg(&e)))?
+                    .into_owned();
+                let m =
+                    Q5_0Matrix::new(bytes, rows, cols).map_err(|e| tensor_err(e.to_string()))?;
+                Ok(Self::Q5_0(m))
+            }
+            _ => Ok(Self::Candle(q)),
+        }
+    }
 }
 
 impl Linear {
@@ -33,7 +65,8 @@ impl Linear {
         shape: (usize, usize),
         with_bias: bool,
     ) -> Result<Self> {
-        let weight = ckpt.matrix(&format!("{name}.weight"), shape)?;
+        let weight_name = format!("{name}.weight");
+        let weight = Weight::new(ckpt.matrix(&weight_name, shape)?, &weight_name)?;
         let bias = if with_bias {
             Some(ckpt.vector(&format!("{name}.bias"), shape.0)?)
         } else {
@@ -42,20 +75,26 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// A layer over a matrix shared with something else (a tied output head shares the token
+    /// table): candle multiplies it, so the bytes are not copied for a kernel of ours.
     pub fn from_qmatmul(weight: QMatMul) -> Self {
-        Self { weight, bias: None }
+        Self {
+            weight: Weight::Candle(weight),
+            bias: None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             // bf16/f16 safetensors weights: multiply in their dtype, keep activations f32.
-            QMatMul::Tensor(w) if w.dtype() != x.dtype() => x
+            Weight::Candle(QMatMul::Tensor(w)) if w.dtype() != x.dtype() => x
                 .to_dtype(w.dtype())
                 .and_then(|x| x.matmul(&w.t()?))
-                .and_then(|y| y.to_dtype(x.dtype())),
-            w => w.forward(x),
-        }
-        .map_err(forward_err)?;
+                .and_then(|y| y.to_dtype(x.dtype()))
+                .map_err(forward_err)?,
+            Weight::Candle(w) => w.forward(x).map_err(forward_err)?,
+            Weight::Q5_0(m) => q5_0_forward(m, x)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(forward_err),
             None => Ok(y),
@@ -325,6 +364,23 @@ impl SelfAttention {
         let out = cache.attend_tensors(layer, &input)?;
         self.o.forward(&out)
     }
+}
+
+/// `x` `[tokens, cols]` (f32, on the CPU) times a Q5_0 matrix, without copying `x`.
+fn q5_0_forward(m: &Q5_0Matrix, x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous().map_err(forward_err)?;
+    let (t, cols) = x.dims2().map_err(forward_err)?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let values = match &*storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_err(forward_err)?,
+            _ => return Err(ModelError::Forward("Q5_0 kernel given a GPU tensor".into())),
+        };
+        let start = layout.start_offset();
+        m.matmul(&values[start..start + t * cols], t)
+            .map_err(|e| ModelError::Forward(e.to_string()))?
+    };
+    Tensor::from_vec(y, (t, m.rows()), x.device()).map_err(forward_err)
 }
 
 /// Final norm and output projection, on the last row only when that is all the caller needs
