@@ -11,8 +11,6 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::kernel::{Rows, Segment, attend_group, mean_probabilities};
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, check_input,
@@ -285,60 +283,73 @@ impl LayerCache {
         let this = &*self;
         let window = window as u64;
         let probe = self.probe && n == 1;
-        let probes: Vec<Option<Vec<f32>>> = out
-            .par_chunks_mut(width)
-            .enumerate()
-            .map_init(Vec::new, |scratch, (task, out)| {
-                let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
-                let i = pos0 + t as u64;
-                let q_off = task * width;
-                let view = |keys, values, len| Rows {
-                    keys,
-                    values,
-                    stride: row,
-                    offset: kv * head_dim,
-                    len,
-                };
-                let sinks = Segment {
-                    rows: view(
-                        &this.global_k,
-                        &this.global_v,
-                        if q_glob.is_some() {
-                            this.global_len()
-                        } else {
-                            0
-                        },
-                    ),
-                    queries: q_glob
-                        .as_deref()
-                        .map_or(&[][..], |q| &q[q_off..q_off + width]),
-                    visible: |j: usize| this.global_pos[j] + window <= i,
-                };
-                let queries = &q_loc[q_off..q_off + width];
-                let ring = Segment {
-                    rows: view(&this.ring_k, &this.ring_v, this.ring_len()),
-                    queries,
-                    visible: |slot: usize| {
-                        let j = this.ring_pos[slot];
-                        j <= i && i - j < window
+        let n_tasks = n * n_kv_heads;
+        let mut probes: Vec<Option<Vec<f32>>> = vec![None; n_tasks];
+        let tasks = TaskOutputs {
+            out: out.as_mut_ptr(),
+            probes: probes.as_mut_ptr(),
+            width,
+        };
+        let attend_task = |task: usize, scratch: &mut Vec<f32>| {
+            // SAFETY: every task index is run once, and task `task` owns these two places.
+            let (out, probe_slot) = unsafe { tasks.get(task) };
+            let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
+            let i = pos0 + t as u64;
+            let q_off = task * width;
+            let view = |keys, values, len| Rows {
+                keys,
+                values,
+                stride: row,
+                offset: kv * head_dim,
+                len,
+            };
+            let sinks = Segment {
+                rows: view(
+                    &this.global_k,
+                    &this.global_v,
+                    if q_glob.is_some() {
+                        this.global_len()
+                    } else {
+                        0
                     },
-                };
-                let chunk = Segment {
-                    rows: view(&k_rot, input.v, n),
-                    queries,
-                    visible: |u: usize| u <= t && ((t - u) as u64) < window,
-                };
-                attend_group(
-                    [&sinks, &ring, &chunk],
-                    group,
-                    head_dim,
-                    input.scale,
-                    out,
-                    scratch,
-                );
-                probe.then(|| mean_probabilities(scratch, group))
-            })
-            .collect();
+                ),
+                queries: q_glob
+                    .as_deref()
+                    .map_or(&[][..], |q| &q[q_off..q_off + width]),
+                visible: |j: usize| this.global_pos[j] + window <= i,
+            };
+            let queries = &q_loc[q_off..q_off + width];
+            let ring = Segment {
+                rows: view(&this.ring_k, &this.ring_v, this.ring_len()),
+                queries,
+                visible: |slot: usize| {
+                    let j = this.ring_pos[slot];
+                    j <= i && i - j < window
+                },
+            };
+            let chunk = Segment {
+                rows: view(&k_rot, input.v, n),
+                queries,
+                visible: |u: usize| u <= t && ((t - u) as u64) < window,
+            };
+            attend_group(
+                [&sinks, &ring, &chunk],
+                group,
+                head_dim,
+                input.scale,
+                out,
+                scratch,
+            );
+            *probe_slot = probe.then(|| mean_probabilities(scratch, group));
+        };
+        // On candle's thread pool, as the matrix kernels: a second pool's threads would compete
+        // with its spinning workers for the cores (measured: attention at half speed).
+        candle_core::utils::barrier_pool().execute_chunked(n_tasks, |range| {
+            let mut scratch = Vec::new();
+            for task in range {
+                attend_task(task, &mut scratch);
+            }
+        });
         if probe {
             self.record_attention(&probes, pos0);
         }
@@ -382,6 +393,32 @@ impl LayerCache {
             .filter(|(_, p)| *p > 0.0)
             .map(|(pos, p)| (*pos, p))
             .collect();
+    }
+}
+
+/// Where the attention tasks of one call write: task `i` owns `out[i · width..(i + 1) · width]`
+/// and `probes[i]`, so the pool's workers never share a place.
+#[derive(Clone, Copy)]
+struct TaskOutputs {
+    out: *mut f32,
+    probes: *mut Option<Vec<f32>>,
+    width: usize,
+}
+// SAFETY: tasks write disjoint places (see above).
+unsafe impl Send for TaskOutputs {}
+unsafe impl Sync for TaskOutputs {}
+
+impl TaskOutputs {
+    /// # Safety
+    /// `task` must be in bounds and handed to one worker only.
+    unsafe fn get<'a>(self, task: usize) -> (&'a mut [f32], &'a mut Option<Vec<f32>>) {
+        // SAFETY: the caller's promise.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.out.add(task * self.width), self.width),
+                &mut *self.probes.add(task),
+            )
+        }
     }
 }
 

@@ -102,7 +102,7 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
             "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, after {} prompt tokens",
             engine.model.info().name,
             engine.path.display(),
-            rayon::current_num_threads(),
+            candle_core::utils::get_num_threads(),
             params.n_global,
             params.n_local,
             prompt.len()
@@ -225,7 +225,7 @@ fn prefill(args: PrefillArgs, config: &Config) -> Result<i32> {
             ids.len(),
             args.chunk,
             engine.model.info().name,
-            rayon::current_num_threads(),
+            candle_core::utils::get_num_threads(),
             rates.len()
         );
     }
