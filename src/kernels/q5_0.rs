@@ -149,9 +149,9 @@ impl Kernel {
             match self {
                 Self::Scalar => scalar_rows(m, x, rows, out),
                 #[cfg(target_arch = "x86_64")]
-                Self::Avx2 => avx2::rows(m, x, rows, out),
+                Self::Avx2 => x86::rows(m, x, rows, out),
                 #[cfg(target_arch = "x86_64")]
-                Self::Avx512Vnni => avx2::rows_vnni(m, x, rows, out),
+                Self::Avx512Vnni => x86::rows_vnni(m, x, rows, out),
             }
         }
     }
@@ -188,7 +188,7 @@ unsafe fn scalar_rows(m: &Q5_0Matrix, x: &Q8Rows, rows: std::ops::Range<usize>, 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     //! Weights are unpacked to unsigned bytes `w + 16` (0..31), so one unsigned × signed
     //! multiply-add (`maddubs`, or VNNI's `dpbusd`) takes them straight against the activations;
     //! the `16 · Σx` this adds is taken off once per output from per-block sums. Each unpacked
