@@ -95,10 +95,11 @@ impl DeviceChoice {
     }
 }
 
-/// The device unit tests run the tensor paths on: `$LAMBDACHAT_TEST_DEVICE` (`cuda`, `metal`, …),
-/// else the CPU. The GPU check runs the same tests there.
-#[cfg(test)]
-pub(crate) fn test_device() -> candle_core::Device {
+/// The device the tests run the tensor paths on: `$LAMBDACHAT_TEST_DEVICE` (`cuda`, `metal`, …),
+/// else the CPU. The GPU check runs the same tests there. Public for the integration tests; it
+/// panics on a bad value, which only a test run sets.
+#[doc(hidden)]
+pub fn test_device() -> candle_core::Device {
     std::env::var("LAMBDACHAT_TEST_DEVICE").map_or(candle_core::Device::Cpu, |d| {
         let choice: DeviceChoice = d.parse().expect("LAMBDACHAT_TEST_DEVICE");
         choice.select().expect("LAMBDACHAT_TEST_DEVICE")

@@ -313,9 +313,9 @@ impl Session {
     /// engine's device, contents kept: how the GPU path is checked against the CPU one.
     pub fn use_tensor_cache(&mut self) -> Result<(), SessionError> {
         let device = self.engine.device.clone();
-        self.cache = self.cache.clone().into_device(&device)?;
+        self.cache = self.cache.to_device(&device)?;
         if let Some(c) = &mut self.checkpoint {
-            c.cache = c.cache.clone().into_device(&device)?;
+            c.cache = c.cache.to_device(&device)?;
         }
         Ok(())
     }

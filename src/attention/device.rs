@@ -58,7 +58,7 @@ pub struct DeviceCache {
 }
 
 /// What a forward's tables depend on.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 struct TableKey {
     p0: u64,
     tokens: usize,
@@ -67,6 +67,18 @@ struct TableKey {
     window: usize,
     distance_limit: u64,
     global_pos: Vec<u64>,
+}
+
+impl TableKey {
+    /// Whether these tables serve a layer with `rope`, `geometry` and global store `global_pos`
+    /// in the same forward (checked without building a key: this runs for every layer).
+    fn is_for(&self, rope: &Rope, geometry: &LayerGeometry, global_pos: &[u64]) -> bool {
+        self.inv_freq == rope.inv_freq()
+            && self.style == rope.style()
+            && self.window == geometry.window
+            && self.distance_limit == geometry.distance_limit
+            && self.global_pos == global_pos
+    }
 }
 
 /// A forward's uploads for one [`TableKey`]; see [`Step`].
@@ -124,16 +136,16 @@ impl DeviceCache {
             .or(self.layers.first())
     }
 
-    /// First position of `geometry`'s window before a chunk starting at `p0`.
-    fn first_key(p0: u64, geometry: &LayerGeometry) -> u64 {
-        p0 - p0.min(geometry.window as u64)
+    /// First position a `window`-token window holds before a chunk starting at `p0`.
+    fn first_key(p0: u64, window: usize) -> u64 {
+        p0 - p0.min(window as u64)
     }
 
     /// Whether the next token attends to position `pos` (in the reference layer).
     pub fn holds(&self, pos: u64) -> bool {
         pos < self.next_position
             && self.reference_layer().is_some_and(|l| {
-                pos >= Self::first_key(self.next_position, &l.geometry)
+                pos >= Self::first_key(self.next_position, l.geometry.window)
                     || l.stores.global_pos.contains(&pos)
             })
     }
@@ -201,7 +213,7 @@ impl DeviceCache {
     fn copy_window_pins(&mut self, layer: usize, rope: &Rope) -> Result<()> {
         let p0 = self.next_position;
         let l = &self.layers[layer];
-        let first_key = Self::first_key(p0, &l.geometry);
+        let first_key = Self::first_key(p0, l.geometry.window);
         let held: HashSet<u64> = l.stores.global_pos.iter().copied().collect();
         let n_global = l.geometry.n_global as u64;
         let positions: Vec<u64> = (first_key..p0)
@@ -297,7 +309,7 @@ impl DeviceCache {
             // Window row r is position first_key + r; the ring keeps it in slot p % window.
             let (k, v) = (rows(&l.stores.window_k)?, rows(&l.stores.window_v)?);
             let n = l.stores.window_len();
-            let first_key = Self::first_key(self.next_position, g);
+            let first_key = Self::first_key(self.next_position, g.window);
             host.ring_pos = vec![u64::MAX; n];
             host.ring_k = vec![0.0; n * row];
             host.ring_v = vec![0.0; n * row];
@@ -344,7 +356,7 @@ impl DeviceCache {
                 .map(|(s, p)| (p, s))
                 .collect();
             slots.sort_unstable();
-            let first_key = Self::first_key(cache.next_position, &g);
+            let first_key = Self::first_key(cache.next_position, g.window);
             let in_order = slots
                 .iter()
                 .enumerate()
@@ -379,7 +391,7 @@ impl DeviceCache {
         let (p0, t, w) = (key.p0, key.tokens, key.window as u64);
         let positions: Vec<u64> = (p0..p0 + t as u64).collect();
         // The window's keys are positions `first_key..p0` (what it holds) then the chunk's.
-        let first_key = p0 - p0.min(w);
+        let first_key = Self::first_key(p0, key.window);
         let n_keys = (p0 - first_key) as usize + t;
         let global_pos = &key.global_pos;
         Ok(Tables {
@@ -685,26 +697,30 @@ impl AttentionCache for DeviceCache {
             .collect();
         let mut global_pos = self.layers[layer].stores.global_pos.clone();
         global_pos.extend(joining.iter().map(|&r| p0 + r as u64));
-        let first_key = Self::first_key(p0, &geometry);
-        let key = TableKey {
-            p0,
-            tokens: t,
-            inv_freq: rope.inv_freq().to_vec(),
-            style: rope.style(),
-            window: geometry.window,
-            distance_limit: geometry.distance_limit,
-            global_pos,
-        };
+        let first_key = Self::first_key(p0, geometry.window);
         self.tables.retain(|(k, _)| k.p0 == p0 && k.tokens == t);
-        let tables = match self.tables.iter().find(|(k, _)| *k == key) {
-            Some((_, tables)) => tables.clone(),
+        let hit = self
+            .tables
+            .iter()
+            .find(|(k, _)| k.is_for(rope, &geometry, &global_pos))
+            .map(|(_, tables)| tables.clone());
+        let tables = match hit {
+            Some(tables) => tables,
             None => {
+                let key = TableKey {
+                    p0,
+                    tokens: t,
+                    inv_freq: rope.inv_freq().to_vec(),
+                    style: rope.style(),
+                    window: geometry.window,
+                    distance_limit: geometry.distance_limit,
+                    global_pos: global_pos.clone(),
+                };
                 let tables = self.tables_for(&key, rope)?;
-                self.tables.push((key.clone(), tables.clone()));
+                self.tables.push((key, tables.clone()));
                 tables
             }
         };
-        let global_pos = key.global_pos;
         let joining = match joining.len() {
             0 => None,
             _ => Some(Tensor::new(joining.as_slice(), &self.device).map_err(tensor_err)?),

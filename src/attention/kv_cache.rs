@@ -57,10 +57,10 @@ impl KvCache {
 
     /// The same contents in the tensor cache on `device` (what a GPU runs; on a CPU, the way to
     /// check the GPU path against the host one).
-    pub fn into_device(self, device: &Device) -> Result<Self, AttentionError> {
+    pub fn to_device(&self, device: &Device) -> Result<Self, AttentionError> {
         match self {
-            Self::Host(c) => Ok(Self::Device(DeviceCache::from_host(&c, device)?)),
-            device_cache => Ok(device_cache),
+            Self::Host(c) => Ok(Self::Device(DeviceCache::from_host(c, device)?)),
+            device_cache => Ok(device_cache.clone()),
         }
     }
 
@@ -322,7 +322,7 @@ mod tests {
         };
         let device = test_device();
         let mut original = KvCache::new(params, layers.clone(), &device)
-            .into_device(&device)
+            .to_device(&device)
             .unwrap();
         feed(&mut original, 0..19);
         original.pin(12..14);

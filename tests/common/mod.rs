@@ -9,19 +9,9 @@ pub mod tiny;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{Device, Tensor};
-use lambdachat::device::DeviceChoice;
+use candle_core::Tensor;
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{DEFAULT_MODEL, ensure};
-
-/// The device the tensor paths are tested on: `$LAMBDACHAT_TEST_DEVICE` (`cuda`, `metal`, …),
-/// else the CPU. The GPU check runs the same tests there.
-pub fn test_device() -> Device {
-    std::env::var("LAMBDACHAT_TEST_DEVICE").map_or(Device::Cpu, |d| {
-        let choice: DeviceChoice = d.parse().expect("LAMBDACHAT_TEST_DEVICE");
-        choice.select().expect("LAMBDACHAT_TEST_DEVICE")
-    })
-}
 
 pub fn default_model_path() -> PathBuf {
     ensure(&DEFAULT_MODEL).expect("the default model can be fetched")
