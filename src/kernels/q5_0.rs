@@ -63,10 +63,6 @@ impl Q5_0Matrix {
         self.rows
     }
 
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `x · Wᵀ` for `x` of `t` rows of `cols` values: `t × rows` values, row-major.
     pub fn matmul(&self, x: &[f32], t: usize) -> Result<Vec<f32>, KernelError> {
         if x.len() != t * self.cols {
@@ -101,8 +97,9 @@ impl Q5_0Matrix {
     }
 }
 
-/// Which implementation this CPU runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which implementation this CPU runs, in order of capability (each needs the features of the
+/// ones before it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
@@ -112,19 +109,17 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// Every implementation this CPU can run (for the tests).
+    /// Every implementation this CPU can run (for the tests): the variants up to the best.
     #[cfg(test)]
     fn available() -> Vec<Self> {
+        let best = Self::detect();
         let mut all = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                all.push(Self::Avx2);
-            }
-            if Self::detect() == Self::Avx512Vnni {
-                all.push(Self::Avx512Vnni);
-            }
-        }
+        all.extend(
+            [Self::Avx2, Self::Avx512Vnni]
+                .into_iter()
+                .filter(|k| *k <= best),
+        );
         all
     }
 

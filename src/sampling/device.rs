@@ -28,7 +28,7 @@ pub(super) fn sample(
     u: f32,
 ) -> std::result::Result<u32, SamplingError> {
     draw(logits, params, recent, u)
-        .map_err(|e| SamplingError::Device(crate::model::candle_msg(&e)))?
+        .map_err(SamplingError::device)?
         .ok_or(SamplingError::Empty)
 }
 

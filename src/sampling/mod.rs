@@ -51,6 +51,12 @@ pub enum SamplingError {
     Device(String),
 }
 
+impl SamplingError {
+    fn device(e: candle_core::Error) -> Self {
+        Self::Device(crate::model::candle_msg(&e))
+    }
+}
+
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), SamplingError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -165,7 +171,7 @@ impl Sampler {
                 .flatten_all()
                 .and_then(|l| l.to_dtype(DType::F32))
                 .and_then(|l| l.to_vec1::<f32>())
-                .map_err(|e| SamplingError::Device(crate::model::candle_msg(&e)))?;
+                .map_err(SamplingError::device)?;
             self.sample(&mut row, history)
         } else {
             self.sample_on_device(logits, history)
