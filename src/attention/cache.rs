@@ -11,7 +11,7 @@
 
 use std::ops::Range;
 
-use super::kernel::{Rows, Segment, attend_group, mean_probabilities};
+use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities};
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, check_input,
 };
@@ -40,6 +40,9 @@ pub struct LayerCache {
     /// Whether single-token passes record [`Self::last_attention`].
     pub(super) probe: bool,
     pub(super) last_attention: Vec<(u64, f32)>,
+    /// Whether passes record [`Self::last_entropy`].
+    pub(super) entropy: bool,
+    pub(super) last_entropy: Vec<f32>,
 }
 
 /// What the cache holds, for the status bar and the benchmarks.
@@ -78,6 +81,8 @@ impl LayerCache {
             pins_to_copy: false,
             probe: false,
             last_attention: Vec::new(),
+            entropy: false,
+            last_entropy: Vec::new(),
         }
     }
 
@@ -127,6 +132,20 @@ impl LayerCache {
         if !on {
             self.last_attention = Vec::new();
         }
+    }
+
+    /// Makes every pass record the entropy of its attention distributions.
+    pub fn set_entropy(&mut self, on: bool) {
+        self.entropy = on;
+        if !on {
+            self.last_entropy = Vec::new();
+        }
+    }
+
+    /// Per token of the last pass: the mean entropy (nats) of its heads' attention distributions
+    /// (empty unless recording).
+    pub fn last_entropy(&self) -> &[f32] {
+        &self.last_entropy
     }
 
     /// `(position, probability)` of every key the last single-token query attended, averaged
@@ -285,14 +304,16 @@ impl LayerCache {
         let probe = self.probe && n == 1;
         let n_tasks = n * n_kv_heads;
         let mut probes: Vec<Option<Vec<f32>>> = vec![None; n_tasks];
+        let mut entropies = vec![0f32; if self.entropy { n_tasks } else { 0 }];
         let tasks = TaskOutputs {
             out: out.as_mut_ptr(),
             probes: probes.as_mut_ptr(),
+            entropies: self.entropy.then_some(entropies.as_mut_ptr()),
             width,
         };
         let attend_task = |task: usize, scratch: &mut Vec<f32>| {
             // SAFETY: every task index is run once, and task `task` owns these two places.
-            let (out, probe_slot) = unsafe { tasks.get(task) };
+            let (out, probe_slot, entropy_slot) = unsafe { tasks.get(task) };
             let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
             let i = pos0 + t as u64;
             let q_off = task * width;
@@ -341,6 +362,9 @@ impl LayerCache {
                 scratch,
             );
             *probe_slot = probe.then(|| mean_probabilities(scratch, group));
+            if let Some(h) = entropy_slot {
+                *h = mean_entropy(scratch, group);
+            }
         };
         // On candle's thread pool, as the matrix kernels: a second pool's threads would compete
         // with its spinning workers for the cores (measured: attention at half speed).
@@ -352,6 +376,12 @@ impl LayerCache {
         });
         if probe {
             self.record_attention(&probes, pos0);
+        }
+        if self.entropy {
+            self.last_entropy = entropies
+                .chunks(n_kv_heads)
+                .map(|h| h.iter().sum::<f32>() / n_kv_heads as f32)
+                .collect();
         }
         let window = window as usize;
 
@@ -396,12 +426,14 @@ impl LayerCache {
     }
 }
 
-/// Where the attention tasks of one call write: task `i` owns `out[i · width..(i + 1) · width]`
-/// and `probes[i]`, so the pool's workers never share a place.
+/// Where the attention tasks of one call write: task `i` owns `out[i · width..(i + 1) · width]`,
+/// `probes[i]` and `entropies[i]`, so the pool's workers never share a place.
 #[derive(Clone, Copy)]
 struct TaskOutputs {
     out: *mut f32,
     probes: *mut Option<Vec<f32>>,
+    /// Present when the cache records entropies (one per task).
+    entropies: Option<*mut f32>,
     width: usize,
 }
 // SAFETY: tasks write disjoint places (see above).
@@ -411,12 +443,16 @@ unsafe impl Sync for TaskOutputs {}
 impl TaskOutputs {
     /// # Safety
     /// `task` must be in bounds and handed to one worker only.
-    unsafe fn get<'a>(self, task: usize) -> (&'a mut [f32], &'a mut Option<Vec<f32>>) {
+    unsafe fn get<'a>(
+        self,
+        task: usize,
+    ) -> (&'a mut [f32], &'a mut Option<Vec<f32>>, Option<&'a mut f32>) {
         // SAFETY: the caller's promise.
         unsafe {
             (
                 std::slice::from_raw_parts_mut(self.out.add(task * self.width), self.width),
                 &mut *self.probes.add(task),
+                self.entropies.map(|e| &mut *e.add(task)),
             )
         }
     }
@@ -588,6 +624,16 @@ impl LambdaCache {
     /// Makes every layer record the attention of single-token passes (see [`Self::attention_shares`]).
     pub fn set_probe(&mut self, on: bool) {
         self.layers.iter_mut().for_each(|l| l.set_probe(on));
+    }
+
+    /// Makes every layer record the entropy of each pass's attention (see [`Self::entropies`]).
+    pub fn set_entropy(&mut self, on: bool) {
+        self.layers.iter_mut().for_each(|l| l.set_entropy(on));
+    }
+
+    /// Per layer, per token of the last forward: the mean attention entropy of its heads (nats).
+    pub fn entropies(&self) -> Vec<&[f32]> {
+        self.layers.iter().map(|l| l.last_entropy()).collect()
     }
 
     /// The share of attention the last single-token pass gave each position, averaged over heads
@@ -837,6 +883,44 @@ mod tests {
         assert_eq!(s.evicted, 5);
         assert_eq!(s.slots_in_use, 6);
         assert_eq!(s.slot_capacity, 6);
+    }
+
+    /// With zero queries every visible key scores the same, so each token's attention is uniform
+    /// over what the rule lets it see and its entropy is ln(visible keys): the count checks the
+    /// mask (window, then the clamped sink), the value checks the formula.
+    #[test]
+    fn entropy_is_ln_of_the_visible_keys_under_uniform_attention() {
+        let params = LambdaParams::new(1, 4, None).unwrap();
+        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
+        cache.set_entropy(true);
+        let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
+        let (q, kv) = (vec![0f32; 14], vec![0.25f32; 14]);
+        let input = |n: usize, from: usize| AttentionInput {
+            q: &q[..2 * n],
+            k: &kv[2 * from..2 * (from + n)],
+            v: &kv[2 * from..2 * (from + n)],
+            n_tokens: n,
+            n_heads: 1,
+            rope: &rope,
+            scale: 1.0,
+        };
+        let mut seen = Vec::new();
+        for (n, from) in [(5, 0), (2, 5)] {
+            for layer in 0..2 {
+                cache.attend(layer, &input(n, from)).unwrap();
+            }
+            cache.advance(n);
+            let per_layer = cache.entropies();
+            assert_eq!(per_layer[0], per_layer[1]);
+            seen.extend_from_slice(per_layer[0]);
+        }
+        // Tokens 0..3 see 1..4 keys; from token 4 on, the window's 4 and the clamped sink.
+        let visible = [1, 2, 3, 4, 5, 5, 5];
+        for (h, v) in seen.iter().zip(visible) {
+            assert!((h - (v as f32).ln()).abs() < 1e-5, "{seen:?}");
+        }
+        cache.set_entropy(false);
+        assert!(cache.entropies().iter().all(|e| e.is_empty()));
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! branch-free exp that the compiler vectorizes), then the weighted value sum. Scores of keys
 //! the rule hides are −∞ and contribute exactly zero.
 
+use crate::kernels::fast_exp;
+
 /// How many slots ahead of use rows are prefetched.
 const PREFETCH_AHEAD: usize = 8;
 
@@ -119,6 +121,26 @@ pub(super) fn mean_probabilities(scratch: &[f32], group: usize) -> Vec<f32> {
         }
     }
     mean
+}
+
+/// Mean Shannon entropy (nats) of the group heads' attention distributions, read back from the
+/// scratch buffer of the last [`attend_group`] call: `H = ln S − Σ e·ln e / S` over the softmax
+/// numerators `e` and their sum `S`. For `eval entropy` (LM-Infinite's ln n growth).
+pub(super) fn mean_entropy(scratch: &[f32], group: usize) -> f32 {
+    let n_keys = (scratch.len() - group) / group;
+    let (numerators, sums) = scratch.split_at(group * n_keys);
+    let mut total = 0f64;
+    for (g, &sum) in sums.iter().enumerate() {
+        if sum > 0.0 {
+            let e_ln_e: f64 = numerators[g * n_keys..(g + 1) * n_keys]
+                .iter()
+                .filter(|&&e| e > 0.0)
+                .map(|&e| (e * e.ln()) as f64)
+                .sum();
+            total += (sum as f64).ln() - e_ln_e / sum as f64;
+        }
+    }
+    (total / group as f64) as f32
 }
 
 /// Where a segment's keys sit in the head-major score buffer of one kernel call.
@@ -296,45 +318,18 @@ fn softmax_numerators(row: &mut [f32]) -> f32 {
     tree_sum(sums) + tail
 }
 
-/// `e^x` for `x ≤ 0`, branch-free so loops over it vectorize: `n = round(x / ln 2)` by the
-/// 1.5·2²³ trick, `r = x − n·ln 2` with ln 2 split in two (Cody–Waite, so `r` stays exact), `e^r`
-/// (|r| ≤ ½ ln 2) from a degree-7 Taylor polynomial, times `2^n` built in the exponent bits.
-/// Relative error below 5e-7. Inputs below −87.3 give the smallest normal float, not 0; the
-/// caller maps −∞ (masked) to exactly 0.
-#[inline(always)]
-pub(super) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, n·LN2_HI is exact
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-    let x = x.max(-87.33);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Entropy from softmax numerators: two heads, one with p = (a, 1 − a), one uniform over 3.
     #[test]
-    fn fast_exp_is_accurate_on_the_softmax_range() {
-        let mut worst = 0f64;
-        let mut x = -80.0f32;
-        while x <= 0.0 {
-            let exact = (x as f64).exp();
-            let rel = ((fast_exp(x) as f64 - exact) / exact).abs();
-            worst = worst.max(rel);
-            x += 0.001;
-        }
-        assert!(worst < 5e-7, "worst relative error {worst}");
-        assert_eq!(fast_exp(0.0), 1.0);
-        assert!(fast_exp(-1000.0) < 1e-37);
+    fn entropy_from_numerators() {
+        let e = (-1.5f32).exp();
+        let scratch = [1.0, e, 0.0, 1.0, 1.0, 1.0, 1.0 + e, 3.0];
+        let a = 1.0 / (1.0 + e as f64);
+        let h0 = -(a * a.ln() + (1.0 - a) * (1.0 - a).ln());
+        let expected = (h0 + 3f64.ln()) / 2.0;
+        assert!((mean_entropy(&scratch, 2) as f64 - expected).abs() < 1e-6);
     }
 }

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 
 use super::RunArgs;
 use crate::config::Config;
+use crate::eval::rss_bytes;
 use crate::session::Session;
 
 #[derive(Subcommand)]
@@ -61,19 +62,6 @@ pub struct PrefillArgs {
     pub chunk: usize,
     #[arg(long)]
     pub json: bool,
-}
-
-/// Resident set size of this process, from /proc (0 where unavailable).
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 const FILLER: &str = "The history of the long river begins in the mountains, where snow melts each spring and feeds a thousand streams. ";

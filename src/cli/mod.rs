@@ -5,6 +5,7 @@ mod ask;
 mod bench;
 mod bench_ui;
 mod chat;
+mod eval;
 mod inspect;
 mod models;
 mod sessions;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Measure decode and prefill speed, cache size and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Measure LM-Infinite's claims on a model: perplexity, passkey, attention entropy, cost.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Print what a model contains (GGUF file, model directory or hf: reference).
     Inspect(inspect::InspectArgs),
     /// List, download, locate or delete models (data dir and Hugging Face cache).
@@ -137,7 +141,7 @@ pub struct LambdaArgs {
 }
 
 /// Sampling flags (flags beat the config file, which beats the defaults).
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
     /// 0 = greedy [default: 0.7]
     #[arg(long)]
@@ -284,6 +288,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Chat(c) => chat::run(c, &config),
         Command::Ask(a) => ask::run(a, &config),
         Command::Bench(b) => bench::run(b, &config),
+        Command::Eval(e) => eval::run(e, &config),
         Command::Inspect(i) => inspect::run(i),
         Command::Convert(c) => convert(c),
         Command::Models { command } => models::run(command),

@@ -4,9 +4,11 @@
 //! with SIMD chosen at run time and a scalar fallback, on candle's own thread pool (so the two
 //! never compete for cores).
 
+mod exp;
 mod q5_0;
 mod q8_0;
 
+pub use exp::fast_exp;
 pub use q5_0::Q5_0Matrix;
 pub use q8_0::Q8Rows;
 

@@ -1,0 +1,380 @@
+//! Measuring LM-Infinite's claims on the user's own model: perplexity far beyond the training
+//! length (`ppl`), passkey retrieval inside and outside the Λ (`passkey`), bounded attention
+//! entropy (`entropy`), and decode cost against context length (`cost`).
+//!
+//! Every evaluation compares attention *modes*, which are all the same [`LambdaCache`] code with
+//! different parameters, so differences come from the rule and nothing else: `vanilla` is
+//! ordinary causal attention (a window as long as the text, no sinks), `lambda` the configured
+//! Λ, `window` the same window without sinks. The results are plain data; `cli/eval.rs` prints
+//! them and [`output`] writes the CSV files and plots.
+//!
+//! [`LambdaCache`]: crate::attention::LambdaCache
+
+pub mod cost;
+pub mod entropy;
+pub mod meter;
+pub mod nll;
+pub mod output;
+pub mod passkey;
+pub mod ppl;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::attention::{KvCache, LambdaParams};
+use crate::engine::Engine;
+use crate::model::{Logits, ModelError};
+
+/// Everything an evaluation can reject or fail on.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0} is not UTF-8 text (invalid byte at offset {1})")]
+    NotUtf8(PathBuf, usize),
+    #[error("{0} is empty: there is nothing to evaluate")]
+    EmptyText(PathBuf),
+    #[error("the text is {0} token(s) long: at least 2 are needed to predict one")]
+    TooShort(usize),
+    #[error("unknown mode '{0}' (modes: vanilla, lambda, window)")]
+    UnknownMode(String),
+    #[error("no modes given (modes: vanilla, lambda, window)")]
+    NoModes,
+    #[error("bad length '{0}': expected a positive number of tokens such as 512, 4k or 1m")]
+    BadLength(String),
+    #[error("no lengths given")]
+    NoLengths,
+    #[error("bad depth '{0}': expected a fraction between 0 and 1")]
+    BadDepth(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot write {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    #[error("cannot draw {0}: {1}")]
+    Plot(PathBuf, String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Params(#[from] crate::attention::ParamsError),
+}
+
+/// An attention rule to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Ordinary causal attention over everything (the window is as long as the text).
+    Vanilla,
+    /// Λ: the configured sinks, window and distance limit.
+    Lambda,
+    /// The same window without sinks (G = 0): what the sinks are worth.
+    Window,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Vanilla => "vanilla",
+            Mode::Lambda => "lambda",
+            Mode::Window => "window",
+        }
+    }
+
+    /// Parses `vanilla,lambda,window` (any order, no repeats kept).
+    pub fn parse_list(list: &str) -> Result<Vec<Mode>, EvalError> {
+        let mut modes = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let mode = match name.to_ascii_lowercase().as_str() {
+                "vanilla" => Mode::Vanilla,
+                "lambda" | "λ" => Mode::Lambda,
+                "window" => Mode::Window,
+                _ => return Err(EvalError::UnknownMode(name.to_string())),
+            };
+            if !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
+        if modes.is_empty() {
+            return Err(EvalError::NoModes);
+        }
+        Ok(modes)
+    }
+
+    /// The cache parameters of this mode for a run of `total` tokens under the Λ `lambda`.
+    pub fn params(self, lambda: LambdaParams, total: usize) -> Result<LambdaParams, EvalError> {
+        Ok(match self {
+            Mode::Vanilla => LambdaParams::new(0, total.max(1), None)?,
+            Mode::Lambda => lambda,
+            Mode::Window => LambdaParams::new(0, lambda.n_local, None)?,
+        })
+    }
+}
+
+/// How the passes over a text run (`ppl`, `entropy`).
+pub struct TextPlan<'a> {
+    /// The Λ of the `lambda` mode (and the window of `window`).
+    pub lambda: LambdaParams,
+    /// Bucket ends (sorted).
+    pub ends: &'a [usize],
+    /// Tokens per forward.
+    pub chunk: usize,
+    /// Bytes vanilla's KV cache may take.
+    pub vanilla_budget: u64,
+}
+
+/// Parses `512,1k,4k,1m` (k = 1024, m = 1024²: `32k` is the 32,768-token training length),
+/// sorted and without repeats.
+pub fn parse_lengths(list: &str) -> Result<Vec<usize>, EvalError> {
+    let mut lengths = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let lower = item.to_ascii_lowercase();
+        let (digits, unit) = match lower.strip_suffix('k') {
+            Some(d) => (d, 1024),
+            None => match lower.strip_suffix('m') {
+                Some(d) => (d, 1024 * 1024),
+                None => (lower.as_str(), 1),
+            },
+        };
+        let n = digits
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| EvalError::BadLength(item.to_string()))?;
+        lengths.push(n);
+    }
+    if lengths.is_empty() {
+        return Err(EvalError::NoLengths);
+    }
+    lengths.sort_unstable();
+    lengths.dedup();
+    Ok(lengths)
+}
+
+/// A token count as the lengths are written: `4k`, `1m`, or the plain number.
+pub fn short_count(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}m", n >> 20)
+    } else if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{}k", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+/// Reads a text file for evaluation: it must be UTF-8 and not empty.
+pub fn read_text(path: &Path) -> Result<String, EvalError> {
+    let bytes = std::fs::read(path).map_err(|e| EvalError::Read(path.to_path_buf(), e))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| EvalError::NotUtf8(path.to_path_buf(), e.utf8_error().valid_up_to()))?;
+    if text.trim().is_empty() {
+        return Err(EvalError::EmptyText(path.to_path_buf()));
+    }
+    Ok(text)
+}
+
+/// The text's tokens as the model reads a document: BOS first when the model adds one.
+pub fn document_tokens(engine: &Engine, text: &str) -> Result<Vec<u32>, EvalError> {
+    let tok = &engine.tokenizer;
+    let mut tokens: Vec<u32> = tok.bos.filter(|_| tok.add_bos).into_iter().collect();
+    tokens.extend(
+        tok.encode(text)
+            .map_err(|e| EvalError::Tokenizer(e.to_string()))?,
+    );
+    Ok(tokens)
+}
+
+/// The lengths a text of `available` tokens can serve: those beyond it are dropped and the text's
+/// own length closes the list. Returns the lengths and whether any were cut.
+pub fn fit_lengths(lengths: &[usize], available: usize) -> (Vec<usize>, bool) {
+    let mut fit: Vec<usize> = lengths
+        .iter()
+        .copied()
+        .filter(|&l| l <= available)
+        .collect();
+    let cut = fit.len() < lengths.len();
+    if cut && fit.last() != Some(&available) {
+        fit.push(available);
+    }
+    (fit, cut)
+}
+
+/// A fresh cache of `params` for the engine's model and device.
+pub fn new_cache(engine: &Engine, params: LambdaParams) -> KvCache {
+    KvCache::new(params, engine.model.layer_geometry(params), &engine.device)
+}
+
+/// Runs `tokens` through the model, in chunks of at most `chunk`, calling `each` with every
+/// chunk's start and logits (`rows`: every row with [`Logits::All`], else the last).
+pub fn feed(
+    engine: &Engine,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    chunk: usize,
+    rows: Logits,
+    mut each: impl FnMut(usize, &[u32], Tensor, &KvCache) -> Result<(), EvalError>,
+) -> Result<(), EvalError> {
+    let mut start = 0;
+    for piece in tokens.chunks(chunk.max(1)) {
+        let logits = engine.model.forward(piece, cache, rows)?;
+        each(start, piece, logits, cache)?;
+        start += piece.len();
+    }
+    Ok(())
+}
+
+/// Bytes the KV cache of `params` holds after `tokens` tokens (sliding layers capped at their
+/// window), as f32 keys and values: what `vanilla` needs before it starts.
+pub fn kv_bytes_at(engine: &Engine, params: LambdaParams, tokens: usize) -> u64 {
+    engine
+        .model
+        .layer_geometry(params)
+        .iter()
+        .map(|g| {
+            let slots = tokens.min(g.window) + tokens.min(g.n_global);
+            (slots * g.n_kv_heads * g.head_dim * 2 * 4) as u64
+        })
+        .sum()
+}
+
+/// Memory the system can still give this process (`MemAvailable`), if known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The longest run vanilla attention can make within `budget` bytes of KV cache (its cache grows
+/// with every token), capped at `wanted`.
+pub fn vanilla_token_limit(engine: &Engine, wanted: usize, budget: u64) -> usize {
+    let fits = |t: usize| {
+        Mode::Vanilla
+            .params(LambdaParams::new(0, 1, None).expect("valid"), t)
+            .map(|p| kv_bytes_at(engine, p, t) <= budget)
+            .unwrap_or(false)
+    };
+    if fits(wanted) {
+        return wanted;
+    }
+    // Bytes grow monotonically with the token count: bisect.
+    let (mut lo, mut hi) = (0usize, wanted);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) { lo = mid } else { hi = mid }
+    }
+    lo
+}
+
+/// Resident set size of this process, from /proc (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The greedy next token of a row of logits.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = (0usize, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0 as u32
+}
+
+/// The cache's parameters as the tables print them.
+pub fn describe(params: LambdaParams) -> String {
+    format!(
+        "n_global {}, n_local {}, distance_limit {}",
+        params.n_global, params.n_local, params.distance_limit
+    )
+}
+
+/// The last row of a logits tensor, on the host.
+pub fn last_row(logits: &Tensor) -> Result<Vec<f32>, EvalError> {
+    let err = |e: candle_core::Error| ModelError::Forward(crate::model::candle_msg(&e));
+    let rows = logits.dim(0).map_err(err)?;
+    Ok(logits
+        .get(rows - 1)
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(err)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_parse_with_units_sorted_and_deduplicated() {
+        assert_eq!(
+            parse_lengths("4k, 512,1k,4096,1m").unwrap(),
+            vec![512, 1024, 4096, 1 << 20]
+        );
+        for bad in ["0", "-3", "4x", "k", "1.5k", "99999999999999999999m"] {
+            assert!(
+                matches!(parse_lengths(bad), Err(EvalError::BadLength(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(parse_lengths(" , "), Err(EvalError::NoLengths)));
+        assert_eq!(short_count(32768), "32k");
+        assert_eq!(short_count(1 << 20), "1m");
+        assert_eq!(short_count(1000), "1000");
+    }
+
+    #[test]
+    fn modes_parse_and_map_to_parameters() {
+        assert_eq!(
+            Mode::parse_list("lambda,vanilla,lambda").unwrap(),
+            vec![Mode::Lambda, Mode::Vanilla]
+        );
+        assert!(matches!(
+            Mode::parse_list("lambda,full"),
+            Err(EvalError::UnknownMode(m)) if m == "full"
+        ));
+        assert!(matches!(Mode::parse_list(""), Err(EvalError::NoModes)));
+        let lambda = LambdaParams::new(8, 64, Some(32)).unwrap();
+        assert_eq!(Mode::Lambda.params(lambda, 1000).unwrap(), lambda);
+        let w = Mode::Window.params(lambda, 1000).unwrap();
+        assert_eq!((w.n_global, w.n_local), (0, 64));
+        let v = Mode::Vanilla.params(lambda, 1000).unwrap();
+        assert_eq!((v.n_global, v.n_local), (0, 1000));
+    }
+
+    #[test]
+    fn lengths_beyond_the_text_are_cut_to_it() {
+        assert_eq!(fit_lengths(&[100, 200], 500), (vec![100, 200], false));
+        assert_eq!(
+            fit_lengths(&[100, 200, 800], 500),
+            (vec![100, 200, 500], true)
+        );
+        assert_eq!(fit_lengths(&[800, 900], 500), (vec![500], true));
+        assert_eq!(fit_lengths(&[100, 500, 900], 500), (vec![100, 500], true));
+    }
+
+    #[test]
+    fn text_must_be_utf8_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.txt");
+        std::fs::write(&path, b"ok \xff\xfe").unwrap();
+        assert!(matches!(read_text(&path), Err(EvalError::NotUtf8(_, 3))));
+        std::fs::write(&path, " \n\t").unwrap();
+        assert!(matches!(read_text(&path), Err(EvalError::EmptyText(_))));
+        assert!(matches!(
+            read_text(&dir.path().join("missing")),
+            Err(EvalError::Read(..))
+        ));
+        std::fs::write(&path, "In the beginning").unwrap();
+        assert_eq!(read_text(&path).unwrap(), "In the beginning");
+    }
+}
