@@ -8,6 +8,7 @@
 
 use candle_core::Tensor;
 
+mod blocked;
 mod cache;
 mod device;
 mod kernel;
