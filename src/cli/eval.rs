@@ -208,41 +208,19 @@ fn run_ppl(args: PplArgs, config: &Config) -> Result<i32> {
     let mut meter = args
         .common
         .meter((tokens.len() * modes.len()) as u64, "tokens");
+    // The CSV is rewritten after each mode, so an hour-long run interrupted in its last mode
+    // keeps the modes it finished (each write is whole: a temporary file renamed).
     let results = Device::Cpu.with_context(|| {
-        modes
-            .iter()
-            .map(|&mode| ppl::evaluate(&engine, &tokens, mode, &plan, &mut meter))
-            .collect::<Result<Vec<_>, _>>()
+        let mut done = Vec::new();
+        for &mode in &modes {
+            done.push(ppl::evaluate(&engine, &tokens, mode, &plan, &mut meter)?);
+            out.write("ppl.csv", ppl_csv(&done).text())?;
+        }
+        Ok::<_, eval::EvalError>(done)
     })?;
     meter.finish();
     notes.extend(results.iter().filter_map(|r| r.stopped.clone()));
 
-    let mut csv = Csv::new(&[
-        "mode",
-        "start",
-        "end",
-        "tokens",
-        "mean_nll",
-        "ppl",
-        "kv_bytes",
-        "rss_bytes",
-        "seconds",
-    ]);
-    for r in &results {
-        for b in &r.buckets {
-            csv.row(&[
-                r.mode.name().into(),
-                b.bucket.start.to_string(),
-                b.bucket.end.to_string(),
-                b.bucket.tokens.to_string(),
-                format!("{:.6}", b.bucket.mean_nll),
-                format!("{:.4}", b.bucket.ppl),
-                b.kv_bytes.to_string(),
-                b.rss_bytes.to_string(),
-                format!("{:.1}", b.seconds),
-            ]);
-        }
-    }
     let chart = LineChart {
         title: format!("Perplexity against position: {}", engine.model.info().name),
         x_label: "position (tokens, bucket end)".into(),
@@ -261,10 +239,7 @@ fn run_ppl(args: PplArgs, config: &Config) -> Result<i32> {
             })
             .collect(),
     };
-    let written = [
-        out.write("ppl.csv", csv.text())?,
-        out.plot("ppl.svg", &chart)?,
-    ];
+    let written = [out.path("ppl.csv"), out.plot("ppl.svg", &chart)?];
 
     if args.common.json {
         println!(
@@ -327,6 +302,37 @@ fn run_ppl(args: PplArgs, config: &Config) -> Result<i32> {
         println!("wrote {}", w.display());
     }
     Ok(0)
+}
+
+/// `ppl.csv`: one row per mode and bucket.
+fn ppl_csv(results: &[ppl::ModeResult]) -> Csv {
+    let mut csv = Csv::new(&[
+        "mode",
+        "start",
+        "end",
+        "tokens",
+        "mean_nll",
+        "ppl",
+        "kv_bytes",
+        "rss_bytes",
+        "seconds",
+    ]);
+    for r in results {
+        for b in &r.buckets {
+            csv.row(&[
+                r.mode.name().into(),
+                b.bucket.start.to_string(),
+                b.bucket.end.to_string(),
+                b.bucket.tokens.to_string(),
+                format!("{:.6}", b.bucket.mean_nll),
+                format!("{:.4}", b.bucket.ppl),
+                b.kv_bytes.to_string(),
+                b.rss_bytes.to_string(),
+                format!("{:.1}", b.seconds),
+            ]);
+        }
+    }
+    csv
 }
 
 /// A table with a left column of row names and one right-aligned column per series.
