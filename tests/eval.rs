@@ -202,6 +202,41 @@ fn lengths_past_the_text_use_what_there_is() {
 }
 
 #[test]
+fn vanilla_stops_where_its_memory_budget_ends_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = out_dir(&dir, "v");
+    let table = eval(&[
+        "ppl",
+        "-m",
+        &gemma(),
+        "--text",
+        &genesis(),
+        "--lengths",
+        "64,256",
+        "--modes",
+        "vanilla,lambda",
+        "--n-local",
+        "64",
+        "--vanilla-memory",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(table.contains("note: vanilla stopped at"), "{table}");
+    let csv = read_csv(&out.join("ppl.csv"));
+    let (v, l) = (rows(&csv, "vanilla"), rows(&csv, "lambda"));
+    assert_eq!(v[0]["tokens"], "63");
+    let partial: usize = v[1]["tokens"].parse().unwrap();
+    assert!(
+        partial > 0 && partial < 192,
+        "vanilla's second bucket is cut short: {partial}"
+    );
+    assert!(num(v[1], "kv_bytes") <= 4.0 * 1048576.0);
+    // Λ is bounded by its window and runs the whole text.
+    assert_eq!(l[1]["tokens"], "192");
+}
+
+#[test]
 fn passkey_prompts_hide_the_key_where_asked() {
     let engine = Engine::load(Path::new(&gemma())).unwrap();
     let tok = &engine.tokenizer;

@@ -1,7 +1,7 @@
 //! `lambdachat eval`: the measurements of LM-Infinite's claims (see `crate::eval`), printed as
 //! tables (or JSON), written as CSV files and SVG plots.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -174,31 +174,57 @@ impl CommonArgs {
     }
 }
 
+/// What an evaluation over a text starts from: the model, the text's tokens up to the last
+/// length, the bucket ends, and a note when the text is shorter than the lengths asked for.
+struct TextRun {
+    setup: Setup,
+    tokens: Vec<u32>,
+    ends: Vec<usize>,
+    notes: Vec<String>,
+}
+
+impl TextRun {
+    /// Checks the lengths and the text before loading anything, then tokenizes.
+    fn prepare(common: &CommonArgs, text: &Path, lengths: &str, config: &Config) -> Result<Self> {
+        let lengths = eval::parse_lengths(lengths)?;
+        let text = eval::read_text(text)?;
+        let setup = common.setup(config)?;
+        let mut tokens = eval::document_tokens(&setup.engine, &text)?;
+        if tokens.len() < 2 {
+            return Err(eval::EvalError::TooShort(tokens.len()).into());
+        }
+        let (ends, cut) = eval::fit_lengths(&lengths, tokens.len());
+        let mut notes = Vec::new();
+        if cut {
+            notes.push(format!(
+                "the text is {} tokens long: lengths past it are cut, the last bucket ends there",
+                tokens.len()
+            ));
+        }
+        tokens.truncate(*ends.last().context("no lengths")?);
+        Ok(Self {
+            setup,
+            tokens,
+            ends,
+            notes,
+        })
+    }
+}
+
 fn run_ppl(args: PplArgs, config: &Config) -> Result<i32> {
     let modes = Mode::parse_list(&args.modes)?;
-    let lengths = eval::parse_lengths(&args.lengths)?;
-    let text = eval::read_text(&args.text)?;
-    let Setup {
-        engine,
-        lambda,
-        out,
-        vanilla_budget,
-    } = args.common.setup(config)?;
-    let mut tokens = eval::document_tokens(&engine, &text)?;
-    let (ends, cut) = eval::fit_lengths(&lengths, tokens.len());
-    if tokens.len() < 2 {
-        return Err(eval::EvalError::TooShort(tokens.len()).into());
-    }
-    let mut notes = Vec::new();
-    if cut {
-        notes.push(format!(
-            "the text is {} tokens long: lengths past it are cut, the last bucket ends at {}",
-            tokens.len(),
-            tokens.len()
-        ));
-    }
-    let last = *ends.last().context("no lengths")?;
-    tokens.truncate(last);
+    let TextRun {
+        setup:
+            Setup {
+                engine,
+                lambda,
+                out,
+                vanilla_budget,
+            },
+        tokens,
+        ends,
+        mut notes,
+    } = TextRun::prepare(&args.common, &args.text, &args.lengths, config)?;
     let plan = TextPlan {
         lambda,
         ends: &ends,
@@ -538,17 +564,18 @@ fn run_passkey(args: PasskeyArgs, config: &Config) -> Result<i32> {
 
 fn run_entropy(args: EntropyArgs, config: &Config) -> Result<i32> {
     let modes = Mode::parse_list(&args.modes)?;
-    let lengths = eval::parse_lengths(&args.lengths)?;
-    let text = eval::read_text(&args.text)?;
-    let Setup {
-        engine,
-        lambda,
-        out,
-        vanilla_budget,
-    } = args.common.setup(config)?;
-    let mut tokens = eval::document_tokens(&engine, &text)?;
-    let (ends, cut) = eval::fit_lengths(&lengths, tokens.len());
-    tokens.truncate(*ends.last().context("no lengths")?);
+    let TextRun {
+        setup:
+            Setup {
+                engine,
+                lambda,
+                out,
+                vanilla_budget,
+            },
+        tokens,
+        ends,
+        mut notes,
+    } = TextRun::prepare(&args.common, &args.text, &args.lengths, config)?;
     let plan = TextPlan {
         lambda,
         ends: &ends,
@@ -565,13 +592,7 @@ fn run_entropy(args: EntropyArgs, config: &Config) -> Result<i32> {
             .collect::<Result<Vec<_>, _>>()
     })?;
     meter.finish();
-    let mut notes: Vec<String> = results.iter().filter_map(|r| r.stopped.clone()).collect();
-    if cut {
-        notes.push(format!(
-            "the text is {} tokens long: lengths past it are cut",
-            tokens.len()
-        ));
-    }
+    notes.extend(results.iter().filter_map(|r| r.stopped.clone()));
     let mut csv = Csv::new(&["mode", "layer", "start", "end", "entropy"]);
     for r in &results {
         for (layer, row) in r.per_layer.iter().enumerate() {

@@ -11,7 +11,7 @@ use crate::model::Logits;
 
 use super::meter::Meter;
 use super::{
-    EvalError, Mode, argmax, feed, kv_bytes_at, last_row, new_cache, rss_bytes, vanilla_token_limit,
+    EvalError, Mode, argmax, feed, kv_bytes_at, last_row, new_cache, rss_bytes, run_limit,
 };
 
 /// How the passes run.
@@ -49,19 +49,8 @@ pub fn evaluate(
     let steps = plan.decode_tokens.max(1);
     let longest = plan.lengths.last().copied().unwrap_or(0) + steps;
     let mut lengths = plan.lengths.to_vec();
-    let mut stopped = None;
-    if mode == Mode::Vanilla {
-        let limit = vanilla_token_limit(engine, longest, plan.vanilla_budget);
-        if limit < longest {
-            lengths.retain(|&l| l + steps <= limit);
-            let need = kv_bytes_at(engine, mode.params(plan.lambda, longest)?, longest);
-            stopped = Some(format!(
-                "vanilla stopped before {} tokens: its KV cache would need {:.1} GiB",
-                plan.lengths.last().copied().unwrap_or(0),
-                need as f64 / (1u64 << 30) as f64
-            ));
-        }
-    }
+    let (limit, stopped) = run_limit(engine, mode, longest, plan.vanilla_budget);
+    lengths.retain(|&l| l + steps <= limit);
     let params = mode.params(plan.lambda, longest)?;
     let mut cache = new_cache(engine, params);
     meter.relabel(format!("cost {}", mode.name()));

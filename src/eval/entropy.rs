@@ -8,7 +8,7 @@ use crate::engine::Engine;
 use crate::model::Logits;
 
 use super::meter::Meter;
-use super::{EvalError, Mode, TextPlan, feed, new_cache, vanilla_token_limit};
+use super::{EvalError, Mode, TextPlan, feed, new_cache, run_limit};
 
 /// One mode's curves.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -46,12 +46,7 @@ pub fn evaluate(
     plan: &TextPlan<'_>,
     meter: &mut Meter,
 ) -> Result<ModeEntropy, EvalError> {
-    let limit = match mode {
-        Mode::Vanilla => vanilla_token_limit(engine, tokens.len(), plan.vanilla_budget),
-        _ => tokens.len(),
-    };
-    let stopped = (limit < tokens.len())
-        .then(|| format!("vanilla stopped at {limit} tokens: the memory budget ends there"));
+    let (limit, stopped) = run_limit(engine, mode, tokens.len(), plan.vanilla_budget);
     let tokens = &tokens[..limit];
     let params = mode.params(plan.lambda, tokens.len())?;
     let mut cache = new_cache(engine, params);

@@ -5,6 +5,8 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use crate::progress::thousands;
+
 pub struct Meter {
     label: String,
     unit: &'static str,
@@ -94,8 +96,8 @@ impl Meter {
         format!(
             "{}  {}/{} {}  {percent}%  {rate:.1} {}/s  elapsed {}  ETA {eta}",
             self.label,
-            grouped(self.done),
-            grouped(self.total),
+            thousands(self.done),
+            thousands(self.total),
             self.unit,
             self.unit,
             duration_text(secs)
@@ -115,28 +117,12 @@ pub fn duration_text(secs: f64) -> String {
     }
 }
 
-/// `1234567` → `1,234,567`.
-pub fn grouped(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn numbers_and_durations_read_well() {
-        assert_eq!(grouped(0), "0");
-        assert_eq!(grouped(999), "999");
-        assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(duration_text(42.4), "42s");
         assert_eq!(duration_text(350.0), "5m50s");
         assert_eq!(duration_text(3720.0), "1h02m");

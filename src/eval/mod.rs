@@ -247,25 +247,41 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The longest run vanilla attention can make within `budget` bytes of KV cache (its cache grows
-/// with every token), capped at `wanted`.
-pub fn vanilla_token_limit(engine: &Engine, wanted: usize, budget: u64) -> usize {
-    let fits = |t: usize| {
-        Mode::Vanilla
-            .params(LambdaParams::new(0, 1, None).expect("valid"), t)
-            .map(|p| kv_bytes_at(engine, p, t) <= budget)
-            .unwrap_or(false)
+/// How many of `wanted` tokens `mode` may run: all of them, except vanilla, whose cache grows
+/// with every token and stops where `budget` bytes end. Returns the count and, when vanilla
+/// stops early, the sentence that says why.
+pub fn run_limit(
+    engine: &Engine,
+    mode: Mode,
+    wanted: usize,
+    budget: u64,
+) -> (usize, Option<String>) {
+    if mode != Mode::Vanilla {
+        return (wanted, None);
+    }
+    let bytes = |t: usize| {
+        LambdaParams::new(0, t.max(1), None).map_or(u64::MAX, |p| kv_bytes_at(engine, p, t))
     };
-    if fits(wanted) {
-        return wanted;
+    if bytes(wanted) <= budget {
+        return (wanted, None);
     }
     // Bytes grow monotonically with the token count: bisect.
     let (mut lo, mut hi) = (0usize, wanted);
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        if fits(mid) { lo = mid } else { hi = mid }
+        if bytes(mid) <= budget {
+            lo = mid
+        } else {
+            hi = mid
+        }
     }
-    lo
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let why = format!(
+        "vanilla stopped at {lo} of {wanted} tokens: its KV cache would need {:.1} GiB for all of them, over the memory budget of {:.1} GiB (--vanilla-memory)",
+        gib(bytes(wanted)),
+        gib(budget)
+    );
+    (lo, Some(why))
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).

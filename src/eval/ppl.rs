@@ -12,9 +12,7 @@ use crate::model::{Logits, ModelError};
 
 use super::meter::Meter;
 use super::nll::{Bucket, Buckets, token_nll};
-use super::{
-    EvalError, Mode, TextPlan, feed, kv_bytes_at, new_cache, rss_bytes, vanilla_token_limit,
-};
+use super::{EvalError, Mode, TextPlan, feed, kv_bytes_at, new_cache, rss_bytes, run_limit};
 
 /// What one mode's pass measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,22 +58,7 @@ pub fn evaluate(
         chunk,
         vanilla_budget,
     } = *plan;
-    let wanted = tokens.len();
-    let (total, stopped) = match mode {
-        Mode::Vanilla => {
-            let limit = vanilla_token_limit(engine, wanted, vanilla_budget);
-            let stopped = (limit < wanted).then(|| {
-                let need = kv_bytes_at(engine, Mode::Vanilla.params(lambda, wanted)?, wanted);
-                Ok::<_, EvalError>(format!(
-                    "vanilla stopped at {limit} tokens: its KV cache for all {wanted} would need {:.1} GiB, the memory budget is {:.1} GiB",
-                    gib(need),
-                    gib(vanilla_budget)
-                ))
-            });
-            (limit, stopped.transpose()?)
-        }
-        _ => (wanted, None),
-    };
+    let (total, stopped) = run_limit(engine, mode, tokens.len(), vanilla_budget);
     let params = mode.params(lambda, total)?;
     let mut cache = new_cache(engine, params);
     let mut buckets = Buckets::new(ends);
@@ -140,8 +123,4 @@ pub fn evaluate(
         seconds: start.elapsed().as_secs_f64(),
         stopped,
     })
-}
-
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
 }

@@ -12,6 +12,7 @@ use super::commands::{COMMANDS, complete};
 use super::keymap::{INSPECT_KEYS, SESSION_KEYS};
 use super::wrap::str_width;
 use crate::chat::Role;
+use crate::progress::thousands;
 use crate::session::TokenState;
 
 /// Smallest terminal the layout fits in.
@@ -21,19 +22,6 @@ const VISUALIZER_ROWS: u16 = 8;
 const INSPECT_ROWS: u16 = 7;
 /// Most rows the input box grows to.
 const INPUT_MAX_ROWS: usize = 8;
-
-/// `1234567` → `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 pub fn draw(frame: &mut Frame<'_>, app: &App) {
     let area = frame.area();
