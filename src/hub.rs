@@ -205,9 +205,11 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
 
 fn download_err(r: &HubRef, file: &str, e: &dyn std::fmt::Display) -> HubError {
     let msg = e.to_string();
-    let hint = if msg.contains("401") || msg.contains("403") {
+    // The status as the HTTP client words it: a bare "401" could be part of a port or a path.
+    let status = |code: &str| msg.contains(&format!("status code {code}"));
+    let hint = if status("401") || status("403") {
         " (a private or gated repo needs a token: $HF_TOKEN or the token file)"
-    } else if msg.contains("404") {
+    } else if status("404") {
         " (no such repo, revision or file)"
     } else {
         ""
@@ -309,5 +311,19 @@ mod tests {
         ] {
             assert!(HubRef::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The hint follows the HTTP status, not digits elsewhere in the message (a local test
+    /// server on port 40113 once read as "401").
+    #[test]
+    fn download_hints_follow_the_status() {
+        let r = HubRef::parse("hf:org/repo").unwrap().unwrap();
+        let hint = |msg: &str| download_err(&r, "f", &msg).to_string();
+        let url = "http://127.0.0.1:40113/api/models/org/repo/revision/main";
+        assert!(hint(&format!("{url}: status code 404")).contains("(no such repo"));
+        assert!(hint(&format!("{url}: status code 401")).contains("needs a token"));
+        assert!(hint(&format!("{url}: status code 403")).contains("needs a token"));
+        let other = hint(&format!("{url}: status code 500"));
+        assert!(!other.contains("(no such repo") && !other.contains("needs a token"));
     }
 }

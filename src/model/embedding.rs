@@ -1,16 +1,27 @@
 //! Token embeddings. GGUF tables stay quantized (rows are dequantized on lookup), so the table
-//! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight.
+//! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight. A
+//! table our kernels take (Q8_0, Q5_0 on the CPU) is packed for them and shared with a tied
+//! output head, so the largest matrix of a decode step runs on our kernel and is held once.
+
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
 use super::checkpoint::{Checkpoint, weight_dims};
-use super::layers::{Linear, forward_err};
+use super::layers::{Linear, forward_err, packed};
+use crate::kernels::PackedMatrix;
 use crate::model::candle_msg;
 
+/// Where the rows come from.
+enum Table {
+    Candle(QMatMul),
+    Packed(Arc<PackedMatrix>),
+}
+
 pub struct TokenEmbedding {
-    table: QMatMul,
+    table: Table,
     rows: usize,
     hidden: usize,
     /// Where the table lives: token ids are made there.
@@ -24,6 +35,10 @@ impl TokenEmbedding {
         let device = match &table {
             QMatMul::QTensor(q) => q.device(),
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+        };
+        let table = match packed(&table, "token_embd.weight")? {
+            Some(m) => Table::Packed(Arc::new(m)),
+            None => Table::Candle(table),
         };
         Ok(Self {
             table,
@@ -46,11 +61,23 @@ impl TokenEmbedding {
                 self.rows
             )));
         }
-        let ids = Tensor::new(ids, &self.device).map_err(forward_err)?;
-        self.table
-            .embedding(&ids)
-            .and_then(|x| x.to_dtype(DType::F32))
-            .map_err(forward_err)
+        match &self.table {
+            Table::Candle(table) => {
+                let ids = Tensor::new(ids, &self.device).map_err(forward_err)?;
+                table
+                    .embedding(&ids)
+                    .and_then(|x| x.to_dtype(DType::F32))
+                    .map_err(forward_err)
+            }
+            Table::Packed(table) => {
+                let values = ids
+                    .iter()
+                    .flat_map(|&id| table.dequantize_row(id as usize))
+                    .collect();
+                Tensor::from_vec(values, (ids.len(), self.hidden), &self.device)
+                    .map_err(forward_err)
+            }
+        }
     }
 
     /// The output projection: `output.weight` when present, else the tied embedding table.
@@ -59,9 +86,10 @@ impl TokenEmbedding {
             return Linear::load(ckpt, "output", (self.rows, self.hidden), false);
         }
         let weight = match &self.table {
-            QMatMul::QTensor(q) => QMatMul::from_arc(q.clone())
+            Table::Packed(table) => return Ok(Linear::from_packed(table.clone())),
+            Table::Candle(QMatMul::QTensor(q)) => QMatMul::from_arc(q.clone())
                 .map_err(|e| ModelError::Tensor("output.weight".into(), candle_msg(&e)))?,
-            dense => dense.clone(),
+            Table::Candle(dense) => dense.clone(),
         };
         Ok(Linear::from_qmatmul(weight))
     }

@@ -3,14 +3,16 @@
 //!
 //! Activations are 2-D `[tokens, features]` f32 tensors (batch size is always 1 in a chat).
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 use candle_nn::RmsNorm;
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
 use crate::attention::{AttentionCache, Rope, TensorInput};
-use crate::kernels::Q5_0Matrix;
+use crate::kernels::{Format, PackedMatrix};
 use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
@@ -30,31 +32,41 @@ pub struct Linear {
 enum Weight {
     /// candle: dense tensors, and the quantized types whose CPU kernels it vectorizes.
     Candle(QMatMul),
-    /// Q5_0 on the CPU: lambdachat's kernel (candle's is scalar; see `crate::kernels`).
-    Q5_0(Q5_0Matrix),
+    /// Q5_0 and Q8_0 on the CPU: lambdachat's kernels (see `crate::kernels`); shared with the
+    /// token table when the embeddings are tied.
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Weight {
-    /// Hands Q5_0 CPU matrices to our kernel, unless `LAMBDACHAT_KERNELS=candle` asks for
-    /// candle's everywhere (for side-by-side measurements). The kernel keeps the GGUF bytes as
-    /// they are: the weights are moved, not copied twice.
     fn new(q: QMatMul, name: &str) -> Result<Self> {
-        let ours = std::env::var("LAMBDACHAT_KERNELS").map_or(true, |k| k != "candle");
-        match &q {
-            QMatMul::QTensor(t) if ours && t.dtype() == GgmlDType::Q5_0 && t.device().is_cpu() => {
-                let tensor_err = |e: String| ModelError::Tensor(name.to_string(), e);
-                let (rows, cols) = t.shape().dims2().map_err(|e| tensor_err(candle_msg(&e)))?;
-                let bytes = t
-                    .data()
-                    .map_err(|e| tensor_err(candle_msg(&e)))?
-                    .into_owned();
-                let m =
-                    Q5_0Matrix::new(bytes, rows, cols).map_err(|e| tensor_err(e.to_string()))?;
-                Ok(Self::Q5_0(m))
-            }
-            _ => Ok(Self::Candle(q)),
+        match packed(&q, name)? {
+            Some(m) => Ok(Self::Packed(Arc::new(m))),
+            None => Ok(Self::Candle(q)),
         }
     }
+}
+
+/// Repacks a CPU Q5_0 or Q8_0 matrix for our kernels, unless `LAMBDACHAT_KERNELS=candle` asks
+/// for candle's everywhere (for side-by-side measurements) or candle's `CANDLE_DEQUANTIZE_ALL`
+/// (`_F16`) asks for dense weights (the exactness tests: no 8-bit activations). The caller drops
+/// `q` afterwards: the weights are held once, in their packed order.
+pub fn packed(q: &QMatMul, name: &str) -> Result<Option<PackedMatrix>> {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0");
+    let ours = std::env::var("LAMBDACHAT_KERNELS").map_or(true, |k| k != "candle")
+        && !set("CANDLE_DEQUANTIZE_ALL")
+        && !set("CANDLE_DEQUANTIZE_ALL_F16");
+    let QMatMul::QTensor(t) = q else {
+        return Ok(None);
+    };
+    let Some(format) = Format::of(t.dtype()).filter(|_| ours && t.device().is_cpu()) else {
+        return Ok(None);
+    };
+    let tensor_err = |e: String| ModelError::Tensor(name.to_string(), e);
+    let (rows, cols) = t.shape().dims2().map_err(|e| tensor_err(candle_msg(&e)))?;
+    let bytes = t.data().map_err(|e| tensor_err(candle_msg(&e)))?;
+    PackedMatrix::new(format, &bytes, rows, cols)
+        .map(Some)
+        .map_err(|e| tensor_err(e.to_string()))
 }
 
 impl Linear {
@@ -84,6 +96,14 @@ impl Linear {
         }
     }
 
+    /// A layer over a packed matrix shared with the token table (a tied output head).
+    pub fn from_packed(weight: Arc<PackedMatrix>) -> Self {
+        Self {
+            weight: Weight::Packed(weight),
+            bias: None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             // bf16/f16 safetensors weights: multiply in their dtype, keep activations f32.
@@ -93,7 +113,7 @@ impl Linear {
                 .and_then(|y| y.to_dtype(x.dtype()))
                 .map_err(forward_err)?,
             Weight::Candle(w) => w.forward(x).map_err(forward_err)?,
-            Weight::Q5_0(m) => q5_0_forward(m, x)?,
+            Weight::Packed(m) => packed_forward(m, x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(forward_err),
@@ -366,15 +386,15 @@ impl SelfAttention {
     }
 }
 
-/// `x` `[tokens, cols]` (f32, on the CPU) times a Q5_0 matrix, without copying `x`.
-fn q5_0_forward(m: &Q5_0Matrix, x: &Tensor) -> Result<Tensor> {
+/// `x` `[tokens, cols]` (f32, on the CPU) times a packed matrix, without copying `x`.
+fn packed_forward(m: &PackedMatrix, x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous().map_err(forward_err)?;
     let (t, cols) = x.dims2().map_err(forward_err)?;
     let y = {
         let (storage, layout) = x.storage_and_layout();
         let values = match &*storage {
             candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>().map_err(forward_err)?,
-            _ => return Err(ModelError::Forward("Q5_0 kernel given a GPU tensor".into())),
+            _ => return Err(ModelError::Forward("CPU kernel given a GPU tensor".into())),
         };
         let start = layout.start_offset();
         m.matmul(&values[start..start + t * cols], t)
