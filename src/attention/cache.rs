@@ -12,11 +12,17 @@
 use std::ops::Range;
 
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
-use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities};
+use super::kernel::{
+    MAX_GROUP, Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts,
+};
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
 /// (decoding) take the per-row kernel.
 const BLOCK_MIN_TOKENS: usize = 8;
+
+/// Rings at least this long are split across the cores when a step has fewer rows than cores
+/// (shorter ones are not worth a second task).
+const SPLIT_MIN_KEYS: usize = 256;
 /// Query tokens per block task: with Qwen2.5-0.5B's 7 heads per group, 112 rows.
 const BLOCK_TOKENS: usize = 16;
 
@@ -327,9 +333,14 @@ impl LayerCache {
             entropies: self.entropy.then_some(entropies.as_mut_ptr()),
             width,
         };
-        let attend_task = |task: usize, scratch: &mut Vec<f32>| {
-            // SAFETY: every task index is run once, and task `task` owns these two places.
-            let (out, probe_slot, entropy_slot) = unsafe { tasks.get(task) };
+        // One part of a row's keys: ring slots `ring`, the sinks with the first part and the
+        // chunk with the last (a whole row is the one part with all of them).
+        let attend_part = |task: usize,
+                           ring: Range<usize>,
+                           (first, last): (bool, bool),
+                           out: &mut [f32],
+                           scratch: &mut Vec<f32>,
+                           partial: Option<&mut [f32]>| {
             let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
             let i = pos0 + t as u64;
             let q_off = task * width;
@@ -344,7 +355,7 @@ impl LayerCache {
                 rows: view(
                     &this.global_k,
                     &this.global_v,
-                    if q_glob.is_some() {
+                    if q_glob.is_some() && first {
                         this.global_len()
                     } else {
                         0
@@ -356,16 +367,21 @@ impl LayerCache {
                 visible: |j: usize| this.global_pos[j] + window <= i,
             };
             let queries = &q_loc[q_off..q_off + width];
+            let ring_start = ring.start;
             let ring = Segment {
-                rows: view(&this.ring_k, &this.ring_v, this.ring_len()),
+                rows: view(
+                    &this.ring_k[ring_start * row..],
+                    &this.ring_v[ring_start * row..],
+                    ring.len(),
+                ),
                 queries,
                 visible: |slot: usize| {
-                    let j = this.ring_pos[slot];
+                    let j = this.ring_pos[ring_start + slot];
                     j <= i && i - j < window
                 },
             };
             let chunk = Segment {
-                rows: view(&k_rot, input.v, n),
+                rows: view(&k_rot, input.v, if last { n } else { 0 }),
                 queries,
                 visible: |u: usize| u <= t && ((t - u) as u64) < window,
             };
@@ -376,7 +392,13 @@ impl LayerCache {
                 input.scale,
                 out,
                 scratch,
+                partial,
             );
+        };
+        let attend_task = |task: usize, scratch: &mut Vec<f32>| {
+            // SAFETY: every task index is run once, and task `task` owns these places.
+            let (out, probe_slot, entropy_slot) = unsafe { tasks.get(task) };
+            attend_part(task, 0..this.ring_len(), (true, true), out, scratch, None);
             *probe_slot = probe.then(|| mean_probabilities(scratch, group));
             if let Some(h) = entropy_slot {
                 *h = mean_entropy(scratch, group);
@@ -466,6 +488,34 @@ impl LayerCache {
                     block_task(task, &mut scratch);
                 }
             });
+        } else if let Some(parts) = self.split_parts(n_tasks, group) {
+            // Fewer rows than cores (a decode step of a model with one KV head): each row's
+            // keys in `parts` ranges, one per core, merged into one softmax afterwards.
+            let each = width + 2 * group;
+            let mut partials = vec![0f32; n_tasks * parts * each];
+            let pieces = Pieces {
+                ptr: partials.as_mut_ptr(),
+                len: each,
+            };
+            let ring_len = this.ring_len();
+            pool.execute_chunked(n_tasks * parts, |range| {
+                let mut scratch = Vec::new();
+                for item in range {
+                    let (task, p) = (item / parts, item % parts);
+                    let ring = ring_len * p / parts..ring_len * (p + 1) / parts;
+                    // SAFETY: every item index is run once and owns its piece.
+                    let (out, stats) = unsafe { pieces.get(item) }.split_at_mut(width);
+                    let ends = (p == 0, p == parts - 1);
+                    attend_part(task, ring, ends, out, &mut scratch, Some(stats));
+                }
+            });
+            for (task, out) in out.chunks_exact_mut(width).enumerate() {
+                let task_parts = partials[task * parts * each..(task + 1) * parts * each]
+                    .chunks_exact(each)
+                    .map(|piece| piece.split_at(width));
+                let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = task_parts.unzip();
+                merge_parts(&outs, &stats, head_dim, out);
+            }
         } else {
             pool.execute_chunked(n_tasks, |range| {
                 let mut scratch = Vec::new();
@@ -503,6 +553,19 @@ impl LayerCache {
         Ok(out)
     }
 
+    /// Into how many parts each row's keys are split when there are fewer rows (`n_tasks`) than
+    /// cores, or `None` to keep rows whole: when the cores would have work enough, the ring is
+    /// short, or the attention probe or entropy (which read whole rows) is on.
+    fn split_parts(&self, n_tasks: usize, group: usize) -> Option<usize> {
+        let threads = candle_core::utils::get_num_threads();
+        let split = n_tasks < threads
+            && self.ring_len() >= SPLIT_MIN_KEYS
+            && group <= MAX_GROUP
+            && !self.probe
+            && !self.entropy;
+        split.then(|| threads.div_ceil(n_tasks))
+    }
+
     /// Averages the KV groups' key probabilities of a single-token pass and names each key by
     /// its position (keys are in segment order: global store, ring, the token itself).
     fn record_attention(&mut self, probes: &[Option<Vec<f32>>], pos0: u64) {
@@ -523,6 +586,25 @@ impl LayerCache {
             .filter(|(_, p)| *p > 0.0)
             .map(|(pos, p)| (*pos, p))
             .collect();
+    }
+}
+
+/// Disjoint pieces of `len` floats of one buffer, one per work item.
+#[derive(Clone, Copy)]
+struct Pieces {
+    ptr: *mut f32,
+    len: usize,
+}
+// SAFETY: each work item writes only its own piece.
+unsafe impl Send for Pieces {}
+unsafe impl Sync for Pieces {}
+
+impl Pieces {
+    /// # Safety
+    /// Piece `i` must be in bounds and handed to one worker only.
+    unsafe fn get<'a>(self, i: usize) -> &'a mut [f32] {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.len), self.len) }
     }
 }
 
@@ -947,6 +1029,42 @@ mod tests {
         let positions = cache.ring_positions();
         assert_eq!(positions.first(), Some(&(100_000 - 64)));
         assert_eq!(positions.last(), Some(&99_999));
+    }
+
+    /// Decoding with one KV head (fewer rows than cores) splits each row's keys across the
+    /// cores once the ring is long enough, and merges them into one softmax: against the
+    /// oracle, sinks at the clamped distance included.
+    #[test]
+    fn split_decode_rows_match_the_reference() {
+        let case = Case {
+            t: 700,
+            chunk: 1,
+            g: 4,
+            l: 400,
+            d: Some(200),
+            heads: 4,
+            kv: 1,
+        };
+        let err = run(&case, RopeStyle::Neox);
+        assert!(err <= 1e-5, "max |Δ| = {err}");
+        // The split did happen (on any machine with two cores or more).
+        let params = LambdaParams::new(case.g, case.l, case.d).unwrap();
+        let mut cache = LayerCache::new(LayerGeometry::full(params, 1, 16));
+        let rope = Rope::new(16, 10_000.0, RopeStyle::Neox);
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = random(&mut rng, SPLIT_MIN_KEYS * 16);
+        let input = AttentionInput {
+            q: &x,
+            k: &x,
+            v: &x,
+            n_tokens: SPLIT_MIN_KEYS,
+            n_heads: 1,
+            rope: &rope,
+            scale: 1.0,
+        };
+        cache.attend(&input).unwrap();
+        let cores = candle_core::utils::get_num_threads();
+        assert_eq!(cache.split_parts(1, 4), (cores > 1).then_some(cores));
     }
 
     /// Prefill chunks attend as matrix products over blocks of 512 keys with an online softmax:

@@ -64,6 +64,10 @@ pub(super) struct Segment<'a, F: Fn(usize) -> bool> {
 
 /// Scores every visible key of `segments` against its queries (scaled), softmax per head, and
 /// writes the `group × head_dim` outputs to `out`. `scratch` is reused between calls.
+///
+/// With `partial`, the keys are one part of a row's keys ([`merge_parts`] combines the parts):
+/// `out` is left unnormalized (`Σ e^(s − max) · v` per head) and `partial` gets each head's
+/// `[max, sum]`.
 pub(super) fn attend_group<const N: usize>(
     segments: [&dyn SegmentView; N],
     group: usize,
@@ -71,6 +75,7 @@ pub(super) fn attend_group<const N: usize>(
     scale: f32,
     out: &mut [f32],
     scratch: &mut Vec<f32>,
+    partial: Option<&mut [f32]>,
 ) {
     let n_keys: usize = segments.iter().map(|s| s.len()).sum();
     scratch.clear();
@@ -88,8 +93,13 @@ pub(super) fn attend_group<const N: usize>(
         at.base += seg.len();
     }
     // Pass 2: softmax numerators per head; `sums` keeps the denominators.
+    let mut maxes = [f32::NEG_INFINITY; MAX_GROUP];
     for (g, sum) in sums.iter_mut().enumerate() {
-        *sum = softmax_numerators(&mut scores[g * n_keys..(g + 1) * n_keys]);
+        let (max, total) = softmax_numerators(&mut scores[g * n_keys..(g + 1) * n_keys]);
+        *sum = total;
+        if let Some(m) = maxes.get_mut(g) {
+            *m = max;
+        }
     }
     // Pass 3: weighted sum of values, each value row read once for the whole group.
     out.fill(0.0);
@@ -98,6 +108,13 @@ pub(super) fn attend_group<const N: usize>(
         seg.accumulate(scores, at, out);
         at.base += seg.len();
     }
+    if let Some(partial) = partial {
+        assert!(group <= MAX_GROUP, "{group} query heads per KV head");
+        for (g, stats) in partial.chunks_exact_mut(2).take(group).enumerate() {
+            stats.copy_from_slice(&[maxes[g], sums[g]]);
+        }
+        return;
+    }
     for (g, sum) in sums.iter().enumerate() {
         if *sum > 0.0 {
             let inv = 1.0 / sum;
@@ -105,6 +122,32 @@ pub(super) fn attend_group<const N: usize>(
                 .iter_mut()
                 .for_each(|x| *x *= inv);
         }
+    }
+}
+
+/// Query heads per KV head that a split row ([`attend_group`]'s `partial`) can serve.
+pub(super) const MAX_GROUP: usize = 64;
+
+/// Combines the parts of a row's keys that [`attend_group`] scored separately: `outs[p]` the
+/// unnormalized `group × head_dim` outputs of part `p`, `stats[p]` its `[max, sum]` per head.
+/// Each part's share is rescaled to the overall max, so the result equals one softmax over all
+/// the keys.
+pub(super) fn merge_parts(outs: &[&[f32]], stats: &[&[f32]], head_dim: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (g, o) in out.chunks_exact_mut(head_dim).enumerate() {
+        let max = stats.iter().fold(f32::NEG_INFINITY, |m, s| m.max(s[2 * g]));
+        if max == f32::NEG_INFINITY {
+            continue; // no key visible to this head in any part
+        }
+        let mut total = 0.0;
+        for (part, s) in outs.iter().zip(stats) {
+            let w = (s[2 * g] - max).exp();
+            total += w * s[2 * g + 1];
+            let from = &part[g * head_dim..(g + 1) * head_dim];
+            o.iter_mut().zip(from).for_each(|(a, x)| *a += w * x);
+        }
+        let inv = 1.0 / total;
+        o.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -478,9 +521,9 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     tree_sum(lanes) + tail
 }
 
-/// In place `x ← e^(x − max)` (−∞ → 0) over a row of scores; returns the sum. Max and sum run
-/// in 16 lanes so neither reduction is a serial chain.
-fn softmax_numerators(row: &mut [f32]) -> f32 {
+/// In place `x ← e^(x − max)` (−∞ → 0) over a row of scores; returns the max and the sum. Max
+/// and sum run in 16 lanes so neither reduction is a serial chain.
+fn softmax_numerators(row: &mut [f32]) -> (f32, f32) {
     let mut m = [f32::NEG_INFINITY; 16];
     let chunks = row.chunks_exact(16);
     let tail_max = chunks
@@ -515,7 +558,7 @@ fn softmax_numerators(row: &mut [f32]) -> f32 {
         };
         tail += *x;
     }
-    tree_sum(sums) + tail
+    (max, tree_sum(sums) + tail)
 }
 
 #[cfg(test)]
@@ -562,6 +605,29 @@ mod tests {
                 scale,
                 &mut out,
                 &mut scratch,
+                None,
+            );
+            // The same keys in two parts, merged: one softmax over both.
+            let mut outs = vec![vec![0f32; group * head_dim]; 2];
+            let mut stats = vec![vec![0f32; 2 * group]; 2];
+            for (p, segment) in [&first, &second].into_iter().enumerate() {
+                let (o, s) = (&mut outs[p], &mut stats[p]);
+                attend_group([segment], group, head_dim, scale, o, &mut scratch, Some(s));
+            }
+            let mut merged = vec![0f32; group * head_dim];
+            let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = outs
+                .iter()
+                .zip(&stats)
+                .map(|(o, s)| (&o[..], &s[..]))
+                .unzip();
+            merge_parts(&outs, &stats, head_dim, &mut merged);
+            let split = merged
+                .iter()
+                .zip(&out)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                split < 1e-5,
+                "group {group} head_dim {head_dim}: split {split}"
             );
             for g in 0..group {
                 let mut weights = Vec::new();
