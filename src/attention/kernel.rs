@@ -260,34 +260,23 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
             group,
             head_dim,
         } = at;
-        if !head_dim.is_multiple_of(SLICE) {
-            for j in 0..self.rows.len {
-                let v = self.rows.value(j, head_dim);
-                for g in 0..group {
-                    let p = probs[g * n_keys + base + j];
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if head_dim.is_multiple_of(SLICE) {
+            self.accumulate_in_registers(probs, at, out);
+            return;
+        }
+        // Portable: each value row added into every head's outputs.
+        for j in 0..self.rows.len {
+            self.rows
+                .prefetch(self.rows.values, j + PREFETCH_AHEAD, 0, head_dim);
+            let v = self.rows.value(j, head_dim);
+            for g in 0..group {
+                let p = probs[g * n_keys + base + j];
+                if p != 0.0 {
                     let o = &mut out[g * head_dim..(g + 1) * head_dim];
                     o.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
                 }
             }
-            return;
-        }
-        // Up to four heads × one 64-value slice of the outputs stay in registers over all the
-        // keys (16 vectors); adding into `out` per key instead was bound by its loads and
-        // stores. Each pass reads one slice of every value row.
-        let mut g = 0;
-        while g < group {
-            let n = (group - g).min(4);
-            let probs = |h: usize| &probs[(g + h) * n_keys + base..][..self.rows.len];
-            let out = &mut out[g * head_dim..];
-            for slice in (0..head_dim).step_by(SLICE) {
-                match n {
-                    4 => self.add_weighted([0, 1, 2, 3].map(probs), slice, head_dim, out),
-                    3 => self.add_weighted([0, 1, 2].map(probs), slice, head_dim, out),
-                    2 => self.add_weighted([0, 1].map(probs), slice, head_dim, out),
-                    _ => self.add_weighted([0].map(probs), slice, head_dim, out),
-                }
-            }
-            g += n;
         }
     }
 }
@@ -340,6 +329,7 @@ fn transposed_sums(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m
 }
 
 /// Output values per register-blocked pass over the value rows.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 const SLICE: usize = 64;
 
 impl<F: Fn(usize) -> bool> Segment<'_, F> {
@@ -399,9 +389,37 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         0
     }
 
+    /// The value pass with up to four heads × one 64-value slice of the outputs in registers
+    /// over all the keys (16 vectors): adding into `out` per key was bound by its loads and
+    /// stores. Each pass reads one slice of every value row.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    fn accumulate_in_registers(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+        let Placement {
+            base,
+            n_keys,
+            group,
+            head_dim,
+        } = at;
+        let mut g = 0;
+        while g < group {
+            let n = (group - g).min(4);
+            let probs = |h: usize| &probs[(g + h) * n_keys + base..][..self.rows.len];
+            let out = &mut out[g * head_dim..];
+            for slice in (0..head_dim).step_by(SLICE) {
+                match n {
+                    4 => self.add_weighted([0, 1, 2, 3].map(probs), slice, head_dim, out),
+                    3 => self.add_weighted([0, 1, 2].map(probs), slice, head_dim, out),
+                    2 => self.add_weighted([0, 1].map(probs), slice, head_dim, out),
+                    _ => self.add_weighted([0].map(probs), slice, head_dim, out),
+                }
+            }
+            g += n;
+        }
+    }
+
     /// Adds `Σ_j p_h[j] · v_j[slice .. slice + 64]` to head `h`'s outputs (those at
-    /// `h · head_dim + slice`) for `H` heads, summed in 4 × 16 lanes per head (AVX-512: the
-    /// compiler left the portable version below scalar, with its sums on the stack).
+    /// `h · head_dim + slice`) for `H` heads, summed in 4 × 16 lanes per head (written with
+    /// intrinsics: the compiler left a portable version scalar, with its sums on the stack).
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     #[inline(always)]
     fn add_weighted<const H: usize>(
@@ -438,38 +456,6 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
                     let at = o.as_mut_ptr().add(16 * c);
                     _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *a));
                 }
-            }
-        }
-    }
-
-    /// The same in portable code, for builds without AVX-512.
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    #[inline(always)]
-    fn add_weighted<const H: usize>(
-        &self,
-        probs: [&[f32]; H],
-        slice: usize,
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
-        let mut acc = [[[0f32; 16]; SLICE / 16]; H];
-        for j in 0..self.rows.len {
-            self.rows
-                .prefetch(self.rows.values, j + PREFETCH_AHEAD, slice, SLICE);
-            let (v, _) = self.rows.value(j, slice + SLICE)[slice..].as_chunks::<16>();
-            for (h, acc) in acc.iter_mut().enumerate() {
-                let p = probs[h][j];
-                for (a, vc) in acc.iter_mut().zip(v) {
-                    for l in 0..16 {
-                        a[l] += p * vc[l];
-                    }
-                }
-            }
-        }
-        for (h, acc) in acc.iter().enumerate() {
-            let o = &mut out[h * head_dim + slice..][..SLICE];
-            for (oc, a) in o.chunks_exact_mut(16).zip(acc) {
-                oc.iter_mut().zip(a).for_each(|(o, x)| *o += x);
             }
         }
     }
