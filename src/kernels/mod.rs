@@ -14,7 +14,8 @@ mod x86;
 
 pub use activations::Q8Rows;
 pub use exp::fast_exp;
-pub use packed::{Format, PackedMatrix, TILE_ROWS};
+use packed::TILE_ROWS;
+pub use packed::{Format, PackedMatrix};
 
 /// A weight matrix the kernels cannot take.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use super::activations::{BLOCK, Q8Rows};
 use super::{KernelError, Out};
 
 /// Rows per tile: one 512-bit vector of i32 or f32.
-pub const TILE_ROWS: usize = 16;
+pub(super) const TILE_ROWS: usize = 16;
 
 /// Bytes of the 16 block scales that open every tile block.
 pub(super) const SCALES: usize = 2 * TILE_ROWS;
@@ -129,10 +129,6 @@ impl PackedMatrix {
 
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 
     /// Blocks of 32 values per row.
