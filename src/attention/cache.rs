@@ -12,9 +12,8 @@
 use std::ops::Range;
 
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
-use super::kernel::{
-    MAX_GROUP, Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts,
-};
+use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts};
+use crate::kernels::DisjointRows;
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
 /// (decoding) take the per-row kernel.
@@ -488,15 +487,12 @@ impl LayerCache {
                     block_task(task, &mut scratch);
                 }
             });
-        } else if let Some(parts) = self.split_parts(n_tasks, group) {
+        } else if let Some(parts) = self.split_parts(n_tasks) {
             // Fewer rows than cores (a decode step of a model with one KV head): each row's
             // keys in `parts` ranges, one per core, merged into one softmax afterwards.
             let each = width + 2 * group;
             let mut partials = vec![0f32; n_tasks * parts * each];
-            let pieces = Pieces {
-                ptr: partials.as_mut_ptr(),
-                len: each,
-            };
+            let pieces = DisjointRows::new(&mut partials, each);
             let ring_len = this.ring_len();
             pool.execute_chunked(n_tasks * parts, |range| {
                 let mut scratch = Vec::new();
@@ -504,7 +500,7 @@ impl LayerCache {
                     let (task, p) = (item / parts, item % parts);
                     let ring = ring_len * p / parts..ring_len * (p + 1) / parts;
                     // SAFETY: every item index is run once and owns its piece.
-                    let (out, stats) = unsafe { pieces.get(item) }.split_at_mut(width);
+                    let (out, stats) = unsafe { pieces.row(item) }.split_at_mut(width);
                     let ends = (p == 0, p == parts - 1);
                     attend_part(task, ring, ends, out, &mut scratch, Some(stats));
                 }
@@ -556,13 +552,10 @@ impl LayerCache {
     /// Into how many parts each row's keys are split when there are fewer rows (`n_tasks`) than
     /// cores, or `None` to keep rows whole: when the cores would have work enough, the ring is
     /// short, or the attention probe or entropy (which read whole rows) is on.
-    fn split_parts(&self, n_tasks: usize, group: usize) -> Option<usize> {
+    fn split_parts(&self, n_tasks: usize) -> Option<usize> {
         let threads = candle_core::utils::get_num_threads();
-        let split = n_tasks < threads
-            && self.ring_len() >= SPLIT_MIN_KEYS
-            && group <= MAX_GROUP
-            && !self.probe
-            && !self.entropy;
+        let split =
+            n_tasks < threads && self.ring_len() >= SPLIT_MIN_KEYS && !self.probe && !self.entropy;
         split.then(|| threads.div_ceil(n_tasks))
     }
 
@@ -586,25 +579,6 @@ impl LayerCache {
             .filter(|(_, p)| *p > 0.0)
             .map(|(pos, p)| (*pos, p))
             .collect();
-    }
-}
-
-/// Disjoint pieces of `len` floats of one buffer, one per work item.
-#[derive(Clone, Copy)]
-struct Pieces {
-    ptr: *mut f32,
-    len: usize,
-}
-// SAFETY: each work item writes only its own piece.
-unsafe impl Send for Pieces {}
-unsafe impl Sync for Pieces {}
-
-impl Pieces {
-    /// # Safety
-    /// Piece `i` must be in bounds and handed to one worker only.
-    unsafe fn get<'a>(self, i: usize) -> &'a mut [f32] {
-        // SAFETY: the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.len), self.len) }
     }
 }
 
@@ -1064,7 +1038,7 @@ mod tests {
         };
         cache.attend(&input).unwrap();
         let cores = candle_core::utils::get_num_threads();
-        assert_eq!(cache.split_parts(1, 4), (cores > 1).then_some(cores));
+        assert_eq!(cache.split_parts(1), (cores > 1).then_some(cores));
     }
 
     /// Prefill chunks attend as matrix products over blocks of 512 keys with an online softmax:

@@ -92,13 +92,14 @@ pub(super) fn attend_group<const N: usize>(
         seg.score(scores, at, scale);
         at.base += seg.len();
     }
-    // Pass 2: softmax numerators per head; `sums` keeps the denominators.
-    let mut maxes = [f32::NEG_INFINITY; MAX_GROUP];
+    // Pass 2: softmax numerators per head; `sums` keeps the denominators (a part's stats also
+    // keep the maxima they are relative to).
+    let mut partial = partial;
     for (g, sum) in sums.iter_mut().enumerate() {
         let (max, total) = softmax_numerators(&mut scores[g * n_keys..(g + 1) * n_keys]);
         *sum = total;
-        if let Some(m) = maxes.get_mut(g) {
-            *m = max;
+        if let Some(stats) = partial.as_deref_mut() {
+            stats[2 * g..2 * g + 2].copy_from_slice(&[max, total]);
         }
     }
     // Pass 3: weighted sum of values, each value row read once for the whole group.
@@ -108,12 +109,8 @@ pub(super) fn attend_group<const N: usize>(
         seg.accumulate(scores, at, out);
         at.base += seg.len();
     }
-    if let Some(partial) = partial {
-        assert!(group <= MAX_GROUP, "{group} query heads per KV head");
-        for (g, stats) in partial.chunks_exact_mut(2).take(group).enumerate() {
-            stats.copy_from_slice(&[maxes[g], sums[g]]);
-        }
-        return;
+    if partial.is_some() {
+        return; // the caller merges the parts (`merge_parts`) and normalizes
     }
     for (g, sum) in sums.iter().enumerate() {
         if *sum > 0.0 {
@@ -124,9 +121,6 @@ pub(super) fn attend_group<const N: usize>(
         }
     }
 }
-
-/// Query heads per KV head that a split row ([`attend_group`]'s `partial`) can serve.
-pub(super) const MAX_GROUP: usize = 64;
 
 /// Combines the parts of a row's keys that [`attend_group`] scored separately: `outs[p]` the
 /// unnormalized `group × head_dim` outputs of part `p`, `stats[p]` its `[max, sum]` per head.

@@ -42,23 +42,40 @@ pub enum KernelError {
 /// default model's 512-token prefill: 700 tok/s with 4, 710 with 6, 652 with 8).
 const ROWS_PER_ITEM: usize = 6;
 
-/// A row-major output of rows of `n` values, shared by the pool's workers: each writes its own
-/// block of it (for a matmul, its tile of columns in its activation rows).
-#[derive(Clone, Copy)]
-pub(crate) struct Out<T = f32> {
+/// A row-major buffer of rows of `n` values shared by the pool's workers, each of which writes
+/// only its own places (a matmul's tile of columns in its activation rows, a packed tile row, a
+/// part of a split attention row).
+pub(crate) struct DisjointRows<T = f32> {
     ptr: *mut T,
     n: usize,
 }
-// SAFETY: workers write disjoint blocks (see `Kernel::matmul`, `PackedMatrix::new`).
-unsafe impl<T> Send for Out<T> {}
-unsafe impl<T> Sync for Out<T> {}
+// A pointer and a length: copyable whatever `T` is (a derive would ask `T: Copy`).
+impl<T> Clone for DisjointRows<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DisjointRows<T> {}
+// SAFETY: workers write disjoint places (see `Kernel::matmul`, `PackedMatrix::new`, and the
+// split decode of `attention::cache`).
+unsafe impl<T> Send for DisjointRows<T> {}
+unsafe impl<T> Sync for DisjointRows<T> {}
 
-impl<T> Out<T> {
-    fn new(y: &mut [T], n: usize) -> Self {
+impl<T> DisjointRows<T> {
+    pub(crate) fn new(y: &mut [T], n: usize) -> Self {
         Self {
             ptr: y.as_mut_ptr(),
             n,
         }
+    }
+
+    /// Row `r`, whole.
+    ///
+    /// # Safety
+    /// Row `r` must be inside the buffer, and no other worker may touch it meanwhile.
+    pub(crate) unsafe fn row<'a>(self, r: usize) -> &'a mut [T] {
+        // SAFETY: the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.at(r, 0), self.n) }
     }
 
     /// Where `y[r][j]` lives.
@@ -120,7 +137,7 @@ impl Kernel {
 
     /// `out = x · mᵀ`, work items of one tile of weight rows × `ROWS_PER_ITEM` activation rows,
     /// tile-major (a worker keeps one tile's weights in L1 while it walks the activations).
-    fn matmul(self, m: &PackedMatrix, x: &Q8Rows, out: Out) {
+    fn matmul(self, m: &PackedMatrix, x: &Q8Rows, out: DisjointRows) {
         let n_tiles = m.rows().div_ceil(TILE_ROWS);
         let row_items = x.rows.div_ceil(ROWS_PER_ITEM);
         candle_core::utils::barrier_pool().execute_chunked(n_tiles * row_items, |items| {
@@ -145,7 +162,7 @@ impl Kernel {
         x: &Q8Rows,
         t: usize,
         rows: std::ops::Range<usize>,
-        out: Out,
+        out: DisjointRows,
     ) {
         // SAFETY: the caller's promise; `detect` saw the features of the SIMD kernels.
         unsafe {

@@ -24,7 +24,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::activations::{BLOCK, Q8Rows};
-use super::{KernelError, Out};
+use super::{DisjointRows, KernelError};
 
 /// Rows per tile: one 512-bit vector of i32 or f32.
 pub(super) const TILE_ROWS: usize = 16;
@@ -95,13 +95,13 @@ impl PackedMatrix {
         let tb = format.tile_bytes();
         let row_bytes = blocks * tb;
         let mut tiles = vec![0u8; n_tiles * row_bytes];
-        let dst = Out::new(&mut tiles, row_bytes);
+        let dst = DisjointRows::new(&mut tiles, row_bytes);
         // In parallel: packing is memory-bound, and the 151,936-row token table alone would
         // add a tenth of a second to the model's load on one core.
         candle_core::utils::barrier_pool().execute_chunked(n_tiles, |ts| {
             for t in ts {
                 // SAFETY: tile rows are disjoint, `t < n_tiles`.
-                let tile_row = unsafe { std::slice::from_raw_parts_mut(dst.at(t, 0), row_bytes) };
+                let tile_row = unsafe { dst.row(t) };
                 for (b, tile) in tile_row.chunks_exact_mut(tb).enumerate() {
                     for r in 0..TILE_ROWS.min(rows - t * TILE_ROWS) {
                         let row = t * TILE_ROWS + r;
@@ -154,7 +154,7 @@ impl PackedMatrix {
         }
         let xq = Q8Rows::quantize(x, t, self.cols);
         let mut y = vec![0f32; t * self.rows];
-        let out = Out::new(&mut y, self.rows);
+        let out = DisjointRows::new(&mut y, self.rows);
         super::Kernel::detect().matmul(self, &xq, out);
         Ok(y)
     }
@@ -229,7 +229,7 @@ pub(super) unsafe fn scalar_unit(
     x: &Q8Rows,
     t: usize,
     rows: std::ops::Range<usize>,
-    out: Out,
+    out: DisjointRows,
 ) {
     let (blocks, tb) = (m.blocks(), m.format.tile_bytes());
     let tile_row = m.tile_row(t);
@@ -251,7 +251,7 @@ pub(super) unsafe fn scalar_unit(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Kernel, Out};
+    use super::super::{DisjointRows, Kernel};
     use super::*;
     use candle_core::quantized::{QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
@@ -306,7 +306,7 @@ mod tests {
                     let xq = Q8Rows::quantize(&x, t, cols);
                     for kernel in Kernel::available() {
                         let mut y = vec![f32::NAN; t * rows];
-                        kernel.matmul(&m, &xq, Out::new(&mut y, rows));
+                        kernel.matmul(&m, &xq, DisjointRows::new(&mut y, rows));
                         let what = format!("{format:?} {kernel:?} {rows}×{cols}, t={t}");
                         let vs_candle = max_rel(&y, &candle);
                         assert!(vs_candle < 1e-5, "{what} vs candle: {vs_candle}");
@@ -354,7 +354,7 @@ mod tests {
             for kernel in Kernel::available() {
                 let xq = Q8Rows::quantize(&x, 1, cols);
                 let mut y = vec![0f32; rows];
-                kernel.matmul(&m, &xq, Out::new(&mut y, rows));
+                kernel.matmul(&m, &xq, DisjointRows::new(&mut y, rows));
                 for (row, got) in y.iter().enumerate() {
                     let v = if row % 2 == 0 { lo } else { hi };
                     // −1 quantizes to −127 × f16(1/127): 1 − 4e-5, the same in every kernel.

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use super::activations::{BLOCK, Q8Rows};
 use super::packed::{Format, PackedMatrix, Q5_HIGH_BITS, SCALES, TILE_ROWS};
-use super::{Out, ROWS_PER_ITEM};
+use super::{DisjointRows, ROWS_PER_ITEM};
 
 /// How far ahead weights are prefetched when one activation row streams them from memory
 /// (decode): about ten tile blocks, as the row-major kernel measured best (3.5 KB).
@@ -215,7 +215,7 @@ pub unsafe fn unit_avx512(
     x: &Q8Rows,
     t: usize,
     rows: std::ops::Range<usize>,
-    out: Out,
+    out: DisjointRows,
 ) {
     let n = rows.len();
     // SAFETY: the caller's promises.
@@ -233,7 +233,7 @@ unsafe fn tile512<T: Tile, const R: usize>(
     x: &Q8Rows,
     t: usize,
     r0: usize,
-    out: Out,
+    out: DisjointRows,
 ) {
     debug_assert_eq!(m.format(), T::FORMAT);
     let blocks = m.blocks();
@@ -284,7 +284,7 @@ pub unsafe fn unit_avx2(
     x: &Q8Rows,
     t: usize,
     rows: std::ops::Range<usize>,
-    out: Out,
+    out: DisjointRows,
 ) {
     let n = rows.len();
     // SAFETY: the caller's promises.
@@ -302,7 +302,7 @@ unsafe fn tile256<T: Tile, const R: usize>(
     x: &Q8Rows,
     t: usize,
     r0: usize,
-    out: Out,
+    out: DisjointRows,
 ) {
     debug_assert_eq!(m.format(), T::FORMAT);
     let blocks = m.blocks();
