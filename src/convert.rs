@@ -13,8 +13,10 @@ use candle_core::Tensor;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{Map, Value as Json, json};
 
-use crate::model::hf::{ARCHITECTURES, CONFIG_KEYS, hf_tensor_name, relayout};
-use crate::model::{GgufFile, ModelError, candle_msg};
+use crate::error::candle_msg;
+use crate::model::arch::{self, Architecture, HeadCounts};
+use crate::model::hf::CONFIG_KEYS;
+use crate::model::{GgufFile, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +36,7 @@ pub enum ConvertError {
 }
 
 fn convertible() -> Vec<&'static str> {
-    let mut v: Vec<&str> = ARCHITECTURES.iter().map(|(_, a, _)| *a).collect();
-    v.dedup();
-    v
+    arch::gguf_names()
 }
 
 /// What a conversion wrote.
@@ -62,17 +62,16 @@ pub fn convert_gguf(
         return Err(ConvertError::OutputExists(out.to_path_buf()));
     }
     let mut gguf = GgufFile::open(gguf_path)?;
-    let arch = gguf.architecture()?;
-    let (model_type, class) = ARCHITECTURES
-        .iter()
-        .find(|(_, a, _)| *a == arch)
-        .map(|(t, _, c)| (*t, *c))
-        .ok_or_else(|| ConvertError::Architecture(arch.clone()))?;
+    let name = gguf.architecture()?;
+    let arch = arch::by_gguf_name(&name).ok_or_else(|| ConvertError::Architecture(name.clone()))?;
     let meta = &gguf.meta;
-    let n_heads = meta.usize(&format!("{arch}.attention.head_count"))?;
-    let n_kv_heads = meta
-        .usize(&format!("{arch}.attention.head_count_kv"))
-        .unwrap_or(n_heads);
+    let n_heads = meta.usize(&format!("{name}.attention.head_count"))?;
+    let heads = HeadCounts {
+        n_heads,
+        n_kv_heads: meta
+            .usize(&format!("{name}.attention.head_count_kv"))
+            .unwrap_or(n_heads),
+    };
 
     let staging = staging_dir(out);
     let _ = std::fs::remove_dir_all(&staging);
@@ -83,17 +82,16 @@ pub fn convert_gguf(
         let mut names = gguf.tensor_names();
         names.sort();
         let mut tensors = BTreeMap::new();
-        for name in &names {
-            if ROPE_FACTOR_TENSORS.contains(&name.as_str()) {
-                continue; // written into config.json's rope_scaling
+        for tensor in &names {
+            if arch.config_tensors.contains(&tensor.as_str()) {
+                continue; // written into config.json by the architecture
             }
-            let hf = hf_tensor_name(&arch, name)
-                .ok_or_else(|| ConvertError::UnmappedTensor(name.clone(), arch.clone()))?;
-            let err = |e: candle_core::Error| ModelError::Tensor(name.clone(), candle_msg(&e));
-            let t = gguf.f32_tensor(name)?;
-            let t = relayout(&arch, name, n_heads, n_kv_heads)
-                .to_hf(&t)
-                .map_err(err)?;
+            let hf = arch
+                .hf_tensor_name(tensor)
+                .ok_or_else(|| ConvertError::UnmappedTensor(tensor.clone(), name.clone()))?;
+            let err = |e: candle_core::Error| ModelError::Tensor(tensor.clone(), candle_msg(&e));
+            let t = gguf.f32_tensor(tensor)?;
+            let t = (arch.relayout)(tensor, heads).to_hf(&t).map_err(err)?;
             tensors.insert(hf, t);
         }
         let vocab = tensors
@@ -105,7 +103,7 @@ pub fn convert_gguf(
         let tied = !tensors.contains_key("lm_head.weight");
         let report = write_weights(&staging, tensors, max_shard_bytes)?;
 
-        let config = config_json(&mut gguf, &arch, model_type, class, vocab, tied)?;
+        let config = config_json(&mut gguf, arch, vocab, tied)?;
         write_json(&staging.join("config.json"), &config)?;
         let tokenizer = Tokenizer::for_gguf(&gguf)?;
         tokenizer.save_json(&staging.join("tokenizer.json"))?;
@@ -145,33 +143,6 @@ pub fn convert_gguf(
             Err(e)
         }
     }
-}
-
-/// Phi-3's LongRoPE factors, which llama.cpp stores as tensors and HF in `config.json`.
-const ROPE_FACTOR_TENSORS: &[&str] = &["rope_factors_long.weight", "rope_factors_short.weight"];
-
-/// `{"type": "longrope", "short_factor": […], "long_factor": […]}` when the GGUF has them.
-fn longrope_scaling(gguf: &mut GgufFile) -> Result<Option<Json>, ConvertError> {
-    if !ROPE_FACTOR_TENSORS.iter().all(|t| gguf.has_tensor(t)) {
-        return Ok(None);
-    }
-    let mut factors = Vec::new();
-    for name in ROPE_FACTOR_TENSORS {
-        let v: Vec<f32> = gguf
-            .f32_tensor(name)?
-            .to_vec1()
-            .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))?;
-        factors.push(v);
-    }
-    let mut scaling = json!({
-        "type": "longrope",
-        "long_factor": factors[0],
-        "short_factor": factors[1],
-    });
-    if let Ok(f) = gguf.meta.f64("phi3.rope.scaling.attn_factor") {
-        scaling["attention_factor"] = json!(f);
-    }
-    Ok(Some(scaling))
 }
 
 fn staging_dir(out: &Path) -> PathBuf {
@@ -236,32 +207,23 @@ fn write_weights(
     })
 }
 
-/// `config.json` from the GGUF metadata: the keys `model::hf` reads back, plus what HF loaders
-/// (transformers, candle-transformers) require of each architecture.
+/// `config.json` from the GGUF metadata: the keys `model::hf` reads back, then what HF loaders
+/// (transformers, candle-transformers) require of the architecture.
 fn config_json(
     gguf: &mut GgufFile,
-    arch: &str,
-    model_type: &str,
-    class: &str,
+    arch: &Architecture,
     vocab: usize,
     tied: bool,
 ) -> Result<Json, ConvertError> {
-    let longrope = longrope_scaling(gguf)?;
+    let (model_type, class) = arch.hf_types[0];
+    let name = gguf.architecture()?;
     let meta = &gguf.meta;
-    if gguf.has_tensor("rope_freqs.weight") {
-        return Err(ConvertError::UnmappedTensor(
-            "rope_freqs.weight".into(),
-            format!(
-                "{arch} (llama-3 rope scaling is kept in config.json as rope_scaling, which this GGUF does not record)"
-            ),
-        ));
-    }
     let mut c = Map::new();
     c.insert("architectures".into(), json!([class]));
     c.insert("model_type".into(), json!(model_type));
     c.insert("torch_dtype".into(), json!("float32"));
     for (hf, key) in CONFIG_KEYS {
-        let key = format!("{arch}.{key}");
+        let key = format!("{name}.{key}");
         match meta.value(&key) {
             // f32 values are written as their shortest decimal (1e-6, not 9.99999997e-7).
             Some(Value::F32(x)) => {
@@ -279,9 +241,8 @@ fn config_json(
             None => {}
         }
     }
-    let hidden = meta.usize(&format!("{arch}.embedding_length"))?;
-    let heads = meta.usize(&format!("{arch}.attention.head_count"))?;
-    let layers = meta.usize(&format!("{arch}.block_count"))?;
+    let hidden = meta.usize(&format!("{name}.embedding_length"))?;
+    let heads = meta.usize(&format!("{name}.attention.head_count"))?;
     c.insert("vocab_size".into(), json!(vocab));
     c.entry("head_dim").or_insert(json!(hidden / heads.max(1)));
     c.entry("num_key_value_heads").or_insert(json!(heads));
@@ -296,62 +257,6 @@ fn config_json(
             c.insert(hf.into(), json!(id));
         }
     }
-    match arch {
-        "gemma3" => {
-            let head_dim = c["head_dim"].clone();
-            c.entry("query_pre_attn_scalar").or_insert(head_dim);
-            c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-            c.insert("attention_bias".into(), json!(false));
-            c.insert(
-                "sliding_window".into(),
-                json!(meta.usize("gemma3.attention.sliding_window")?),
-            );
-            c.insert(
-                "sliding_window_pattern".into(),
-                json!(
-                    meta.usize("gemma3.attention.sliding_window_type")
-                        .unwrap_or(6)
-                ),
-            );
-            c.entry("rope_local_base_freq").or_insert(json!(10_000.0));
-            c.insert("final_logit_softcapping".into(), Json::Null);
-            c.insert("attn_logit_softcapping".into(), Json::Null);
-            if let Ok(f) = meta.f64("gemma3.rope.scaling.factor")
-                && f != 1.0
-            {
-                c.insert(
-                    "rope_scaling".into(),
-                    json!({"rope_type": "linear", "factor": f}),
-                );
-            }
-        }
-        "phi3" => {
-            c.insert("hidden_act".into(), json!("silu"));
-            let head_dim = hidden / heads.max(1);
-            if let Ok(rot) = meta.usize("phi3.rope.dimension_count")
-                && rot != head_dim
-            {
-                c.insert(
-                    "partial_rotary_factor".into(),
-                    json!(rot as f64 / head_dim as f64),
-                );
-            }
-            if let Ok(w) = meta.usize("phi3.attention.sliding_window") {
-                c.insert("sliding_window".into(), json!(w));
-            }
-            if let Some(scaling) = longrope {
-                c.insert("rope_scaling".into(), scaling);
-            }
-        }
-        _ => {
-            c.insert("hidden_act".into(), json!("silu"));
-            c.insert("attention_bias".into(), json!(arch == "qwen2"));
-            // Qwen configs name a sliding window and switch it off.
-            let ctx = c["max_position_embeddings"].clone();
-            c.insert("use_sliding_window".into(), json!(false));
-            c.insert("sliding_window".into(), ctx);
-            c.insert("max_window_layers".into(), json!(layers));
-        }
-    }
+    (arch.write_config)(gguf, &mut c)?;
     Ok(Json::Object(c))
 }

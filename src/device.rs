@@ -64,7 +64,7 @@ impl DeviceChoice {
     pub fn select(self) -> Result<candle_core::Device, DeviceError> {
         use candle_core::utils::{cuda_is_available, metal_is_available};
         let unavailable = |e: candle_core::Error| {
-            DeviceError::Unavailable(self.to_string(), crate::model::candle_msg(&e))
+            DeviceError::Unavailable(self.to_string(), crate::error::candle_msg(&e))
         };
         match self {
             Self::Cpu => Ok(candle_core::Device::Cpu),

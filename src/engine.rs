@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use crate::chat::template::END_OF_TURN_MARKERS;
 use crate::chat::{ChatTemplate, TemplateError};
-use crate::model::{Checkpoint, LanguageModel, LoadOptions, ModelError};
+use crate::model::{Checkpoint, LanguageModel, LoadOptions, ModelError, Source};
 use crate::tokenizer::{HfTokenizerFiles, Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +50,8 @@ impl Engine {
         let start = Instant::now();
         let mut ckpt = Checkpoint::open(path, &options)?;
         let model = crate::model::load(&mut ckpt)?;
-        let (tokenizer, template_source, mut stop_ids) = match &ckpt {
-            Checkpoint::Gguf(gguf) => {
+        let (tokenizer, template_source, mut stop_ids) = match &ckpt.source {
+            Source::Gguf(gguf) => {
                 let tokenizer = Tokenizer::for_gguf(gguf)?;
                 let eot = gguf.meta.usize("tokenizer.ggml.eot_token_id").ok();
                 let template = gguf.meta.string("tokenizer.chat_template").ok();
@@ -61,7 +61,7 @@ impl Engine {
                     eot.map(|i| i as u32).into_iter().collect(),
                 )
             }
-            Checkpoint::Hf(hf) => {
+            Source::Hf(hf) => {
                 let files = HfTokenizerFiles::read(&hf.dir)?;
                 let id = |k: &str| hf.meta.usize(k).ok().map(|i| i as u32);
                 let tokenizer = Tokenizer::from_hf(

@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod device;
 pub mod engine;
+pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod hub;

@@ -17,7 +17,8 @@ use crate::attention::{
 };
 use crate::chat::{Message, Role, TemplateError};
 use crate::engine::Engine;
-use crate::model::{Logits, ModelError, candle_msg};
+use crate::error::candle_msg;
+use crate::model::{Logits, ModelError};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::{TextStream, TokenizerError};
 

@@ -58,6 +58,16 @@ fn our_logits(engine: &Engine, params: LambdaParams, ids: &[u32]) -> Vec<Vec<f32
         .collect()
 }
 
+/// A tiny model exists for every architecture the build registers, so each one is tested here.
+#[test]
+fn every_registered_architecture_has_a_tiny_model() {
+    let mut registered = lambdachat::model::arch::gguf_names();
+    let mut tiny_ones = ARCHITECTURES.to_vec();
+    registered.sort_unstable();
+    tiny_ones.sort_unstable();
+    assert_eq!(tiny_ones, registered);
+}
+
 #[test]
 fn gguf_and_safetensors_loaders_agree_for_every_architecture() {
     for arch in ARCHITECTURES {

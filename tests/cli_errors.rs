@@ -55,7 +55,7 @@ fn an_unsupported_architecture_lists_the_supported_ones() {
     let out = run(&["ask", "--model", path.to_str().unwrap(), "hi"]);
     assert_clean_error(
         &out,
-        "unsupported architecture 'bert' (supported: qwen2, qwen3, llama, gemma3, phi3)",
+        "unsupported architecture 'bert' (supported: llama, qwen2, qwen3, gemma3, phi3)",
     );
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use common::tiny::{ARCHITECTURES, tiny_model, write_gguf};
-use common::{assert_rows_close, default_model_path, text_tokens};
+use common::{assert_rows_close, default_model_path, load_f32, text_tokens};
 use lambdachat::attention::{AttentionCache, DeviceCache, LambdaCache, LambdaParams};
 use lambdachat::device::test_device;
 use lambdachat::engine::Engine;
@@ -61,6 +61,7 @@ fn load_on(path: &std::path::Path, device: &Device) -> Engine {
     let options = LoadOptions {
         dtype: DType::F32,
         device: device.clone(),
+        ..LoadOptions::default()
     };
     Engine::load_with(path, options).unwrap()
 }
@@ -180,10 +181,8 @@ fn quantized_weights_run_on_the_device() {
 
 #[test]
 fn the_default_model_agrees_with_the_cpu_cache_after_evictions() {
-    // SAFETY: set before any model is built, in the only test of this binary that loads one
-    // from this environment; f32 weights keep 8-bit activation noise out of the comparison.
-    unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
-    let engine = Engine::load(&default_model_path()).unwrap();
+    // f32 weights keep 8-bit activation noise out of the comparison.
+    let engine = load_f32(&default_model_path());
     let ids = text_tokens(&engine, 70);
     let params = LambdaParams::new(4, 32, None).unwrap();
     compare(&engine, &engine, params, &ids, 16, 1e-4, "qwen2.5-0.5b");

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use common::{TEXT, rel_err, rows};
+use common::{TEXT, load_f32, rel_err, rows};
 use lambdachat::attention::{LambdaCache, LambdaParams, LayerGeometry, ReferenceCache};
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{GEMMA3_270M, ensure};
@@ -18,11 +18,7 @@ use lambdachat::model::Logits;
 fn engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| {
-            // SAFETY: set before any model is built (see tests/qwen2_exact.rs).
-            unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
-            Arc::new(Engine::load(&ensure(&GEMMA3_270M).unwrap()).unwrap())
-        })
+        .get_or_init(|| Arc::new(load_f32(&ensure(&GEMMA3_270M).unwrap())))
         .clone()
 }
 

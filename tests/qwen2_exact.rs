@@ -1,5 +1,5 @@
 //! Exact whole-model checks on the real default model with every weight dequantized to f32
-//! (`CANDLE_DEQUANTIZE_ALL`), so that no 8-bit activation quantization amplifies rounding noise:
+//! (`Kernels::F32`), so that no 8-bit activation quantization amplifies rounding noise:
 //! oracle test 2 of shared/ALGORITHM.md, agreement with candle-transformers' independent
 //! `quantized_qwen2` to 1e-3 relative, and independence from the prefill chunking.
 
@@ -10,22 +10,16 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
-use common::{argmax, default_model_path, rel_err, rows, text_tokens};
+use common::{argmax, default_model_path, load_f32, rel_err, rows, text_tokens, write_f32_gguf};
 use lambdachat::attention::{LambdaCache, LambdaParams, ReferenceCache};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
-/// The f32 engine. candle reads `CANDLE_DEQUANTIZE_ALL` per thread when a weight is built, so
-/// the variable is set before this file loads anything, and every model is built on this path.
+/// The f32 engine.
 fn engine() -> Arc<Engine> {
     static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| {
-            // SAFETY: set before any model is built; nothing in this test binary reads the
-            // environment concurrently with this write except candle's own lookup of this key.
-            unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
-            Arc::new(Engine::load(&default_model_path()).unwrap())
-        })
+        .get_or_init(|| Arc::new(load_f32(&default_model_path())))
         .clone()
 }
 
@@ -41,7 +35,11 @@ fn matches_candle_quantized_qwen2_when_nothing_is_evicted() {
     let ids = tokens(48);
     let (prompt, rest) = ids.split_at(40);
 
-    let path = default_model_path();
+    // candle's model multiplies by what the file holds: an f32 copy of the GGUF makes it as
+    // exact as ours.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f32.gguf");
+    write_f32_gguf(&default_model_path(), &path);
     let mut file = std::fs::File::open(&path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();

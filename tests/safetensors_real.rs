@@ -1,7 +1,7 @@
 //! The default model converted to a safetensors directory (f32) runs the same as its GGUF.
 //!
 //! Tolerance: the converter writes the GGUF weights dequantized to f32, exactly. With the GGUF
-//! path also dequantized (`CANDLE_DEQUANTIZE_ALL`), both paths multiply the same f32 numbers
+//! path also dequantized (`Kernels::F32`), both paths multiply the same f32 numbers
 //! and the logits agree to float rounding (≤ 1e-5 relative). Without it, the GGUF path
 //! quantizes activations to 8 bits inside its Q4_K/Q8 kernels; measured on this prompt
 //! (2026-11-28): 2.0% mean and 4.9% max relative logit difference against the f32 directory,
@@ -12,20 +12,18 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{argmax, default_model_path, rel_err, text_tokens};
+use common::{argmax, default_model_path, load_f32, rel_err, text_tokens};
 use lambdachat::attention::{LambdaCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
 /// Both engines: GGUF (dequantized to f32) and the converted directory.
 fn engines() -> (Arc<Engine>, Arc<Engine>, tempfile::TempDir) {
-    // SAFETY: set before any model is built, in the only test of this binary.
-    unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
     let gguf = default_model_path();
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("qwen-f32");
     lambdachat::convert::convert_gguf(&gguf, &hf, None).unwrap();
-    let g = Arc::new(Engine::load(&gguf).unwrap());
+    let g = Arc::new(load_f32(&gguf));
     let h = Arc::new(Engine::load(&hf).unwrap());
     (g, h, dir)
 }

@@ -25,7 +25,7 @@ use super::{
 };
 
 fn tensor_err(e: candle_core::Error) -> AttentionError {
-    AttentionError::Tensor(crate::model::candle_msg(&e))
+    AttentionError::Tensor(crate::error::candle_msg(&e))
 }
 
 type Result<T> = std::result::Result<T, AttentionError>;

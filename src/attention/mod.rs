@@ -187,7 +187,7 @@ pub trait AttentionCache: Send {
         layer: usize,
         input: &TensorInput<'_>,
     ) -> Result<Tensor, AttentionError> {
-        let err = |e: candle_core::Error| AttentionError::Tensor(crate::model::candle_msg(&e));
+        let err = |e: candle_core::Error| AttentionError::Tensor(crate::error::candle_msg(&e));
         let host = |x: &Tensor| {
             x.flatten_all()
                 .and_then(|x| x.to_vec1::<f32>())

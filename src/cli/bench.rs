@@ -156,7 +156,7 @@ fn candle_decode(path: &std::path::Path, prompt: &[u32], n: usize) -> Result<f64
     use candle_transformers::models::quantized_qwen2::ModelWeights;
     let mut file = std::fs::File::open(path)?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!(crate::model::candle_msg(&e)))?;
+        .map_err(|e| anyhow::anyhow!(crate::error::candle_msg(&e)))?;
     let arch = content
         .metadata
         .get("general.architecture")

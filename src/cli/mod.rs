@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::engine::Engine;
 use crate::fetch;
-use crate::model::LoadOptions;
+use crate::model::{Kernels, LoadOptions};
 use crate::progress::{Progress, Stderr};
 use crate::sampling::SamplingParams;
 
@@ -81,6 +81,10 @@ pub struct ModelArgs {
     /// Where to compute: auto, cpu, cuda[:N] or metal (this build: the CPU)
     #[arg(long, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Who multiplies by quantized weights: ours, candle (side-by-side measurements) or f32
+    /// (dequantized at load: exact comparisons). For benchmarks and tests.
+    #[arg(long, value_enum, default_value_t = Kernels::Ours, hide = true)]
+    pub kernels: Kernels,
 }
 
 /// The dtypes safetensors weights can be held in.
@@ -110,6 +114,7 @@ impl ModelArgs {
                 WeightDtype::Bf16 => candle_core::DType::BF16,
             },
             device,
+            kernels: self.kernels,
         })
     }
 }

@@ -92,7 +92,7 @@ pub fn evaluate(
         engine
             .device
             .synchronize()
-            .map_err(|e| crate::model::ModelError::Forward(crate::model::candle_msg(&e)))?;
+            .map_err(|e| crate::model::ModelError::Forward(crate::error::candle_msg(&e)))?;
         let ms_per_token = start.elapsed().as_secs_f64() * 1000.0 / steps as f64;
         fed += steps;
         meter.advance(steps as u64);

@@ -318,7 +318,7 @@ pub fn describe(params: LambdaParams) -> String {
 
 /// The last row of a logits tensor, on the host.
 pub fn last_row(logits: &Tensor) -> Result<Vec<f32>, EvalError> {
-    let err = |e: candle_core::Error| ModelError::Forward(crate::model::candle_msg(&e));
+    let err = |e: candle_core::Error| ModelError::Forward(crate::error::candle_msg(&e));
     let rows = logits.dim(0).map_err(err)?;
     Ok(logits
         .get(rows - 1)

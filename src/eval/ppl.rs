@@ -66,7 +66,7 @@ pub fn evaluate(
     let start = Instant::now();
     meter.relabel(format!("ppl {}", mode.name()));
     let tokens = &tokens[..total];
-    let err = |e: candle_core::Error| ModelError::Forward(crate::model::candle_msg(&e));
+    let err = |e: candle_core::Error| ModelError::Forward(crate::error::candle_msg(&e));
     feed(
         engine,
         &mut cache,

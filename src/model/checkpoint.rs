@@ -5,15 +5,24 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
+use super::ModelError;
 use super::gguf::GgufFile;
 use super::hf::HfModel;
 use super::metadata::Metadata;
-use super::{ModelError, candle_msg};
+use crate::error::candle_msg;
 
-pub enum Checkpoint {
+/// An opened model file or directory, with the load options that decide how its weights are
+/// held.
+pub struct Checkpoint {
+    pub source: Source,
+    kernels: Kernels,
+}
+
+/// Where the weights come from.
+pub enum Source {
     Gguf(GgufFile),
     Hf(HfModel),
 }
@@ -25,6 +34,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights go.
     pub device: Device,
+    /// Who multiplies by a GGUF's quantized matrices.
+    pub kernels: Kernels,
 }
 
 impl Default for LoadOptions {
@@ -32,8 +43,25 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            kernels: Kernels::Ours,
         }
     }
+}
+
+/// Who multiplies by a GGUF's quantized weight matrices. A load option rather than an
+/// environment variable, so a benchmark or a test states what it measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Kernels {
+    /// lambdachat's packed kernels for the formats they cover (`crate::kernels`: Q5_0 and Q8_0
+    /// on a CPU), candle's for the rest.
+    #[default]
+    Ours,
+    /// candle's for every format (side-by-side measurements).
+    Candle,
+    /// Every matrix dequantized to f32 at load: no 8-bit activation quantization, so a forward
+    /// is exact to float rounding (the exactness tests). Token tables stay quantized for lookups,
+    /// which dequantize the same values.
+    F32,
 }
 
 /// Whether `path` names a Hugging Face model (a directory, or a file inside one that is not GGUF).
@@ -53,35 +81,40 @@ impl Checkpoint {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             ));
         }
-        if is_hf_path(path) {
+        let source = if is_hf_path(path) {
             let dir = if path.is_dir() {
                 path
             } else {
                 path.parent().unwrap_or(Path::new("."))
             };
-            Ok(Self::Hf(HfModel::open(
-                dir,
-                options.dtype,
-                &options.device,
-            )?))
+            Source::Hf(HfModel::open(dir, options.dtype, &options.device)?)
         } else {
             let mut gguf = GgufFile::open(path)?;
             gguf.load_onto(&options.device);
-            Ok(Self::Gguf(gguf))
-        }
+            Source::Gguf(gguf)
+        };
+        Ok(Self {
+            source,
+            kernels: options.kernels,
+        })
+    }
+
+    /// Who multiplies by this checkpoint's quantized matrices.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn path(&self) -> &Path {
-        match self {
-            Self::Gguf(g) => &g.path,
-            Self::Hf(h) => &h.dir,
+        match &self.source {
+            Source::Gguf(g) => &g.path,
+            Source::Hf(h) => &h.dir,
         }
     }
 
     pub fn meta(&self) -> &Metadata {
-        match self {
-            Self::Gguf(g) => &g.meta,
-            Self::Hf(h) => &h.meta,
+        match &self.source {
+            Source::Gguf(g) => &g.meta,
+            Source::Hf(h) => &h.meta,
         }
     }
 
@@ -90,17 +123,18 @@ impl Checkpoint {
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
-        match self {
-            Self::Gguf(g) => g.has_tensor(name),
-            Self::Hf(h) => h.has_tensor(name),
+        match &self.source {
+            Source::Gguf(g) => g.has_tensor(name),
+            Source::Hf(h) => h.has_tensor(name),
         }
     }
 
-    /// A weight matrix `[rows, cols]` for `x · Wᵀ`: quantized for GGUF (dequantized where
-    /// candle's `QMatMul` decides so), dense for safetensors.
+    /// A weight matrix `[rows, cols]` for `x · Wᵀ`: quantized for GGUF (see
+    /// [`Self::multiplier`]), dense for safetensors.
     pub fn matrix(&mut self, name: &str, shape: (usize, usize)) -> Result<QMatMul, ModelError> {
         let m = match self.weight(name)? {
-            QMatMul::QTensor(q) => QMatMul::from_arc(q)
+            QMatMul::QTensor(q) => self
+                .multiplier(q)
                 .map_err(|e| ModelError::Tensor(self.describe(name), candle_msg(&e)))?,
             dense => dense,
         };
@@ -121,19 +155,29 @@ impl Checkpoint {
         Ok(m)
     }
 
+    /// A quantized matrix as the chosen kernels multiply it: dequantized to f32 for
+    /// [`Kernels::F32`], else as candle's `QMatMul` holds it (dequantized for the types candle
+    /// has no quantized kernel for).
+    pub fn multiplier(&self, q: Arc<QTensor>) -> candle_core::Result<QMatMul> {
+        match self.kernels {
+            Kernels::F32 => Ok(QMatMul::Tensor(q.dequantize(&q.device())?)),
+            Kernels::Ours | Kernels::Candle => QMatMul::from_arc(q),
+        }
+    }
+
     /// A 2-D weight as stored: a GGUF `QTensor`, or a safetensors tensor in the chosen dtype.
     fn weight(&mut self, name: &str) -> Result<QMatMul, ModelError> {
-        Ok(match self {
-            Self::Gguf(g) => QMatMul::QTensor(Arc::new(g.qtensor(name)?)),
-            Self::Hf(h) => QMatMul::Tensor(h.matrix(name)?),
+        Ok(match &mut self.source {
+            Source::Gguf(g) => QMatMul::QTensor(Arc::new(g.qtensor(name)?)),
+            Source::Hf(h) => QMatMul::Tensor(h.matrix(name)?),
         })
     }
 
     /// A vector (norm weight, bias) of `len` values as f32.
     pub fn vector(&mut self, name: &str, len: usize) -> Result<Tensor, ModelError> {
-        let t = match self {
-            Self::Gguf(g) => g.f32_tensor(name)?,
-            Self::Hf(h) => h.tensor(name, DType::F32)?,
+        let t = match &mut self.source {
+            Source::Gguf(g) => g.f32_tensor(name)?,
+            Source::Hf(h) => h.tensor(name, DType::F32)?,
         };
         expect_shape(&self.describe(name), t.dims(), &[len])?;
         Ok(t)
@@ -141,9 +185,9 @@ impl Checkpoint {
 
     /// A tensor's name as the user's files spell it (HF name, with llama.cpp's alongside).
     fn describe(&self, name: &str) -> String {
-        match self {
-            Self::Gguf(_) => name.to_string(),
-            Self::Hf(h) => match super::hf::hf_tensor_name(h.architecture(), name) {
+        match &self.source {
+            Source::Gguf(_) => name.to_string(),
+            Source::Hf(h) => match h.architecture().hf_tensor_name(name) {
                 Some(hf) => format!("{hf} (llama.cpp: {name})"),
                 None => name.to_string(),
             },
@@ -152,13 +196,13 @@ impl Checkpoint {
 
     /// Weight types and how many tensors use each, most common first (for `inspect`).
     pub fn weight_summary(&self) -> Vec<(String, usize)> {
-        match self {
-            Self::Gguf(g) => g
+        match &self.source {
+            Source::Gguf(g) => g
                 .quant_summary()
                 .into_iter()
                 .map(|(d, n)| (format!("{d:?}"), n))
                 .collect(),
-            Self::Hf(h) => h.dtype_summary(),
+            Source::Hf(h) => h.dtype_summary(),
         }
     }
 }

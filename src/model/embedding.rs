@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use super::ModelError;
 use super::checkpoint::{Checkpoint, weight_dims};
 use super::layers::{Linear, forward_err, packed};
+use crate::error::candle_msg;
 use crate::kernels::PackedMatrix;
-use crate::model::candle_msg;
 
 /// Where the rows come from.
 enum Table {
@@ -36,7 +36,7 @@ impl TokenEmbedding {
             QMatMul::QTensor(q) => q.device(),
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
         };
-        let table = match packed(&table, "token_embd.weight")? {
+        let table = match packed(&table, "token_embd.weight", ckpt.kernels())? {
             Some(m) => Table::Packed(Arc::new(m)),
             None => Table::Candle(table),
         };
@@ -87,7 +87,8 @@ impl TokenEmbedding {
         }
         let weight = match &self.table {
             Table::Packed(table) => return Ok(Linear::from_packed(table.clone())),
-            Table::Candle(QMatMul::QTensor(q)) => QMatMul::from_arc(q.clone())
+            Table::Candle(QMatMul::QTensor(q)) => ckpt
+                .multiplier(q.clone())
                 .map_err(|e| ModelError::Tensor("output.weight".into(), candle_msg(&e)))?,
             Table::Candle(dense) => dense.clone(),
         };

@@ -5,14 +5,101 @@
 //! full layers get the Λ rule.
 
 use candle_core::Tensor;
+use candle_core::quantized::gguf_file::Value;
 use candle_nn::RmsNorm;
+use serde_json::{Map, Value as Json, json};
 
+use super::arch::{
+    Architecture, ConfigMetadata, ConfigResult, HeadCounts, Relayout, json_to_value,
+};
 use super::checkpoint::Checkpoint;
+use super::gguf::GgufFile;
 use super::layers::{
     Activation, GatedMlp, Linear, SelfAttention, forward_err, lm_head, norm, rms_norm,
 };
 use super::{LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding, common_info};
 use crate::attention::{AttentionCache, LambdaParams, LayerGeometry, Rope, RopeStyle};
+
+pub const ARCHITECTURE: Architecture = Architecture {
+    name: "gemma3",
+    gguf_aliases: &[],
+    hf_types: &[("gemma3_text", "Gemma3ForCausalLM")],
+    hf_modules: &[
+        ("ffn_norm", "pre_feedforward_layernorm"),
+        ("post_attention_norm", "post_attention_layernorm"),
+        ("post_ffw_norm", "post_feedforward_layernorm"),
+    ],
+    relayout,
+    read_config,
+    write_config,
+    config_tensors: &[],
+    load: |ckpt, _| Ok(Box::new(Gemma3::load(ckpt)?)),
+};
+
+/// llama.cpp stores Gemma's norm weights as `1 + w`.
+fn relayout(gguf: &str, _heads: HeadCounts) -> Relayout {
+    if gguf.ends_with("norm.weight") {
+        Relayout::PlusOne
+    } else {
+        Relayout::None
+    }
+}
+
+/// The sliding window and how often a full layer comes.
+fn read_config(config: &Json, meta: &mut ConfigMetadata<'_>) {
+    if let Some(v) = config.get("sliding_window").and_then(json_to_value) {
+        meta.set("attention.sliding_window", v);
+    }
+    if let Some(p) = sliding_pattern(config) {
+        meta.set("attention.sliding_window_type", Value::U64(p as u64));
+    }
+}
+
+/// Gemma 3's period of sliding layers: `layer_types` (newer configs) or `sliding_window_pattern`.
+fn sliding_pattern(config: &Json) -> Option<usize> {
+    if let Some(types) = config.get("layer_types").and_then(Json::as_array) {
+        let first_full = types
+            .iter()
+            .position(|t| t.as_str() == Some("full_attention"))?;
+        return Some(first_full + 1);
+    }
+    ["sliding_window_pattern", "_sliding_window_pattern"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Json::as_u64))
+        .map(|p| p as usize)
+}
+
+/// What transformers' and candle's Gemma 3 loaders require beyond the common fields.
+fn write_config(gguf: &mut GgufFile, c: &mut Map<String, Json>) -> ConfigResult {
+    let meta = &gguf.meta;
+    let head_dim = c.get("head_dim").cloned().unwrap_or(Json::Null);
+    c.entry("query_pre_attn_scalar").or_insert(head_dim);
+    c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    c.insert("attention_bias".into(), json!(false));
+    c.insert(
+        "sliding_window".into(),
+        json!(meta.usize("gemma3.attention.sliding_window")?),
+    );
+    c.insert(
+        "sliding_window_pattern".into(),
+        json!(
+            meta.usize("gemma3.attention.sliding_window_type")
+                .unwrap_or(6)
+        ),
+    );
+    c.entry("rope_local_base_freq").or_insert(json!(10_000.0));
+    c.insert("final_logit_softcapping".into(), Json::Null);
+    c.insert("attn_logit_softcapping".into(), Json::Null);
+    if let Ok(f) = meta.f64("gemma3.rope.scaling.factor")
+        && f != 1.0
+    {
+        c.insert(
+            "rope_scaling".into(),
+            json!({"rope_type": "linear", "factor": f}),
+        );
+    }
+    Ok(())
+}
 
 struct Block {
     attn_norm: RmsNorm,
@@ -34,7 +121,7 @@ pub struct Gemma3 {
 }
 
 impl Gemma3 {
-    pub fn load(ckpt: &mut Checkpoint) -> Result<Self, ModelError> {
+    fn load(ckpt: &mut Checkpoint) -> Result<Self, ModelError> {
         let mut info = common_info(ckpt, "gemma3")?;
         let meta = ckpt.meta();
         let eps = meta.f64("gemma3.attention.layer_norm_rms_epsilon")?;
@@ -124,5 +211,18 @@ impl LanguageModel for Gemma3 {
         }
         cache.advance(tokens.len());
         lm_head(&self.out_norm, &self.head, &x, logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_from_layer_types_or_number() {
+        let j: Json = serde_json::json!({"layer_types": ["sliding_attention", "sliding_attention", "full_attention"]});
+        assert_eq!(sliding_pattern(&j), Some(3));
+        let j: Json = serde_json::json!({"sliding_window_pattern": 6});
+        assert_eq!(sliding_pattern(&j), Some(6));
     }
 }

@@ -4,7 +4,7 @@
 //! GGUF, the tensor data is all there, the quantization types are ones we can run) so that a bad
 //! file fails at open with a one-line reason, before any weight is read.
 
-use crate::model::candle_msg;
+use crate::error::candle_msg;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};

@@ -16,8 +16,10 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value as Json;
 
+use super::ModelError;
+use super::arch::{self, Architecture, ConfigMetadata, HeadCounts, Relayout, json_to_value};
 use super::metadata::Metadata;
-use super::{ModelError, candle_msg};
+use crate::error::candle_msg;
 
 /// `config.json` keys and the GGUF key suffixes (after `{arch}.`) they become.
 pub const CONFIG_KEYS: &[(&str, &str)] = &[
@@ -51,107 +53,11 @@ pub const ROPE_SCALING_KEYS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The llama.cpp architecture name for a `config.json` `model_type`, and the HF class name that
-/// the converter writes back.
-pub const ARCHITECTURES: &[(&str, &str, &str)] = &[
-    ("llama", "llama", "LlamaForCausalLM"),
-    ("mistral", "llama", "MistralForCausalLM"),
-    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
-    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
-    ("gemma3_text", "gemma3", "Gemma3ForCausalLM"),
-    ("phi3", "phi3", "Phi3ForCausalLM"),
-];
-
-/// The HF name of a llama.cpp tensor name for `arch`, or `None` when it has no HF counterpart.
-pub fn hf_tensor_name(arch: &str, gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match (module, arch) {
-        ("attn_norm", _) => "input_layernorm",
-        ("attn_qkv", _) => "self_attn.qkv_proj",
-        ("attn_q", _) => "self_attn.q_proj",
-        ("attn_k", _) => "self_attn.k_proj",
-        ("attn_v", _) => "self_attn.v_proj",
-        ("attn_output", _) => "self_attn.o_proj",
-        ("attn_q_norm", _) => "self_attn.q_norm",
-        ("attn_k_norm", _) => "self_attn.k_norm",
-        ("ffn_gate", _) => "mlp.gate_proj",
-        ("ffn_up", "phi3") => "mlp.gate_up_proj",
-        ("ffn_up", _) => "mlp.up_proj",
-        ("ffn_down", _) => "mlp.down_proj",
-        ("ffn_norm", "gemma3") => "pre_feedforward_layernorm",
-        ("ffn_norm", _) => "post_attention_layernorm",
-        ("post_attention_norm", "gemma3") => "post_attention_layernorm",
-        ("post_ffw_norm", "gemma3") => "post_feedforward_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
-/// How a tensor's values differ between the HF layout and llama.cpp's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Relayout {
-    None,
-    /// Llama q/k rows: HF keeps each head's rotary pairs half-split, llama.cpp interleaves them.
-    InterleaveHeads(usize),
-    /// Gemma norm weights: llama.cpp stores `1 + w`.
-    PlusOne,
-}
-
-/// The relayout `arch` applies to the llama.cpp tensor `gguf`, given the head counts.
-pub fn relayout(arch: &str, gguf: &str, n_heads: usize, n_kv_heads: usize) -> Relayout {
-    match arch {
-        "llama" if gguf.ends_with("attn_q.weight") => Relayout::InterleaveHeads(n_heads),
-        "llama" if gguf.ends_with("attn_k.weight") => Relayout::InterleaveHeads(n_kv_heads),
-        "gemma3" if gguf.ends_with("norm.weight") => Relayout::PlusOne,
-        _ => Relayout::None,
-    }
-}
-
-impl Relayout {
-    /// HF values → llama.cpp values.
-    pub fn to_gguf(self, t: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Relayout::None => Ok(t.clone()),
-            Relayout::PlusOne => t.to_dtype(DType::F32)? + 1.0,
-            Relayout::InterleaveHeads(heads) => {
-                let (rows, cols) = t.dims2()?;
-                t.reshape((heads, 2, rows / heads / 2, cols))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((rows, cols))
-            }
-        }
-    }
-
-    /// llama.cpp values → HF values (the converter).
-    pub fn to_hf(self, t: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Relayout::None => Ok(t.clone()),
-            Relayout::PlusOne => t - 1.0,
-            Relayout::InterleaveHeads(heads) => {
-                let (rows, cols) = t.dims2()?;
-                t.reshape((heads, rows / heads / 2, 2, cols))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((rows, cols))
-            }
-        }
-    }
-}
-
 /// An opened HF model directory.
 pub struct HfModel {
     pub dir: PathBuf,
     pub meta: Metadata,
-    arch: String,
+    arch: &'static Architecture,
     weights: MmapedSafetensors,
     /// Weight matrices are converted to this dtype (norms, biases and activations stay f32).
     dtype: DType,
@@ -166,87 +72,15 @@ fn read_json(path: &Path) -> Result<Json, ModelError> {
         .map_err(|e| ModelError::BadConfig(path.to_path_buf(), e.to_string()))
 }
 
-/// A JSON value as GGUF metadata: integers stay integers, everything numeric else is f64.
-fn json_to_value(v: &Json) -> Option<Value> {
-    match v {
-        Json::Bool(b) => Some(Value::Bool(*b)),
-        Json::Number(n) => n
-            .as_u64()
-            .map(Value::U64)
-            .or_else(|| n.as_f64().map(Value::F64)),
-        Json::String(s) => Some(Value::String(s.clone())),
-        _ => None,
-    }
-}
-
-/// Translates `config.json` into GGUF metadata for the llama.cpp architecture `arch`.
-fn config_metadata(config: &Json, arch: &str, name: &str) -> HashMap<String, Value> {
+/// Translates `config.json` into GGUF metadata for `arch`: the fields every architecture shares,
+/// then the architecture's own.
+fn config_metadata(config: &Json, arch: &Architecture, name: &str) -> HashMap<String, Value> {
     let mut m = HashMap::new();
-    m.insert("general.architecture".into(), Value::String(arch.into()));
+    m.insert(
+        "general.architecture".into(),
+        Value::String(arch.name.into()),
+    );
     m.insert("general.name".into(), Value::String(name.into()));
-    for (hf, gguf) in CONFIG_KEYS {
-        if let Some(v) = config.get(*hf).and_then(json_to_value) {
-            m.insert(format!("{arch}.{gguf}"), v);
-        }
-    }
-    if let Some(s) = config.get("rope_scaling").filter(|s| s.is_object()) {
-        let kind = s
-            .get("rope_type")
-            .or_else(|| s.get("type"))
-            .and_then(Json::as_str)
-            .unwrap_or("linear");
-        m.insert(
-            format!("{arch}.rope.scaling.type"),
-            Value::String(kind.into()),
-        );
-        for (hf, gguf) in ROPE_SCALING_KEYS {
-            if let Some(v) = s.get(*hf).and_then(json_to_value) {
-                m.insert(format!("{arch}.{gguf}"), v);
-            }
-        }
-        // LongRoPE's per-frequency factors (Phi-3).
-        for which in ["short_factor", "long_factor"] {
-            if let Some(list) = s.get(which).and_then(Json::as_array) {
-                let values = list.iter().filter_map(Json::as_f64).map(Value::F64);
-                m.insert(
-                    format!("{arch}.rope.scaling.{which}"),
-                    Value::Array(values.collect()),
-                );
-            }
-        }
-    }
-    // Partial rotary embeddings (Phi-3.5/4): llama.cpp records the rotated dims.
-    if let Some(f) = config.get("partial_rotary_factor").and_then(Json::as_f64) {
-        let hidden = config.get("hidden_size").and_then(Json::as_u64);
-        let heads = config.get("num_attention_heads").and_then(Json::as_u64);
-        let head_dim = config
-            .get("head_dim")
-            .and_then(Json::as_u64)
-            .or(hidden.zip(heads).map(|(h, n)| h / n.max(1)));
-        if let Some(d) = head_dim {
-            m.insert(
-                format!("{arch}.rope.dimension_count"),
-                Value::U64((d as f64 * f).round() as u64),
-            );
-        }
-    }
-    // Qwen2 configs name a window they do not use; Phi-3's and Gemma's are real.
-    if arch == "phi3"
-        && let Some(v) = config.get("sliding_window").and_then(json_to_value)
-    {
-        m.insert(format!("{arch}.attention.sliding_window"), v);
-    }
-    if arch == "gemma3" {
-        if let Some(v) = config.get("sliding_window").and_then(json_to_value) {
-            m.insert(format!("{arch}.attention.sliding_window"), v);
-        }
-        if let Some(p) = gemma_sliding_pattern(config) {
-            m.insert(
-                format!("{arch}.attention.sliding_window_type"),
-                Value::U64(p as u64),
-            );
-        }
-    }
     for (hf, gguf) in [
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
         ("eos_token_id", "tokenizer.ggml.eos_token_id"),
@@ -255,21 +89,27 @@ fn config_metadata(config: &Json, arch: &str, name: &str) -> HashMap<String, Val
             m.insert(gguf.into(), v);
         }
     }
-    m
-}
-
-/// Gemma 3's period of sliding layers: `layer_types` (newer configs) or `sliding_window_pattern`.
-fn gemma_sliding_pattern(config: &Json) -> Option<usize> {
-    if let Some(types) = config.get("layer_types").and_then(Json::as_array) {
-        let first_full = types
-            .iter()
-            .position(|t| t.as_str() == Some("full_attention"))?;
-        return Some(first_full + 1);
+    let mut meta = ConfigMetadata::new(arch.name, &mut m);
+    for (hf, gguf) in CONFIG_KEYS {
+        if let Some(v) = config.get(*hf).and_then(json_to_value) {
+            meta.set(gguf, v);
+        }
     }
-    ["sliding_window_pattern", "_sliding_window_pattern"]
-        .iter()
-        .find_map(|k| config.get(*k).and_then(Json::as_u64))
-        .map(|p| p as usize)
+    if let Some(s) = config.get("rope_scaling").filter(|s| s.is_object()) {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Json::as_str)
+            .unwrap_or("linear");
+        meta.set("rope.scaling.type", Value::String(kind.into()));
+        for (hf, gguf) in ROPE_SCALING_KEYS {
+            if let Some(v) = s.get(*hf).and_then(json_to_value) {
+                meta.set(gguf, v);
+            }
+        }
+    }
+    (arch.read_config)(config, &mut meta);
+    m
 }
 
 /// The directory's name, or `ORG/REPO` for a snapshot in the Hugging Face cache
@@ -340,16 +180,13 @@ impl HfModel {
             .ok_or_else(|| {
                 ModelError::BadConfig(config_path.clone(), "no \"model_type\"".into())
             })?;
-        let arch = ARCHITECTURES
-            .iter()
-            .find(|(hf, _, _)| *hf == model_type)
-            .map(|(_, arch, _)| arch.to_string())
+        let arch = arch::by_hf_type(model_type)
             .ok_or_else(|| ModelError::UnsupportedModelType(model_type.to_string()))?;
         let name = model_name(dir);
-        let meta = Metadata::new(&config_path, config_metadata(&config, &arch, &name));
-        let n_heads = meta.usize(&format!("{arch}.attention.head_count"))?;
+        let meta = Metadata::new(&config_path, config_metadata(&config, arch, &name));
+        let n_heads = meta.usize(&format!("{}.attention.head_count", arch.name))?;
         let n_kv_heads = meta
-            .usize(&format!("{arch}.attention.head_count_kv"))
+            .usize(&format!("{}.attention.head_count_kv", arch.name))
             .unwrap_or(n_heads);
         let files = weight_files(dir)?;
         // SAFETY: the files are mapped read-only; like every memory-mapped model loader we rely
@@ -368,17 +205,21 @@ impl HfModel {
         })
     }
 
-    pub fn architecture(&self) -> &str {
-        &self.arch
+    pub fn architecture(&self) -> &'static Architecture {
+        self.arch
     }
 
     pub fn has_tensor(&self, gguf: &str) -> bool {
-        hf_tensor_name(&self.arch, gguf).is_some_and(|hf| self.weights.get(&hf).is_ok())
+        self.arch
+            .hf_tensor_name(gguf)
+            .is_some_and(|hf| self.weights.get(&hf).is_ok())
     }
 
     /// The tensor llama.cpp calls `gguf`, in llama.cpp's layout, as `dtype`.
     pub fn tensor(&self, gguf: &str, dtype: DType) -> Result<Tensor, ModelError> {
-        let hf = hf_tensor_name(&self.arch, gguf)
+        let hf = self
+            .arch
+            .hf_tensor_name(gguf)
             .ok_or_else(|| ModelError::MissingTensor(self.dir.clone(), gguf.to_string()))?;
         let view = self.weights.get(&hf).map_err(|_| {
             ModelError::MissingTensor(self.dir.clone(), format!("{hf} (llama.cpp: {gguf})"))
@@ -397,7 +238,11 @@ impl HfModel {
             ModelError::Tensor(format!("{hf} (llama.cpp: {gguf})"), candle_msg(&e))
         };
         let t = self.weights.load(&hf, &self.device).map_err(err)?;
-        let r = relayout(&self.arch, gguf, self.n_heads, self.n_kv_heads);
+        let heads = HeadCounts {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+        };
+        let r = (self.arch.relayout)(gguf, heads);
         let t = if r == Relayout::None {
             t
         } else {
@@ -429,57 +274,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_map_to_hf_per_architecture() {
-        let n = |a, g| hf_tensor_name(a, g).unwrap();
-        assert_eq!(
-            n("qwen2", "blk.3.attn_q.bias"),
-            "model.layers.3.self_attn.q_proj.bias"
-        );
-        assert_eq!(
-            n("llama", "blk.0.ffn_norm.weight"),
-            "model.layers.0.post_attention_layernorm.weight"
-        );
-        assert_eq!(
-            n("gemma3", "blk.0.ffn_norm.weight"),
-            "model.layers.0.pre_feedforward_layernorm.weight"
-        );
-        assert_eq!(
-            n("gemma3", "blk.1.post_attention_norm.weight"),
-            "model.layers.1.post_attention_layernorm.weight"
-        );
-        assert_eq!(n("qwen3", "token_embd.weight"), "model.embed_tokens.weight");
-        assert_eq!(hf_tensor_name("llama", "rope_freqs.weight"), None);
-        assert_eq!(hf_tensor_name("llama", "blk.0.post_ffw_norm.weight"), None);
-    }
-
-    #[test]
-    fn relayouts_invert_each_other() {
-        let t = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)
-            .unwrap()
-            .reshape((8, 3))
-            .unwrap();
-        for r in [Relayout::InterleaveHeads(2), Relayout::PlusOne] {
-            let back = r.to_hf(&r.to_gguf(&t).unwrap()).unwrap();
-            assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
-        }
-        // One head of 4 rows (2 rotary pairs): HF rows [a0 a1 b0 b1] → llama.cpp [a0 b0 a1 b1].
-        let g = Relayout::InterleaveHeads(2).to_gguf(&t).unwrap();
-        let rows: Vec<f32> = g.to_vec2::<f32>().unwrap().iter().map(|r| r[0]).collect();
-        assert_eq!(rows, vec![0.0, 6.0, 3.0, 9.0, 12.0, 18.0, 15.0, 21.0]);
-    }
-
-    #[test]
     fn cache_snapshots_are_named_by_their_repo() {
         let snap = Path::new("/h/hub/models--Qwen--Qwen3-0.6B/snapshots/0a1b2c");
         assert_eq!(model_name(snap), "Qwen/Qwen3-0.6B");
         assert_eq!(model_name(Path::new("/models/my-model")), "my-model");
-    }
-
-    #[test]
-    fn gemma_pattern_from_layer_types_or_number() {
-        let j: Json = serde_json::json!({"layer_types": ["sliding_attention", "sliding_attention", "full_attention"]});
-        assert_eq!(gemma_sliding_pattern(&j), Some(3));
-        let j: Json = serde_json::json!({"sliding_window_pattern": 6});
-        assert_eq!(gemma_sliding_pattern(&j), Some(6));
     }
 }

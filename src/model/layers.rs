@@ -10,10 +10,10 @@ use candle_core::{Module, Tensor};
 use candle_nn::RmsNorm;
 
 use super::ModelError;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, Kernels};
 use crate::attention::{AttentionCache, Rope, TensorInput};
+use crate::error::candle_msg;
 use crate::kernels::{Format, PackedMatrix};
-use crate::model::candle_msg;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
@@ -38,26 +38,22 @@ enum Weight {
 }
 
 impl Weight {
-    fn new(q: QMatMul, name: &str) -> Result<Self> {
-        match packed(&q, name)? {
+    fn new(q: QMatMul, name: &str, kernels: Kernels) -> Result<Self> {
+        match packed(&q, name, kernels)? {
             Some(m) => Ok(Self::Packed(Arc::new(m))),
             None => Ok(Self::Candle(q)),
         }
     }
 }
 
-/// Repacks a CPU Q5_0 or Q8_0 matrix for our kernels, unless `LAMBDACHAT_KERNELS=candle` asks
-/// for candle's everywhere (for side-by-side measurements) or candle's `CANDLE_DEQUANTIZE_ALL`
-/// (`_F16`) asks for dense weights (the exactness tests: no 8-bit activations). The caller drops
-/// `q` afterwards: the weights are held once, in their packed order.
-pub fn packed(q: &QMatMul, name: &str) -> Result<Option<PackedMatrix>> {
-    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0");
-    let ours = std::env::var("LAMBDACHAT_KERNELS").map_or(true, |k| k != "candle")
-        && !set("CANDLE_DEQUANTIZE_ALL")
-        && !set("CANDLE_DEQUANTIZE_ALL_F16");
+/// Repacks a CPU Q5_0 or Q8_0 matrix for our kernels when `kernels` asks for ours (not for
+/// candle's everywhere, nor for dense f32 weights). The caller drops `q` afterwards: the weights
+/// are held once, in their packed order.
+pub fn packed(q: &QMatMul, name: &str, kernels: Kernels) -> Result<Option<PackedMatrix>> {
     let QMatMul::QTensor(t) = q else {
         return Ok(None);
     };
+    let ours = kernels == Kernels::Ours;
     let Some(format) = Format::of(t.dtype()).filter(|_| ours && t.device().is_cpu()) else {
         return Ok(None);
     };
@@ -78,7 +74,8 @@ impl Linear {
         with_bias: bool,
     ) -> Result<Self> {
         let weight_name = format!("{name}.weight");
-        let weight = Weight::new(ckpt.matrix(&weight_name, shape)?, &weight_name)?;
+        let matrix = ckpt.matrix(&weight_name, shape)?;
+        let weight = Weight::new(matrix, &weight_name, ckpt.kernels())?;
         let bias = if with_bias {
             Some(ckpt.vector(&format!("{name}.bias"), shape.0)?)
         } else {

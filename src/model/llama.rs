@@ -6,18 +6,49 @@
 
 use std::f64::consts::PI;
 
+use super::arch::{
+    Architecture, HeadCounts, Relayout, no_config_fields, write_silu_decoder_config,
+};
 use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{ModelError, ModelInfo, candle_msg, common_info};
+use super::{LanguageModel, ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
+use crate::error::candle_msg;
 
-pub fn load(ckpt: &mut Checkpoint, arch: &str) -> Result<PreNormDecoder, ModelError> {
-    let info = common_info(ckpt, arch)?;
+pub const ARCHITECTURE: Architecture = Architecture {
+    name: "llama",
+    gguf_aliases: &["mistral"],
+    hf_types: &[
+        ("llama", "LlamaForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ],
+    hf_modules: &[],
+    relayout,
+    read_config: no_config_fields,
+    write_config: |gguf, config| write_silu_decoder_config(gguf, config, false),
+    config_tensors: &[],
+    load,
+};
+
+fn load(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError> {
+    let info = common_info(ckpt, prefix)?;
     let eps = ckpt
         .meta()
-        .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?;
-    let variant = DecoderVariant::plain(rope(ckpt, arch, &info)?, eps);
-    PreNormDecoder::load(ckpt, info, variant)
+        .f64(&format!("{prefix}.attention.layer_norm_rms_epsilon"))?;
+    let variant = DecoderVariant::plain(rope(ckpt, prefix, &info)?, eps);
+    Ok(Box::new(PreNormDecoder::load(ckpt, info, variant)?))
+}
+
+/// llama.cpp's converter permutes q/k rows for interleaved RoPE: HF keeps each head's rotary
+/// pairs half-split.
+fn relayout(gguf: &str, heads: HeadCounts) -> Relayout {
+    if gguf.ends_with("attn_q.weight") {
+        Relayout::InterleaveHeads(heads.n_heads)
+    } else if gguf.ends_with("attn_k.weight") {
+        Relayout::InterleaveHeads(heads.n_kv_heads)
+    } else {
+        Relayout::None
+    }
 }
 
 fn rope(ckpt: &mut Checkpoint, arch: &str, info: &ModelInfo) -> Result<Rope, ModelError> {

@@ -3,6 +3,7 @@
 //! candle's model files keep their KV cache private; ours take an [`AttentionCache`] from the
 //! caller, so the same forward runs the bounded Λ cache, the dense oracle, or vanilla attention.
 
+pub mod arch;
 pub mod checkpoint;
 mod decoder;
 mod embedding;
@@ -14,19 +15,17 @@ mod llama;
 pub mod metadata;
 mod phi3;
 mod qwen2;
+mod qwen3;
 
 use std::path::PathBuf;
 
 use candle_core::Tensor;
 
-pub use checkpoint::{Checkpoint, LoadOptions};
+pub use checkpoint::{Checkpoint, Kernels, LoadOptions, Source};
 pub use embedding::TokenEmbedding;
 pub use gguf::GgufFile;
 
 use crate::attention::{AttentionCache, AttentionError, LambdaParams, LayerGeometry};
-
-/// Architectures this build can run, from GGUF or safetensors (llama.cpp names).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["qwen2", "qwen3", "llama", "gemma3", "phi3"];
 
 /// Everything that can go wrong opening or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +38,7 @@ pub enum ModelError {
     Truncated(PathBuf, String),
     #[error("{0} uses a quantization type this build cannot run: {1}")]
     UnsupportedQuant(PathBuf, String),
-    #[error("unsupported architecture '{0}' (supported: {list})", list = SUPPORTED_ARCHITECTURES.join(", "))]
+    #[error("unsupported architecture '{0}' (supported: {list})", list = arch::gguf_names().join(", "))]
     UnsupportedArchitecture(String),
     #[error("{0} has no metadata key '{1}'")]
     MissingMetadata(PathBuf, String),
@@ -48,7 +47,7 @@ pub enum ModelError {
     #[error("tensor '{0}': {1}")]
     Tensor(String, String),
     #[error("config.json: unsupported model_type '{0}' (supported: {list}){hint}",
-        list = hf::ARCHITECTURES.iter().map(|a| a.0).collect::<Vec<_>>().join(", "),
+        list = arch::hf_types().join(", "),
         hint = if .0 == "gemma3" { "; this is a multimodal Gemma 3 checkpoint, use its text-only model" } else { "" })]
     UnsupportedModelType(String),
     #[error("{0} has no config.json: a Hugging Face model directory needs one{hint}",
@@ -115,14 +114,10 @@ pub trait LanguageModel: Send + Sync {
 /// Loads a model from a GGUF file or an HF directory, choosing the architecture file from
 /// `general.architecture` (or `config.json`'s `model_type`).
 pub fn load(ckpt: &mut Checkpoint) -> Result<Box<dyn LanguageModel>, ModelError> {
-    let arch = ckpt.architecture()?;
-    Ok(match arch.as_str() {
-        "qwen2" | "qwen3" => Box::new(qwen2::load(ckpt, &arch)?),
-        "llama" | "mistral" => Box::new(llama::load(ckpt, &arch)?),
-        "gemma3" => Box::new(gemma3::Gemma3::load(ckpt)?),
-        "phi3" => Box::new(phi3::load(ckpt)?),
-        other => return Err(ModelError::UnsupportedArchitecture(other.to_string())),
-    })
+    let name = ckpt.architecture()?;
+    let arch =
+        arch::by_gguf_name(&name).ok_or(ModelError::UnsupportedArchitecture(name.clone()))?;
+    (arch.load)(ckpt, &name)
 }
 
 impl ModelInfo {
@@ -134,13 +129,6 @@ impl ModelInfo {
             head_dim: self.head_dim,
         }
     }
-}
-
-/// A candle error's message without the backtrace candle appends when `RUST_BACKTRACE` is set:
-/// users get one line.
-pub fn candle_msg(e: &impl std::fmt::Display) -> String {
-    let s = e.to_string();
-    s.lines().next().unwrap_or_default().trim().to_string()
 }
 
 /// Reads the hyper-parameters every decoder-only model shares, under the `{arch}.` prefix.

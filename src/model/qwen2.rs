@@ -1,23 +1,42 @@
-//! Qwen2 / Qwen2.5 (llama.cpp arch `qwen2`) and Qwen3 (`qwen3`): the pre-norm decoder with NEOX
-//! (half-split) RoPE; Qwen2 has q/k/v biases, Qwen3 per-head q/k RMS norms instead.
+//! Qwen2 / Qwen2.5 (llama.cpp arch `qwen2`): the pre-norm decoder with q/k/v biases and NEOX
+//! (half-split) RoPE.
 
+use super::arch::{Architecture, no_config_fields, no_relayout, write_silu_decoder_config};
 use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{ModelError, common_info};
+use super::{LanguageModel, ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
 
-/// Loads `qwen2` or `qwen3`.
-pub fn load(ckpt: &mut Checkpoint, arch: &str) -> Result<PreNormDecoder, ModelError> {
-    let info = common_info(ckpt, arch)?;
-    let qwen3 = arch == "qwen3";
+pub const ARCHITECTURE: Architecture = Architecture {
+    name: "qwen2",
+    gguf_aliases: &[],
+    hf_types: &[("qwen2", "Qwen2ForCausalLM")],
+    hf_modules: &[],
+    relayout: no_relayout,
+    read_config: no_config_fields,
+    write_config: |gguf, config| write_silu_decoder_config(gguf, config, true),
+    config_tensors: &[],
+    load,
+};
+
+fn load(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError> {
+    let info = common_info(ckpt, prefix)?;
+    let variant = DecoderVariant {
+        qkv_bias: true,
+        ..neox_variant(ckpt, prefix, &info)?
+    };
+    Ok(Box::new(PreNormDecoder::load(ckpt, info, variant)?))
+}
+
+/// The plain decoder with NEOX RoPE at the model's base, as Qwen2 and Qwen3 have it.
+pub(super) fn neox_variant(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    info: &ModelInfo,
+) -> Result<DecoderVariant, ModelError> {
     let rope = Rope::new(info.head_dim, info.rope_theta, RopeStyle::Neox);
     let eps = ckpt
         .meta()
-        .f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?;
-    let variant = DecoderVariant {
-        qkv_bias: !qwen3,
-        qk_norm: qwen3,
-        ..DecoderVariant::plain(rope, eps)
-    };
-    PreNormDecoder::load(ckpt, info, variant)
+        .f64(&format!("{prefix}.attention.layer_norm_rms_epsilon"))?;
+    Ok(DecoderVariant::plain(rope, eps))
 }

@@ -53,7 +53,7 @@ pub enum SamplingError {
 
 impl SamplingError {
     fn device(e: candle_core::Error) -> Self {
-        Self::Device(crate::model::candle_msg(&e))
+        Self::Device(crate::error::candle_msg(&e))
     }
 }
 

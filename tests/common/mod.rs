@@ -6,15 +6,54 @@
 pub mod cli;
 pub mod tiny;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Tensor;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{Device, Tensor};
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{DEFAULT_MODEL, ensure};
+use lambdachat::model::{Kernels, LoadOptions};
 
 pub fn default_model_path() -> PathBuf {
     ensure(&DEFAULT_MODEL).expect("the default model can be fetched")
+}
+
+/// `path` loaded with every weight matrix dequantized to f32 at load ([`Kernels::F32`]): no 8-bit
+/// activation quantization amplifies rounding noise, so exact comparisons hold to ~1e-6.
+pub fn load_f32(path: &Path) -> Engine {
+    let options = LoadOptions {
+        kernels: Kernels::F32,
+        ..LoadOptions::default()
+    };
+    Engine::load_with(path, options).expect("model loads")
+}
+
+/// Writes a copy of the GGUF at `from` with every tensor dequantized to f32, for a model of
+/// someone else's (candle-transformers') that multiplies by whatever the file holds.
+pub fn write_f32_gguf(from: &Path, to: &Path) {
+    let mut file = std::fs::File::open(from).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let dense = q.dequantize(&Device::Cpu).unwrap();
+            (
+                name.clone(),
+                QTensor::quantize(&dense, GgmlDType::F32).unwrap(),
+            )
+        })
+        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(to).unwrap());
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
 }
 
 pub fn engine() -> Arc<Engine> {
