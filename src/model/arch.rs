@@ -47,10 +47,11 @@ pub struct Architecture {
     /// GGUF tensors that HF keeps in `config.json` instead (read there by `read_config`).
     pub config_tensors: &'static [&'static str],
     /// Builds the forward from a checkpoint whose metadata keys start with `prefix.`.
-    pub load: fn(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError>,
+    pub load: fn(ckpt: &mut Checkpoint, prefix: &str) -> LoadResult,
 }
 
 pub type ConfigResult = Result<(), ModelError>;
+pub type LoadResult = Result<Box<dyn LanguageModel>, ModelError>;
 
 /// llama.cpp module names and their HF names, shared by every architecture.
 pub const COMMON_MODULES: &[(&str, &str)] = &[

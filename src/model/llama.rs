@@ -7,11 +7,11 @@
 use std::f64::consts::PI;
 
 use super::arch::{
-    Architecture, HeadCounts, Relayout, no_config_fields, write_silu_decoder_config,
+    Architecture, HeadCounts, LoadResult, Relayout, no_config_fields, write_silu_decoder_config,
 };
 use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{LanguageModel, ModelError, ModelInfo, common_info};
+use super::{ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
 use crate::error::candle_msg;
 
@@ -30,7 +30,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
 };
 
-fn load(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError> {
+fn load(ckpt: &mut Checkpoint, prefix: &str) -> LoadResult {
     let info = common_info(ckpt, prefix)?;
     let eps = ckpt
         .meta()

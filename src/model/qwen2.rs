@@ -1,10 +1,12 @@
 //! Qwen2 / Qwen2.5 (llama.cpp arch `qwen2`): the pre-norm decoder with q/k/v biases and NEOX
 //! (half-split) RoPE.
 
-use super::arch::{Architecture, no_config_fields, no_relayout, write_silu_decoder_config};
+use super::arch::{
+    Architecture, LoadResult, no_config_fields, no_relayout, write_silu_decoder_config,
+};
 use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{LanguageModel, ModelError, ModelInfo, common_info};
+use super::{ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -19,7 +21,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
 };
 
-fn load(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError> {
+fn load(ckpt: &mut Checkpoint, prefix: &str) -> LoadResult {
     let info = common_info(ckpt, prefix)?;
     let variant = DecoderVariant {
         qkv_bias: true,

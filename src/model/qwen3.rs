@@ -1,10 +1,12 @@
 //! Qwen3 (llama.cpp arch `qwen3`): Qwen2's decoder with per-head q/k RMS norms instead of q/k/v
 //! biases.
 
-use super::arch::{Architecture, no_config_fields, no_relayout, write_silu_decoder_config};
+use super::arch::{
+    Architecture, LoadResult, no_config_fields, no_relayout, write_silu_decoder_config,
+};
 use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
-use super::{LanguageModel, ModelError, common_info, qwen2};
+use super::{common_info, qwen2};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "qwen3",
@@ -18,7 +20,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
 };
 
-fn load(ckpt: &mut Checkpoint, prefix: &str) -> Result<Box<dyn LanguageModel>, ModelError> {
+fn load(ckpt: &mut Checkpoint, prefix: &str) -> LoadResult {
     let info = common_info(ckpt, prefix)?;
     let variant = DecoderVariant {
         qk_norm: true,
