@@ -1,7 +1,7 @@
 //! `--device auto|cpu|cuda[:N]|metal`. GPUs come from candle's backends, compiled in only by
 //! lambdachat's `cuda` / `metal` cargo features; in a build without them a GPU device is a clear
 //! error, and `auto` is the CPU. With them, the weights, the model's matrix products, the Λ
-//! cache ([`crate::attention::DeviceCache`]) and sampling run on the GPU: a decode step sends the
+//! cache ([`crate::attention::TensorCache`]) and sampling run on the GPU: a decode step sends the
 //! token id up and brings the sampled id back, nothing else.
 
 use std::str::FromStr;

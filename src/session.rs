@@ -231,7 +231,7 @@ impl Session {
         Ok(())
     }
 
-    /// The cache as a safetensors snapshot (see [`crate::attention::LambdaCache::to_snapshot`]).
+    /// The cache as a safetensors snapshot (see [`crate::attention::HostCache::to_snapshot`]).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         self.cache.to_snapshot()
     }

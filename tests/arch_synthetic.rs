@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma3, llama, phi3, qwen2, qwen3};
 use common::tiny::{ARCHITECTURES, Rng, WINDOW, rope_dim, tiny_model, write_gguf};
 use common::{assert_rows_close, rel_err};
-use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::attention::{HostCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
@@ -45,7 +45,7 @@ fn ids() -> Vec<u32> {
 
 /// Last-token logits of `engine` over `ids` fed as one chunk of 10 then one by one.
 fn our_logits(engine: &Engine, params: LambdaParams, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+    let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
     std::iter::once(&ids[..10])
         .chain(ids[10..].chunks(1))
         .map(|chunk| {

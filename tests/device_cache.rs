@@ -1,4 +1,4 @@
-//! The GPU path — the tensor Λ cache (`DeviceCache`) and the device sampler — gives what the CPU
+//! The GPU path — the tensor Λ cache (`TensorCache`) and the device sampler — gives what the CPU
 //! path gives, through whole models: every architecture's tiny model (weights and cache on the
 //! test device, `$LAMBDACHAT_TEST_DEVICE`, else the CPU) and the real default model, with
 //! evictions; and a whole session on it decodes the same greedy tokens.
@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use common::tiny::{ARCHITECTURES, tiny_model, write_gguf};
 use common::{assert_rows_close, default_model_path, load_f32, text_tokens};
-use lambdachat::attention::{AttentionCache, DeviceCache, LambdaCache, LambdaParams};
+use lambdachat::attention::{AttentionCache, HostCache, LambdaParams, TensorCache};
 use lambdachat::device::test_device;
 use lambdachat::engine::Engine;
 use lambdachat::model::{LoadOptions, Logits};
@@ -50,8 +50,8 @@ fn compare(
     what: &str,
 ) {
     let layers = cpu.model.layer_geometry(params);
-    let mut host = LambdaCache::new(params, layers.clone());
-    let mut tensor = DeviceCache::new(params, layers, &on_device.device);
+    let mut host = HostCache::new(params, layers.clone());
+    let mut tensor = TensorCache::new(params, layers, &on_device.device);
     let a = run(cpu, &mut host, ids, chunk);
     let b = run(on_device, &mut tensor, ids, chunk);
     assert_rows_close(&b, &a, tolerance, what);

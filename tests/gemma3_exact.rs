@@ -10,7 +10,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 
 use common::{TEXT, load_f32, rel_err, rows};
-use lambdachat::attention::{LambdaCache, LambdaParams, LayerGeometry, ReferenceCache};
+use lambdachat::attention::{HostCache, LambdaParams, LayerGeometry, OracleCache};
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{GEMMA3_270M, ensure};
 use lambdachat::model::Logits;
@@ -60,9 +60,9 @@ fn incremental_lambda_cache_equals_full_sequence_reference() {
     let ids = tokens(64);
     let params = LambdaParams::new(4, 24, Some(16)).unwrap();
     let geometry = e.model.layer_geometry(params);
-    let mut reference = ReferenceCache::new(geometry.clone());
+    let mut reference = OracleCache::new(geometry.clone());
     let full = rows(&e.model.forward(&ids, &mut reference, Logits::All).unwrap());
-    let mut cache = LambdaCache::new(params, geometry);
+    let mut cache = HostCache::new(params, geometry);
     let prefill = 20;
     let first = rows(
         &e.model

@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::tiny::write_gguf;
-use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::attention::{HostCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
@@ -32,7 +32,7 @@ fn tiny_llama_matches_candle_quantized_llama() {
 
     let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 280).collect();
     let params = LambdaParams::new(4, 256, None).unwrap();
-    let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+    let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
     let mut pos = 0;
     for chunk in std::iter::once(&ids[..16]).chain(ids[16..].chunks(1)) {
         let ours = engine

@@ -6,7 +6,7 @@
 
 mod common;
 
-use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::attention::{HostCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::fetch::{GEMMA3_270M, ensure};
 use lambdachat::model::Logits;
@@ -37,7 +37,7 @@ fn llama_cpp_style_ppl(engine: &Engine, n_ctx: usize) -> f64 {
         if let Some(b) = bos {
             ids[0] = b;
         }
-        let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+        let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
         let logits = engine
             .model
             .forward(&ids, &mut cache, Logits::All)

@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
 use common::{argmax, default_model_path, load_f32, rel_err, rows, text_tokens, write_f32_gguf};
-use lambdachat::attention::{LambdaCache, LambdaParams, ReferenceCache};
+use lambdachat::attention::{HostCache, LambdaParams, OracleCache};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
@@ -45,7 +45,7 @@ fn matches_candle_quantized_qwen2_when_nothing_is_evicted() {
     let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
 
     let params = LambdaParams::new(64, 4096, None).unwrap();
-    let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+    let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
     let mut worst = 0f32;
     let mut pos = 0;
     for chunk in std::iter::once(prompt).chain(rest.chunks(1)) {
@@ -77,7 +77,7 @@ fn incremental_lambda_cache_equals_full_sequence_reference() {
     let params = LambdaParams::new(4, 24, Some(20)).unwrap();
     let geometry = engine.model.layer_geometry(params);
 
-    let mut reference = ReferenceCache::new(geometry.clone());
+    let mut reference = OracleCache::new(geometry.clone());
     let full = rows(
         &engine
             .model
@@ -85,7 +85,7 @@ fn incremental_lambda_cache_equals_full_sequence_reference() {
             .unwrap(),
     );
 
-    let mut cache = LambdaCache::new(params, geometry);
+    let mut cache = HostCache::new(params, geometry);
     let prefill = 30;
     let mut worst = 0f32;
     let first = engine
@@ -113,7 +113,7 @@ fn chunking_does_not_change_logits() {
     let ids = tokens(60);
     let params = LambdaParams::new(4, 16, None).unwrap();
     let run = |chunk: usize| {
-        let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+        let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
         let mut out = Vec::new();
         for c in ids.chunks(chunk) {
             let l = engine.model.forward(c, &mut cache, Logits::All).unwrap();

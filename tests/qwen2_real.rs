@@ -10,7 +10,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2::ModelWeights;
 use common::{argmax, default_model_path, engine, rel_err, rows, text_tokens};
-use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::attention::{HostCache, LambdaParams};
 use lambdachat::model::Logits;
 use lambdachat::sampling::SamplingParams;
 use lambdachat::session::{Session, TurnEvent};
@@ -42,7 +42,7 @@ fn quantized_logits_agree_with_candle_within_its_own_noise_floor() {
     let (theirs, theirs_split) = (candle(39), candle(20));
     let floor = rel_err(&theirs_split, &theirs);
     let params = LambdaParams::new(64, 4096, None).unwrap();
-    let mut cache = LambdaCache::new(params, engine.model.layer_geometry(params));
+    let mut cache = HostCache::new(params, engine.model.layer_geometry(params));
     let ours = rows(
         &engine
             .model

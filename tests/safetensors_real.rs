@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{argmax, default_model_path, load_f32, rel_err, text_tokens};
-use lambdachat::attention::{LambdaCache, LambdaParams};
+use lambdachat::attention::{HostCache, LambdaParams};
 use lambdachat::engine::Engine;
 use lambdachat::model::Logits;
 
@@ -38,12 +38,12 @@ fn converted_default_model_matches_gguf_before_and_after_evictions_and_greedy() 
 
     // 4 sinks and a window of 48: the first 40 tokens fit, the rest evict.
     let params = LambdaParams::new(4, 48, None).unwrap();
-    let mut caches: Vec<LambdaCache> = [&g, &h]
+    let mut caches: Vec<HostCache> = [&g, &h]
         .iter()
-        .map(|e| LambdaCache::new(params, e.model.layer_geometry(params)))
+        .map(|e| HostCache::new(params, e.model.layer_geometry(params)))
         .collect();
     let engines = [g.clone(), h.clone()];
-    let step = |ids: &[u32], caches: &mut Vec<LambdaCache>| -> (Vec<f32>, Vec<f32>) {
+    let step = |ids: &[u32], caches: &mut Vec<HostCache>| -> (Vec<f32>, Vec<f32>) {
         let mut out = engines.iter().zip(caches.iter_mut()).map(|(e, c)| {
             e.model
                 .forward(ids, c, Logits::Last)

@@ -1,8 +1,8 @@
 //! The Λ cache of one conversation, wherever the model runs: one face for the session over the
 //! two implementations of the rule.
 //!
-//! On a CPU the host cache ([`LambdaCache`]) is the fast path: a ring written in place and a
-//! fused kernel. On a GPU the tensor cache ([`DeviceCache`]) keeps keys, values and the attention
+//! On a CPU the host cache ([`HostCache`]) is the fast path: a ring written in place and a
+//! fused kernel. On a GPU the tensor cache ([`TensorCache`]) keeps keys, values and the attention
 //! itself on the device, so a decode step sends nothing back but the sampled id. Both follow
 //! shared/ALGORITHM.md, pins and probe included, and share one snapshot format.
 
@@ -11,23 +11,23 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use super::{
-    AttentionCache, AttentionError, AttentionInput, CacheStats, DeviceCache, LambdaCache,
-    LambdaParams, LayerGeometry, SnapshotError, TensorInput,
+    AttentionCache, AttentionError, AttentionInput, CacheStats, HostCache, LambdaParams,
+    LayerGeometry, SnapshotError, TensorCache, TensorInput,
 };
 
 #[derive(Clone)]
 pub enum KvCache {
-    Host(LambdaCache),
-    Device(DeviceCache),
+    Host(HostCache),
+    Tensor(TensorCache),
 }
 
 impl KvCache {
     /// The cache that suits `device`: the host cache on a CPU, the tensor cache elsewhere.
     pub fn new(params: LambdaParams, layers: Vec<LayerGeometry>, device: &Device) -> Self {
         if device.is_cpu() {
-            Self::Host(LambdaCache::new(params, layers))
+            Self::Host(HostCache::new(params, layers))
         } else {
-            Self::Device(DeviceCache::new(params, layers, device))
+            Self::Tensor(TensorCache::new(params, layers, device))
         }
     }
 
@@ -38,12 +38,12 @@ impl KvCache {
         layers: Vec<LayerGeometry>,
         device: &Device,
     ) -> Result<Self, SnapshotError> {
-        let host = LambdaCache::from_snapshot(bytes, params, layers)?;
+        let host = HostCache::from_snapshot(bytes, params, layers)?;
         if device.is_cpu() {
             Ok(Self::Host(host))
         } else {
-            Ok(Self::Device(
-                DeviceCache::from_host(&host, device).map_err(device_err)?,
+            Ok(Self::Tensor(
+                TensorCache::from_host(&host, device).map_err(device_err)?,
             ))
         }
     }
@@ -51,7 +51,7 @@ impl KvCache {
     pub fn to_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         match self {
             Self::Host(c) => c.to_snapshot(),
-            Self::Device(c) => c.to_host().map_err(device_err)?.to_snapshot(),
+            Self::Tensor(c) => c.to_host().map_err(device_err)?.to_snapshot(),
         }
     }
 
@@ -59,7 +59,7 @@ impl KvCache {
     /// check the GPU path against the host one).
     pub fn to_device(&self, device: &Device) -> Result<Self, AttentionError> {
         match self {
-            Self::Host(c) => Ok(Self::Device(DeviceCache::from_host(c, device)?)),
+            Self::Host(c) => Ok(Self::Tensor(TensorCache::from_host(c, device)?)),
             device_cache => Ok(device_cache.clone()),
         }
     }
@@ -67,14 +67,14 @@ impl KvCache {
     pub fn params(&self) -> LambdaParams {
         match self {
             Self::Host(c) => c.params(),
-            Self::Device(c) => c.params(),
+            Self::Tensor(c) => c.params(),
         }
     }
 
     pub fn stats(&self) -> CacheStats {
         match self {
             Self::Host(c) => c.stats(),
-            Self::Device(c) => c.stats(),
+            Self::Tensor(c) => c.stats(),
         }
     }
 
@@ -82,7 +82,7 @@ impl KvCache {
     pub fn holds(&self, pos: u64) -> bool {
         match self {
             Self::Host(c) => c.holds(pos),
-            Self::Device(c) => c.holds(pos),
+            Self::Tensor(c) => c.holds(pos),
         }
     }
 
@@ -90,7 +90,7 @@ impl KvCache {
     pub fn pin(&mut self, range: Range<u64>) -> u64 {
         match self {
             Self::Host(c) => c.pin(range),
-            Self::Device(c) => c.pin(range),
+            Self::Tensor(c) => c.pin(range),
         }
     }
 
@@ -100,35 +100,35 @@ impl KvCache {
                 c.unpin(range);
                 Ok(())
             }
-            Self::Device(c) => c.unpin(range),
+            Self::Tensor(c) => c.unpin(range),
         }
     }
 
     pub fn pinned(&self) -> &[Range<u64>] {
         match self {
             Self::Host(c) => c.pinned(),
-            Self::Device(c) => c.pinned(),
+            Self::Tensor(c) => c.pinned(),
         }
     }
 
     pub fn set_probe(&mut self, on: bool) {
         match self {
             Self::Host(c) => c.set_probe(on),
-            Self::Device(c) => c.set_probe(on),
+            Self::Tensor(c) => c.set_probe(on),
         }
     }
 
     pub fn attention_shares(&self) -> Vec<(u64, f32)> {
         match self {
             Self::Host(c) => c.attention_shares(),
-            Self::Device(c) => c.attention_shares(),
+            Self::Tensor(c) => c.attention_shares(),
         }
     }
 
     fn inner(&mut self) -> &mut dyn AttentionCache {
         match self {
             Self::Host(c) => c,
-            Self::Device(c) => c,
+            Self::Tensor(c) => c,
         }
     }
 }
@@ -157,7 +157,7 @@ impl AttentionCache for KvCache {
     fn next_position(&self) -> u64 {
         match self {
             Self::Host(c) => c.next_position(),
-            Self::Device(c) => c.next_position(),
+            Self::Tensor(c) => c.next_position(),
         }
     }
 
@@ -206,8 +206,8 @@ mod tests {
             let (expected, expected_late) = (oracle(&pins), oracle(&pins[1..]));
             let layers = vec![LayerGeometry::full(params, kv, hd)];
             let mut caches = [
-                KvCache::Host(LambdaCache::new(params, layers.clone())),
-                KvCache::Device(DeviceCache::new(params, layers, &device)),
+                KvCache::Host(HostCache::new(params, layers.clone())),
+                KvCache::Tensor(TensorCache::new(params, layers, &device)),
             ];
             let mut outputs = [Vec::new(), Vec::new()];
             for cache in &mut caches {
@@ -221,9 +221,9 @@ mod tests {
                         assert_eq!(cache.pin(pins[2].clone()), 0);
                         // Token 3 has left it, and the sinks' store never held it: lost.
                         assert_eq!(cache.pin(pins[0].clone()), 1);
-                        if let KvCache::Device(d) = cache {
+                        if let KvCache::Tensor(d) = cache {
                             let host = d.to_host().unwrap();
-                            *d = DeviceCache::from_host(&host, &device).unwrap();
+                            *d = TensorCache::from_host(&host, &device).unwrap();
                         }
                     }
                     let rows =
@@ -269,7 +269,7 @@ mod tests {
                     .fold(0.0, f64::max);
                 let kind = match cache {
                     KvCache::Host(_) => "host",
-                    KvCache::Device(_) => "tensor",
+                    KvCache::Tensor(_) => "tensor",
                 };
                 assert!(err <= 1e-5, "{kind} {style:?}: max |Δ| = {err}");
                 let s = cache.stats();

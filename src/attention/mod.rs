@@ -9,22 +9,20 @@
 use candle_core::Tensor;
 
 mod blocked;
-mod cache;
-mod device;
+mod host;
 mod kernel;
 mod kv_cache;
-mod reference;
+mod oracle;
 mod rope;
 mod snapshot;
+mod tensor;
 
-pub use cache::{CacheStats, LambdaCache, LayerCache};
-pub use device::DeviceCache;
+pub use host::{CacheStats, HostCache, HostLayerCache};
 pub use kv_cache::KvCache;
-pub use reference::{
-    ReferenceCache, reference_lambda_attention, reference_lambda_attention_pinned,
-};
+pub use oracle::{OracleCache, reference_lambda_attention, reference_lambda_attention_pinned};
 pub use rope::{Rope, RopeStyle};
 pub use snapshot::SnapshotError;
+pub use tensor::TensorCache;
 
 /// Defaults from the issue: 64 sinks, a 4096-token window, clamped distance = window.
 pub const DEFAULT_N_GLOBAL: usize = 64;
@@ -169,7 +167,7 @@ pub enum AttentionError {
 
 /// Where a model's attention layers keep their keys and values.
 ///
-/// Both the bounded [`LambdaCache`] and the dense [`ReferenceCache`] (the oracle, and vanilla
+/// Both the bounded [`HostCache`] and the dense [`OracleCache`] (the oracle, and vanilla
 /// attention) implement it, so one model forward serves both.
 pub trait AttentionCache: Send {
     /// Attends the chunk's queries to everything the rule allows, stores the chunk's keys and

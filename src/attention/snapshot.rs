@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use super::{LambdaCache, LambdaParams, LayerCache, LayerGeometry};
+use super::{HostCache, HostLayerCache, LambdaParams, LayerGeometry};
 
 const FORMAT: &str = "lambdachat-kv-1";
 
@@ -55,7 +55,7 @@ fn values_of<T: bytemuck::Pod>(b: &[u8]) -> Vec<T> {
     bytemuck::pod_collect_to_vec(b)
 }
 
-impl LambdaCache {
+impl HostCache {
     /// Serializes the whole cache (what is attended now, nothing else).
     pub fn to_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let mut buffers: Vec<(String, Dtype, Vec<usize>, &[u8])> = Vec::new();
@@ -126,7 +126,7 @@ impl LambdaCache {
             )));
         }
         let tensors = SafeTensors::deserialize(bytes)?;
-        let mut cache = LambdaCache::new(params, layers);
+        let mut cache = HostCache::new(params, layers);
         for (i, layer) in cache.layers.iter_mut().enumerate() {
             load_layer(&tensors, i, layer, header.seen[i])?;
         }
@@ -147,7 +147,7 @@ impl LambdaCache {
 fn load_layer(
     tensors: &SafeTensors<'_>,
     i: usize,
-    layer: &mut LayerCache,
+    layer: &mut HostLayerCache,
     seen: u64,
 ) -> Result<(), SnapshotError> {
     let row = layer.geometry.n_kv_heads * layer.geometry.head_dim;
@@ -195,7 +195,7 @@ mod tests {
     use super::*;
     use crate::attention::{AttentionCache, AttentionInput, Rope, RopeStyle};
 
-    fn feed(cache: &mut LambdaCache, rope: &Rope, values: &[f32]) -> Vec<f32> {
+    fn feed(cache: &mut HostCache, rope: &Rope, values: &[f32]) -> Vec<f32> {
         let mut out = Vec::new();
         for x in values.chunks(4) {
             let input = AttentionInput {
@@ -223,11 +223,11 @@ mod tests {
         let tokens: Vec<f32> = (0..4 * 40)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0)
             .collect();
-        let mut original = LambdaCache::new(params, geometry.clone());
+        let mut original = HostCache::new(params, geometry.clone());
         feed(&mut original, &rope, &tokens[..4 * 25]);
         original.pin(20..22);
         let bytes = original.to_snapshot().unwrap();
-        let mut restored = LambdaCache::from_snapshot(&bytes, params, geometry.clone()).unwrap();
+        let mut restored = HostCache::from_snapshot(&bytes, params, geometry.clone()).unwrap();
         assert_eq!(restored.stats(), original.stats());
         assert_eq!(restored.pinned(), original.pinned());
         let a = feed(&mut original, &rope, &tokens[4 * 25..]);
@@ -235,9 +235,9 @@ mod tests {
         assert_eq!(a, b);
 
         let other = LambdaParams::new(2, 16, None).unwrap();
-        let err = LambdaCache::from_snapshot(&bytes, other, geometry).unwrap_err();
+        let err = HostCache::from_snapshot(&bytes, other, geometry).unwrap_err();
         assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
-        let err = LambdaCache::from_snapshot(b"garbage", params, vec![]).unwrap_err();
+        let err = HostCache::from_snapshot(b"garbage", params, vec![]).unwrap_err();
         assert!(matches!(err, SnapshotError::Format(_)), "{err}");
     }
 }

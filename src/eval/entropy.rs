@@ -52,7 +52,7 @@ pub fn evaluate(
     let mut cache = new_cache(engine, params);
     match &mut cache {
         KvCache::Host(c) => c.set_entropy(true),
-        KvCache::Device(_) => {
+        KvCache::Tensor(_) => {
             return Err(EvalError::Invalid(
                 "eval entropy runs on the CPU (--device cpu): the GPU cache does not record entropies"
                     .into(),

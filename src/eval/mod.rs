@@ -2,13 +2,13 @@
 //! length (`ppl`), passkey retrieval inside and outside the Λ (`passkey`), bounded attention
 //! entropy (`entropy`), and decode cost against context length (`cost`).
 //!
-//! Every evaluation compares attention *modes*, which are all the same [`LambdaCache`] code with
+//! Every evaluation compares attention *modes*, which are all the same [`HostCache`] code with
 //! different parameters, so differences come from the rule and nothing else: `vanilla` is
 //! ordinary causal attention (a window as long as the text, no sinks), `lambda` the configured
 //! Λ, `window` the same window without sinks. The results are plain data; `cli/eval.rs` prints
 //! them and [`output`] writes the CSV files and plots.
 //!
-//! [`LambdaCache`]: crate::attention::LambdaCache
+//! [`HostCache`]: crate::attention::HostCache
 
 pub mod cost;
 pub mod entropy;

@@ -43,8 +43,8 @@ pub enum KernelError {
 const ROWS_PER_ITEM: usize = 6;
 
 /// A row-major buffer of rows of `n` values shared by the pool's workers, each of which writes
-/// only its own places (a matmul's tile of columns in its activation rows, a packed tile row, a
-/// part of a split attention row).
+/// only its own places (a matmul's tile of columns in its activation rows, a packed tile row, an
+/// attention task's outputs, probe and entropy, a part of a split attention row).
 pub(crate) struct DisjointRows<T = f32> {
     ptr: *mut T,
     n: usize,
@@ -57,7 +57,7 @@ impl<T> Clone for DisjointRows<T> {
 }
 impl<T> Copy for DisjointRows<T> {}
 // SAFETY: workers write disjoint places (see `Kernel::matmul`, `PackedMatrix::new`, and the
-// split decode of `attention::cache`).
+// attention tasks of `attention::host`).
 unsafe impl<T> Send for DisjointRows<T> {}
 unsafe impl<T> Sync for DisjointRows<T> {}
 

@@ -3,7 +3,7 @@
 //! Dense `T × T` logits with the explicit mask of shared/ALGORITHM.md, rotation computed directly
 //! from `pos · inv_freq` in f64, one softmax per row. It shares nothing with the fast path except
 //! the [`Rope`]'s frequencies, so the tests comparing the two check the cache, the chunking, the
-//! eviction and the kernel. [`ReferenceCache`] wraps it for whole-model runs: it keeps every key,
+//! eviction and the kernel. [`OracleCache`] wraps it for whole-model runs: it keeps every key,
 //! which also makes it the "vanilla" full attention when `L` exceeds the sequence.
 
 use std::ops::Range;
@@ -160,12 +160,12 @@ pub fn reference_lambda_attention_pinned(
 
 /// A cache that keeps every key and recomputes attention with the oracle: for whole-model
 /// comparisons and for vanilla (unbounded) attention. Memory grows with the sequence, by design.
-pub struct ReferenceCache {
+pub struct OracleCache {
     layers: Vec<(LayerGeometry, Vec<f32>, Vec<f32>)>,
     next_position: u64,
 }
 
-impl ReferenceCache {
+impl OracleCache {
     pub fn new(layers: Vec<LayerGeometry>) -> Self {
         Self {
             layers: layers
@@ -177,7 +177,7 @@ impl ReferenceCache {
     }
 }
 
-impl AttentionCache for ReferenceCache {
+impl AttentionCache for OracleCache {
     fn attend(
         &mut self,
         layer: usize,

@@ -39,7 +39,7 @@ use super::{
 
 /// One layer's bounded store.
 #[derive(Debug, Clone)]
-pub struct LayerCache {
+pub struct HostLayerCache {
     pub(super) geometry: LayerGeometry,
     /// `[slot][kv_head][head_dim]`, unrotated keys of the sinks and the pinned tokens.
     pub(super) global_k: Vec<f32>,
@@ -87,7 +87,7 @@ pub struct CacheStats {
     pub bytes: u64,
 }
 
-impl LayerCache {
+impl HostLayerCache {
     pub fn new(geometry: LayerGeometry) -> Self {
         Self {
             geometry,
@@ -255,34 +255,58 @@ impl LayerCache {
         self.ring_v.resize(slots * row, 0.0);
     }
 
-    /// Runs Λ attention for a chunk and stores it. See the module doc for the layout.
+    /// Runs Λ attention for a chunk and stores it, in four steps: the chunk's sinks and pins
+    /// enter the global store ([`Self::store_globals`]), its keys and queries are rotated
+    /// ([`Self::rotate`]), its rows attend ([`Self::attend_rows`] when decoding,
+    /// [`Self::attend_split`] when a step has fewer rows than cores, [`Self::attend_blocks`] for
+    /// prefill chunks), and its last tokens enter the ring ([`Self::store_in_ring`]).
     pub fn attend(&mut self, input: &AttentionInput<'_>) -> Result<Vec<f32>, AttentionError> {
-        let LayerGeometry {
-            n_kv_heads,
-            head_dim,
-            window,
-            n_global,
-            distance_limit,
-            ..
-        } = self.geometry;
+        let (n_kv_heads, head_dim) = (self.geometry.n_kv_heads, self.geometry.head_dim);
         check_input(input, n_kv_heads, head_dim)?;
         let n = input.n_tokens;
         if n == 0 {
             return Ok(Vec::new());
         }
-        let pos0 = self.seen;
-        let row = self.row();
         if self.pins_to_copy {
             self.copy_pinned_from_ring(input.rope);
         }
+        self.store_globals(input);
+        let chunk = self.rotate(input);
+        let n_tasks = n * n_kv_heads;
+        let mut out = vec![0f32; n * input.n_heads * head_dim];
+        let mut entropies = vec![0f32; if self.entropy { n_tasks } else { 0 }];
+        if n >= BLOCK_MIN_TOKENS {
+            self.attend_blocks(&chunk, &mut out, &mut entropies);
+        } else if let Some(parts) = self.split_parts(n_tasks) {
+            self.attend_split(&chunk, parts, &mut out);
+        } else {
+            let probe = self.probe && n == 1;
+            let probes = self.attend_rows(&chunk, probe, &mut out, &mut entropies);
+            if probe {
+                self.record_attention(&probes, chunk.pos0);
+            }
+        }
+        if self.entropy {
+            self.last_entropy = entropies
+                .chunks(n_kv_heads)
+                .map(|h| h.iter().sum::<f32>() / n_kv_heads as f32)
+                .collect();
+        }
+        self.store_in_ring(&chunk);
+        self.seen += n as u64;
+        Ok(out)
+    }
 
-        // 1. Sinks and pinned tokens enter the global store unrotated (sized once for the sinks).
+    /// Step 1: the chunk's sinks and pinned tokens enter the global store unrotated (sized once
+    /// for the sinks).
+    fn store_globals(&mut self, input: &AttentionInput<'_>) {
+        let (n_global, row, pos0) = (self.geometry.n_global, self.row(), self.seen);
         if pos0 < n_global as u64 && self.global_k.capacity() == 0 {
             self.global_k.reserve_exact(n_global * row);
             self.global_v.reserve_exact(n_global * row);
             self.global_pos.reserve_exact(n_global);
         }
-        for t in 0..n {
+        for t in 0..input.n_tokens {
             let pos = pos0 + t as u64;
             if (pos as usize) < n_global || is_pinned(&self.pinned, pos) {
                 self.global_k
@@ -292,261 +316,311 @@ impl LayerCache {
                 self.global_pos.push(pos);
             }
         }
+    }
 
-        // 2. Rotate the chunk's keys and queries at their true positions; queries also at D when
-        //    some sink may already be outside the window of some row.
-        let mut k_rot = input.k.to_vec();
+    /// Step 2: the chunk's keys and queries rotated at their true positions; the queries also
+    /// at `D` when some sink may already be outside the window of some row.
+    fn rotate<'a>(&self, input: &'a AttentionInput<'a>) -> RotatedChunk<'a> {
+        let LayerGeometry {
+            n_kv_heads,
+            head_dim,
+            window,
+            distance_limit,
+            ..
+        } = self.geometry;
+        let (n, pos0) = (input.n_tokens, self.seen);
+        let mut keys = input.k.to_vec();
         input
             .rope
-            .rotate_rows(&mut k_rot, n_kv_heads, head_dim, |t| pos0 + t as u64);
-        let mut q_loc = input.q.to_vec();
+            .rotate_rows(&mut keys, n_kv_heads, head_dim, |t| pos0 + t as u64);
+        let mut q_local = input.q.to_vec();
         input
             .rope
-            .rotate_rows(&mut q_loc, input.n_heads, head_dim, |t| pos0 + t as u64);
+            .rotate_rows(&mut q_local, input.n_heads, head_dim, |t| pos0 + t as u64);
         let last = pos0 + n as u64 - 1;
         let needs_global = self.global_len() > 0 && last >= window as u64;
-        let q_glob = if needs_global {
+        let q_global = needs_global.then(|| {
             let mut q = input.q.to_vec();
             input
                 .rope
                 .rotate_rows(&mut q, input.n_heads, head_dim, |_| distance_limit);
-            Some(q)
-        } else {
-            None
-        };
+            q
+        });
+        RotatedChunk {
+            input,
+            pos0,
+            keys,
+            q_local,
+            q_global,
+            group: input.n_heads / n_kv_heads,
+        }
+    }
 
-        // 3. One task per (token, KV group): every query head of the group is served by one
-        //    read of the keys and values it may see.
-        let group = input.n_heads / n_kv_heads;
-        let width = group * head_dim;
-        let mut out = vec![0f32; n * input.n_heads * head_dim];
-        let this = &*self;
+    /// Step 3, decoding: one task per (token, KV group); every query head of the group is
+    /// served by one read of the keys and values it may see. Returns each task's key
+    /// probabilities when `probe` (else `None`s).
+    fn attend_rows(
+        &self,
+        c: &RotatedChunk<'_>,
+        probe: bool,
+        out: &mut [f32],
+        entropies: &mut [f32],
+    ) -> Vec<Option<Vec<f32>>> {
+        let n_tasks = c.input.n_tokens * self.geometry.n_kv_heads;
+        let mut probes = vec![None; n_tasks];
+        let outs = DisjointRows::new(out, c.width(&self.geometry));
+        let probe_slots = DisjointRows::new(&mut probes, 1);
+        let entropy_slots = DisjointRows::new(entropies, 1);
+        pool().execute_chunked(n_tasks, |range| {
+            let mut scratch = Vec::new();
+            for task in range {
+                // SAFETY: every task index is run once, and task `task` owns these rows.
+                let out = unsafe { outs.row(task) };
+                let whole = Part {
+                    ring: 0..self.ring_len(),
+                    first: true,
+                    last: true,
+                };
+                self.attend_part(c, task, whole, out, &mut scratch, None);
+                if probe {
+                    // SAFETY: as above.
+                    let slot = unsafe { probe_slots.row(task) };
+                    slot[0] = Some(mean_probabilities(&scratch, c.group));
+                }
+                if self.entropy {
+                    // SAFETY: as above.
+                    let slot = unsafe { entropy_slots.row(task) };
+                    slot[0] = mean_entropy(&scratch, c.group);
+                }
+            }
+        });
+        probes
+    }
+
+    /// Step 3 when a step has fewer rows than cores (a decode step of a model with one KV
+    /// head): each row's keys in `parts` ranges, one per core, merged into one softmax
+    /// afterwards.
+    fn attend_split(&self, c: &RotatedChunk<'_>, parts: usize, out: &mut [f32]) {
+        let n_tasks = c.input.n_tokens * self.geometry.n_kv_heads;
+        let width = c.width(&self.geometry);
+        let each = width + 2 * c.group;
+        let mut partials = vec![0f32; n_tasks * parts * each];
+        let pieces = DisjointRows::new(&mut partials, each);
+        let ring_len = self.ring_len();
+        pool().execute_chunked(n_tasks * parts, |range| {
+            let mut scratch = Vec::new();
+            for item in range {
+                let (task, p) = (item / parts, item % parts);
+                let part = Part {
+                    ring: ring_len * p / parts..ring_len * (p + 1) / parts,
+                    first: p == 0,
+                    last: p == parts - 1,
+                };
+                // SAFETY: every item index is run once and owns its piece.
+                let (out, stats) = unsafe { pieces.row(item) }.split_at_mut(width);
+                self.attend_part(c, task, part, out, &mut scratch, Some(stats));
+            }
+        });
+        for (task, out) in out.chunks_exact_mut(width).enumerate() {
+            let task_parts = partials[task * parts * each..(task + 1) * parts * each]
+                .chunks_exact(each)
+                .map(|piece| piece.split_at(width));
+            let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = task_parts.unzip();
+            merge_parts(&outs, &stats, self.geometry.head_dim, out);
+        }
+    }
+
+    /// One part of a row (task = token × KV group) against the keys the rule lets it see.
+    /// Writes the group's outputs to `out`, and the part's softmax statistics to `partial` when
+    /// the row is split.
+    fn attend_part(
+        &self,
+        c: &RotatedChunk<'_>,
+        task: usize,
+        Part { ring, first, last }: Part,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+        partial: Option<&mut [f32]>,
+    ) {
+        let LayerGeometry {
+            n_kv_heads,
+            head_dim,
+            window,
+            ..
+        } = self.geometry;
         let window = window as u64;
-        let probe = self.probe && n == 1;
-        let n_tasks = n * n_kv_heads;
-        let mut probes: Vec<Option<Vec<f32>>> = vec![None; n_tasks];
-        let mut entropies = vec![0f32; if self.entropy { n_tasks } else { 0 }];
-        let tasks = TaskOutputs {
-            out: out.as_mut_ptr(),
-            probes: probes.as_mut_ptr(),
-            entropies: self.entropy.then_some(entropies.as_mut_ptr()),
-            width,
+        let (row, width) = (self.row(), c.width(&self.geometry));
+        let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
+        let i = c.pos0 + t as u64;
+        let q_off = task * width;
+        let view = |keys, values, len| Rows {
+            keys,
+            values,
+            stride: row,
+            offset: kv * head_dim,
+            len,
         };
-        // One part of a row's keys: ring slots `ring`, the sinks with the first part and the
-        // chunk with the last (a whole row is the one part with all of them).
-        let attend_part = |task: usize,
-                           ring: Range<usize>,
-                           (first, last): (bool, bool),
-                           out: &mut [f32],
-                           scratch: &mut Vec<f32>,
-                           partial: Option<&mut [f32]>| {
-            let (t, kv) = (task / n_kv_heads, task % n_kv_heads);
-            let i = pos0 + t as u64;
-            let q_off = task * width;
-            let view = |keys, values, len| Rows {
+        let sinks = Segment {
+            rows: view(
+                &self.global_k,
+                &self.global_v,
+                if c.q_global.is_some() && first {
+                    self.global_len()
+                } else {
+                    0
+                },
+            ),
+            queries: c
+                .q_global
+                .as_deref()
+                .map_or(&[][..], |q| &q[q_off..q_off + width]),
+            visible: |j: usize| self.global_pos[j] + window <= i,
+        };
+        let queries = &c.q_local[q_off..q_off + width];
+        let ring_start = ring.start;
+        let ring = Segment {
+            rows: view(
+                &self.ring_k[ring_start * row..],
+                &self.ring_v[ring_start * row..],
+                ring.len(),
+            ),
+            queries,
+            visible: |slot: usize| {
+                let j = self.ring_pos[ring_start + slot];
+                j <= i && i - j < window
+            },
+        };
+        let chunk = Segment {
+            rows: view(&c.keys, c.input.v, if last { c.input.n_tokens } else { 0 }),
+            queries,
+            visible: |u: usize| u <= t && ((t - u) as u64) < window,
+        };
+        attend_group(
+            [&sinks, &ring, &chunk],
+            c.group,
+            head_dim,
+            c.input.scale,
+            out,
+            scratch,
+            partial,
+        );
+    }
+
+    /// Step 3 for prefill chunks: blocks of [`BLOCK_TOKENS`] tokens × one KV group as matrix
+    /// products against blocks of keys (`blocked.rs`), the softmax carried across key blocks.
+    fn attend_blocks(&self, c: &RotatedChunk<'_>, out: &mut [f32], entropies: &mut [f32]) {
+        let LayerGeometry {
+            n_kv_heads,
+            head_dim,
+            window,
+            ..
+        } = self.geometry;
+        let window = window as u64;
+        let (n, group, row) = (c.input.n_tokens, c.group, self.row());
+        let width = c.width(&self.geometry);
+        let input = c.input;
+        let chunk_positions: Vec<u64> = (c.pos0..c.pos0 + n as u64).collect();
+        let blocks = n.div_ceil(BLOCK_TOKENS);
+        let outs = DisjointRows::new(out, width);
+        let entropy_slots = DisjointRows::new(entropies, 1);
+        let block_task = |task: usize, scratch: &mut BlockTaskScratch| {
+            let (b, kv) = (task / n_kv_heads, task % n_kv_heads);
+            let (t0, t1) = (b * BLOCK_TOKENS, ((b + 1) * BLOCK_TOKENS).min(n));
+            let rows = (t1 - t0) * group;
+            // The block's queries for this group, packed `[row][head_dim]` and scaled.
+            let pack = |q: &[f32], into: &mut Vec<f32>| {
+                into.clear();
+                for t in t0..t1 {
+                    let from = t * input.n_heads * head_dim + kv * width;
+                    into.extend(q[from..from + width].iter().map(|x| x * input.scale));
+                }
+            };
+            pack(&c.q_local, &mut scratch.q_loc);
+            if let Some(q) = &c.q_global {
+                pack(q, &mut scratch.q_glob);
+            }
+            let segment = |keys, values, positions, slots, queries, visible| BlockSegment {
                 keys,
                 values,
                 stride: row,
                 offset: kv * head_dim,
-                len,
-            };
-            let sinks = Segment {
-                rows: view(
-                    &this.global_k,
-                    &this.global_v,
-                    if q_glob.is_some() && first {
-                        this.global_len()
-                    } else {
-                        0
-                    },
-                ),
-                queries: q_glob
-                    .as_deref()
-                    .map_or(&[][..], |q| &q[q_off..q_off + width]),
-                visible: |j: usize| this.global_pos[j] + window <= i,
-            };
-            let queries = &q_loc[q_off..q_off + width];
-            let ring_start = ring.start;
-            let ring = Segment {
-                rows: view(
-                    &this.ring_k[ring_start * row..],
-                    &this.ring_v[ring_start * row..],
-                    ring.len(),
-                ),
+                positions,
+                slots,
                 queries,
-                visible: |slot: usize| {
-                    let j = this.ring_pos[ring_start + slot];
-                    j <= i && i - j < window
-                },
+                visible,
             };
-            let chunk = Segment {
-                rows: view(&k_rot, input.v, if last { n } else { 0 }),
-                queries,
-                visible: |u: usize| u <= t && ((t - u) as u64) < window,
-            };
-            attend_group(
-                [&sinks, &ring, &chunk],
+            let mut segments = Vec::with_capacity(3);
+            if c.q_global.is_some() {
+                segments.push(segment(
+                    &self.global_k,
+                    &self.global_v,
+                    &self.global_pos,
+                    0..self.global_len(),
+                    &scratch.q_glob,
+                    Visible::OutsideWindow(window),
+                ));
+            }
+            segments.push(segment(
+                &self.ring_k,
+                &self.ring_v,
+                &self.ring_pos,
+                0..self.ring_len(),
+                &scratch.q_loc,
+                Visible::Window(window),
+            ));
+            segments.push(segment(
+                &c.keys,
+                input.v,
+                &chunk_positions,
+                (t0 + 1).saturating_sub(window as usize)..t1,
+                &scratch.q_loc,
+                Visible::Window(window),
+            ));
+            scratch.entropy.resize(rows, 0.0);
+            let shape = BlockShape {
+                rows,
                 group,
                 head_dim,
-                input.scale,
-                out,
-                scratch,
-                partial,
-            );
-        };
-        let attend_task = |task: usize, scratch: &mut Vec<f32>| {
-            // SAFETY: every task index is run once, and task `task` owns these places.
-            let (out, probe_slot, entropy_slot) = unsafe { tasks.get(task) };
-            attend_part(task, 0..this.ring_len(), (true, true), out, scratch, None);
-            *probe_slot = probe.then(|| mean_probabilities(scratch, group));
-            if let Some(h) = entropy_slot {
-                *h = mean_entropy(scratch, group);
-            }
-        };
-        // On candle's thread pool, as the matrix kernels: a second pool's threads would compete
-        // with its spinning workers for the cores (measured: attention at half speed).
-        let pool = candle_core::utils::barrier_pool();
-        if n >= BLOCK_MIN_TOKENS {
-            let chunk_positions: Vec<u64> = (pos0..pos0 + n as u64).collect();
-            let blocks = n.div_ceil(BLOCK_TOKENS);
-            let block_task = |task: usize, scratch: &mut BlockTaskScratch| {
-                let (b, kv) = (task / n_kv_heads, task % n_kv_heads);
-                let (t0, t1) = (b * BLOCK_TOKENS, ((b + 1) * BLOCK_TOKENS).min(n));
-                let rows = (t1 - t0) * group;
-                // The block's queries for this group, packed `[row][head_dim]` and scaled.
-                let pack = |q: &[f32], into: &mut Vec<f32>| {
-                    into.clear();
-                    for t in t0..t1 {
-                        let from = t * input.n_heads * head_dim + kv * width;
-                        into.extend(q[from..from + width].iter().map(|x| x * input.scale));
-                    }
-                };
-                pack(&q_loc, &mut scratch.q_loc);
-                if let Some(q) = &q_glob {
-                    pack(q, &mut scratch.q_glob);
-                }
-                let segment = |keys, values, positions, slots, queries, visible| BlockSegment {
-                    keys,
-                    values,
-                    stride: row,
-                    offset: kv * head_dim,
-                    positions,
-                    slots,
-                    queries,
-                    visible,
-                };
-                let mut segments = Vec::with_capacity(3);
-                if q_glob.is_some() {
-                    segments.push(segment(
-                        &this.global_k,
-                        &this.global_v,
-                        &this.global_pos,
-                        0..this.global_len(),
-                        &scratch.q_glob,
-                        Visible::OutsideWindow(window),
-                    ));
-                }
-                segments.push(segment(
-                    &this.ring_k,
-                    &this.ring_v,
-                    &this.ring_pos,
-                    0..this.ring_len(),
-                    &scratch.q_loc,
-                    Visible::Window(window),
-                ));
-                segments.push(segment(
-                    &k_rot,
-                    input.v,
-                    &chunk_positions,
-                    (t0 + 1).saturating_sub(window as usize)..t1,
-                    &scratch.q_loc,
-                    Visible::Window(window),
-                ));
-                scratch.entropy.resize(rows, 0.0);
-                let shape = BlockShape {
-                    rows,
-                    group,
-                    head_dim,
-                    first_position: pos0 + t0 as u64,
-                };
-                let entropy = this.entropy.then_some(&mut scratch.entropy[..]);
-                let outputs = attend_block(&segments, shape, &mut scratch.block, entropy);
-                for t in t0..t1 {
-                    // SAFETY: the task of (token t, KV head kv) belongs to this block task only.
-                    let (out, _, entropy_slot) = unsafe { tasks.get(t * n_kv_heads + kv) };
-                    let r = (t - t0) * group;
-                    out.copy_from_slice(&outputs[r * head_dim..(r + group) * head_dim]);
-                    if let Some(h) = entropy_slot {
-                        *h = scratch.entropy[r..r + group].iter().sum::<f32>() / group as f32;
-                    }
-                }
+                first_position: c.pos0 + t0 as u64,
             };
-            pool.execute_chunked(blocks * n_kv_heads, |range| {
-                let mut scratch = BlockTaskScratch::default();
-                for task in range {
-                    block_task(task, &mut scratch);
+            let entropy = self.entropy.then_some(&mut scratch.entropy[..]);
+            let outputs = attend_block(&segments, shape, &mut scratch.block, entropy);
+            for t in t0..t1 {
+                let task = t * n_kv_heads + kv;
+                let r = (t - t0) * group;
+                // SAFETY: the rows of (token t, KV head kv) belong to this block task only.
+                unsafe { outs.row(task) }
+                    .copy_from_slice(&outputs[r * head_dim..(r + group) * head_dim]);
+                if self.entropy {
+                    // SAFETY: as above.
+                    let slot = unsafe { entropy_slots.row(task) };
+                    slot[0] = scratch.entropy[r..r + group].iter().sum::<f32>() / group as f32;
                 }
-            });
-        } else if let Some(parts) = self.split_parts(n_tasks) {
-            // Fewer rows than cores (a decode step of a model with one KV head): each row's
-            // keys in `parts` ranges, one per core, merged into one softmax afterwards.
-            let each = width + 2 * group;
-            let mut partials = vec![0f32; n_tasks * parts * each];
-            let pieces = DisjointRows::new(&mut partials, each);
-            let ring_len = this.ring_len();
-            pool.execute_chunked(n_tasks * parts, |range| {
-                let mut scratch = Vec::new();
-                for item in range {
-                    let (task, p) = (item / parts, item % parts);
-                    let ring = ring_len * p / parts..ring_len * (p + 1) / parts;
-                    // SAFETY: every item index is run once and owns its piece.
-                    let (out, stats) = unsafe { pieces.row(item) }.split_at_mut(width);
-                    let ends = (p == 0, p == parts - 1);
-                    attend_part(task, ring, ends, out, &mut scratch, Some(stats));
-                }
-            });
-            for (task, out) in out.chunks_exact_mut(width).enumerate() {
-                let task_parts = partials[task * parts * each..(task + 1) * parts * each]
-                    .chunks_exact(each)
-                    .map(|piece| piece.split_at(width));
-                let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = task_parts.unzip();
-                merge_parts(&outs, &stats, head_dim, out);
             }
-        } else {
-            pool.execute_chunked(n_tasks, |range| {
-                let mut scratch = Vec::new();
-                for task in range {
-                    attend_task(task, &mut scratch);
-                }
-            });
-        }
-        if probe {
-            self.record_attention(&probes, pos0);
-        }
-        if self.entropy {
-            self.last_entropy = entropies
-                .chunks(n_kv_heads)
-                .map(|h| h.iter().sum::<f32>() / n_kv_heads as f32)
-                .collect();
-        }
-        let window = window as usize;
+        };
+        pool().execute_chunked(blocks * n_kv_heads, |range| {
+            let mut scratch = BlockTaskScratch::default();
+            for task in range {
+                block_task(task, &mut scratch);
+            }
+        });
+    }
 
-        // 4. The chunk's last `window` tokens enter the ring, evicting what left the window.
-        let first = n.saturating_sub(window);
-        for t in first..n {
-            let pos = pos0 + t as u64;
+    /// Step 4: the chunk's last `window` tokens enter the ring, evicting what left the window.
+    fn store_in_ring(&mut self, c: &RotatedChunk<'_>) {
+        let (window, row, n) = (self.geometry.window, self.row(), c.input.n_tokens);
+        for t in n.saturating_sub(window)..n {
+            let pos = c.pos0 + t as u64;
             let slot = (pos % window as u64) as usize;
             if slot >= self.ring_pos.len() {
                 self.grow_ring((slot + 1).min(window));
             }
             self.ring_pos[slot] = pos;
             self.ring_k[slot * row..(slot + 1) * row]
-                .copy_from_slice(&k_rot[t * row..(t + 1) * row]);
+                .copy_from_slice(&c.keys[t * row..(t + 1) * row]);
             self.ring_v[slot * row..(slot + 1) * row]
-                .copy_from_slice(&input.v[t * row..(t + 1) * row]);
+                .copy_from_slice(&c.input.v[t * row..(t + 1) * row]);
         }
-        self.seen += n as u64;
-        Ok(out)
     }
 
     /// Into how many parts each row's keys are split when there are fewer rows (`n_tasks`) than
@@ -582,36 +656,42 @@ impl LayerCache {
     }
 }
 
-/// Where the attention tasks of one call write: task `i` owns `out[i · width..(i + 1) · width]`,
-/// `probes[i]` and `entropies[i]`, so the pool's workers never share a place.
-#[derive(Clone, Copy)]
-struct TaskOutputs {
-    out: *mut f32,
-    probes: *mut Option<Vec<f32>>,
-    /// Present when the cache records entropies (one per task).
-    entropies: Option<*mut f32>,
-    width: usize,
+/// One `attend` call's chunk after rotation: what every task of the call reads.
+struct RotatedChunk<'a> {
+    input: &'a AttentionInput<'a>,
+    /// Position of the chunk's first token.
+    pos0: u64,
+    /// Keys rotated at their true positions, `[token][kv_head][head_dim]`.
+    keys: Vec<f32>,
+    /// Queries rotated at their true positions (scored against the window).
+    q_local: Vec<f32>,
+    /// Queries rotated to `D` (scored against the sinks outside the window), when a row needs
+    /// them.
+    q_global: Option<Vec<f32>>,
+    /// Query heads per KV head.
+    group: usize,
 }
-// SAFETY: tasks write disjoint places (see above).
-unsafe impl Send for TaskOutputs {}
-unsafe impl Sync for TaskOutputs {}
 
-impl TaskOutputs {
-    /// # Safety
-    /// `task` must be in bounds and handed to one worker only.
-    unsafe fn get<'a>(
-        self,
-        task: usize,
-    ) -> (&'a mut [f32], &'a mut Option<Vec<f32>>, Option<&'a mut f32>) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            (
-                std::slice::from_raw_parts_mut(self.out.add(task * self.width), self.width),
-                &mut *self.probes.add(task),
-                self.entropies.map(|e| &mut *e.add(task)),
-            )
-        }
+impl RotatedChunk<'_> {
+    /// Outputs of one (token, KV group) task: the group's heads.
+    fn width(&self, geometry: &LayerGeometry) -> usize {
+        self.group * geometry.head_dim
     }
+}
+
+/// The keys of a row one task scores: ring slots `ring`, the sinks with the first part and the
+/// chunk with the last (a whole row is the one part with all of them).
+struct Part {
+    ring: Range<usize>,
+    first: bool,
+    last: bool,
+}
+
+/// The pool the attention tasks run on: candle's, as the matrix kernels' (a second pool's
+/// threads would compete with its spinning workers for the cores; measured: attention at half
+/// speed).
+fn pool() -> &'static candle_core::utils::BarrierPool {
+    candle_core::utils::barrier_pool()
 }
 
 /// Whether `pos` falls in one of the sorted, disjoint `ranges`.
@@ -712,19 +792,19 @@ impl CacheStats {
     }
 }
 
-/// The bounded Λ cache of a whole model: one [`LayerCache`] per layer.
+/// The bounded Λ cache of a whole model: one [`HostLayerCache`] per layer.
 #[derive(Debug, Clone)]
-pub struct LambdaCache {
-    pub(super) layers: Vec<LayerCache>,
+pub struct HostCache {
+    pub(super) layers: Vec<HostLayerCache>,
     pub(super) params: LambdaParams,
     pub(super) next_position: u64,
     pub(super) pinned: Vec<Range<u64>>,
 }
 
-impl LambdaCache {
+impl HostCache {
     pub fn new(params: LambdaParams, layers: Vec<LayerGeometry>) -> Self {
         Self {
-            layers: layers.into_iter().map(LayerCache::new).collect(),
+            layers: layers.into_iter().map(HostLayerCache::new).collect(),
             params,
             next_position: 0,
             pinned: Vec::new(),
@@ -737,7 +817,7 @@ impl LambdaCache {
 
     /// The layer whose window is the conversation's `L` (the first full-attention layer): the
     /// one the status bar and the visualizer describe.
-    fn reference_layer(&self) -> Option<&LayerCache> {
+    fn reference_layer(&self) -> Option<&HostLayerCache> {
         self.layers
             .iter()
             .find(|l| l.geometry.pinnable)
@@ -819,7 +899,7 @@ impl LambdaCache {
     }
 }
 
-impl AttentionCache for LambdaCache {
+impl AttentionCache for HostCache {
     fn attend(
         &mut self,
         layer: usize,
@@ -879,7 +959,7 @@ mod tests {
         let expected = reference_lambda_attention(
             &q, &k, &v, case.t, case.heads, case.kv, hd, params, &rope, scale,
         );
-        let mut cache = LayerCache::new(LayerGeometry::full(params, case.kv, hd));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, case.kv, hd));
         let mut got = Vec::new();
         let mut start = 0;
         while start < case.t {
@@ -969,7 +1049,7 @@ mod tests {
     fn bounded_after_100k_tokens_without_reallocation() {
         let params = LambdaParams::new(4, 64, None).unwrap();
         let (hd, kv) = (8, 1);
-        let mut cache = LayerCache::new(LayerGeometry::full(params, kv, hd));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd));
         let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
         let mut rng = StdRng::seed_from_u64(7);
         let mut bytes_when_full = None;
@@ -1023,7 +1103,7 @@ mod tests {
         assert!(err <= 1e-5, "max |Δ| = {err}");
         // The split did happen (on any machine with two cores or more).
         let params = LambdaParams::new(case.g, case.l, case.d).unwrap();
-        let mut cache = LayerCache::new(LayerGeometry::full(params, 1, 16));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 1, 16));
         let rope = Rope::new(16, 10_000.0, RopeStyle::Neox);
         let mut rng = StdRng::seed_from_u64(5);
         let x = random(&mut rng, SPLIT_MIN_KEYS * 16);
@@ -1078,7 +1158,7 @@ mod tests {
         let v = random(&mut rng, t * kv * hd);
         let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
         let entropies = |chunk: usize| {
-            let mut cache = LayerCache::new(LayerGeometry::full(params, kv, hd));
+            let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd));
             cache.set_entropy(true);
             let mut all = Vec::new();
             for start in (0..t).step_by(chunk) {
@@ -1110,7 +1190,7 @@ mod tests {
     }
 
     /// Feeds `tokens` single-token passes of one constant head (`head_dim` 2) to `layers` layers.
-    fn feed_constant(cache: &mut LambdaCache, layers: usize, tokens: usize) {
+    fn feed_constant(cache: &mut HostCache, layers: usize, tokens: usize) {
         let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
         let x = [0.5f32, -0.5];
         for _ in 0..tokens {
@@ -1133,7 +1213,7 @@ mod tests {
     #[test]
     fn stats_split_attended_and_evicted() {
         let params = LambdaParams::new(2, 4, None).unwrap();
-        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2)]);
+        let mut cache = HostCache::new(params, vec![LayerGeometry::full(params, 1, 2)]);
         feed_constant(&mut cache, 1, 10);
         let s = cache.stats();
         // The 11th token sees tokens 7..=9 in its window (plus itself) and the 2 sinks.
@@ -1151,7 +1231,7 @@ mod tests {
     #[test]
     fn entropy_is_ln_of_the_visible_keys_under_uniform_attention() {
         let params = LambdaParams::new(1, 4, None).unwrap();
-        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
+        let mut cache = HostCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
         cache.set_entropy(true);
         let rope = Rope::new(2, 10_000.0, RopeStyle::Neox);
         let (q, kv) = (vec![0f32; 14], vec![0.25f32; 14]);
@@ -1186,7 +1266,7 @@ mod tests {
     #[test]
     fn probe_reports_the_attention_distribution() {
         let params = LambdaParams::new(1, 4, None).unwrap();
-        let mut cache = LambdaCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
+        let mut cache = HostCache::new(params, vec![LayerGeometry::full(params, 1, 2); 2]);
         cache.set_probe(true);
         feed_constant(&mut cache, 2, 6);
         // Token 5 saw the sink 0 (clamped) and the window 2..=5.
@@ -1200,7 +1280,7 @@ mod tests {
     #[test]
     fn rejects_bad_shapes() {
         let params = LambdaParams::new(0, 4, None).unwrap();
-        let mut cache = LayerCache::new(LayerGeometry::full(params, 2, 4));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 2, 4));
         let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
         let x = [0f32; 8];
         let input = AttentionInput {

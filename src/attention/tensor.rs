@@ -1,6 +1,6 @@
 //! The Λ cache in candle tensors, on whatever device the model runs: the path a GPU takes.
 //!
-//! [`LambdaCache`] is the CPU's: host memory, a ring written in place, a hand-written kernel.
+//! [`HostCache`] is the CPU's: host memory, a ring written in place, a hand-written kernel.
 //! This one keeps each layer's keys and values as device tensors and does the rule with tensor
 //! operations — rotation, two score blocks (the window at true distances, the global store at
 //! distance D), one softmax over both, one weighted sum — so nothing crosses to the host during a
@@ -8,7 +8,7 @@
 //! shared/ALGORITHM.md exactly, pinned tokens (the set P) included, and is tested against the
 //! oracle on the CPU device.
 //!
-//! Snapshots go through the host cache ([`DeviceCache::to_host`], [`DeviceCache::from_host`]):
+//! Snapshots go through the host cache ([`TensorCache::to_host`], [`TensorCache::from_host`]):
 //! one file format, and a conversation saved on a GPU resumes on a CPU.
 
 use std::collections::HashSet;
@@ -16,8 +16,8 @@ use std::ops::Range;
 
 use candle_core::{D, DType, Device, Tensor};
 
-use super::cache::{
-    CacheStats, LambdaCache, Occupancy, add_range, is_pinned, merge_shares, remove_range,
+use super::host::{
+    CacheStats, HostCache, Occupancy, add_range, is_pinned, merge_shares, remove_range,
 };
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, Rope, RopeStyle,
@@ -44,7 +44,7 @@ struct DeviceLayer {
 }
 
 #[derive(Clone)]
-pub struct DeviceCache {
+pub struct TensorCache {
     layers: Vec<DeviceLayer>,
     device: Device,
     params: LambdaParams,
@@ -90,7 +90,7 @@ struct Tables {
     window_mask: Option<Tensor>,
 }
 
-impl DeviceCache {
+impl TensorCache {
     pub fn new(params: LambdaParams, layers: Vec<LayerGeometry>, device: &Device) -> Self {
         Self {
             layers: layers
@@ -259,7 +259,7 @@ impl DeviceCache {
         }
     }
 
-    /// See [`LambdaCache::attention_shares`].
+    /// See [`HostCache::attention_shares`].
     pub fn attention_shares(&self) -> Vec<(u64, f32)> {
         merge_shares(
             self.layers.iter().map(|l| l.last_attention.as_slice()),
@@ -286,9 +286,9 @@ impl DeviceCache {
     }
 
     /// The same cache in host memory (for a snapshot, or to go on on a CPU).
-    pub fn to_host(&self) -> Result<LambdaCache> {
+    pub fn to_host(&self) -> Result<HostCache> {
         let geometries = self.layers.iter().map(|l| l.geometry).collect();
-        let mut cache = LambdaCache::new(self.params, geometries);
+        let mut cache = HostCache::new(self.params, geometries);
         cache.next_position = self.next_position;
         cache.pinned = self.pinned.clone();
         let rows = |t: &Option<Tensor>| -> Result<Vec<f32>> {
@@ -333,7 +333,7 @@ impl DeviceCache {
     }
 
     /// A host cache moved onto `device`.
-    pub fn from_host(cache: &LambdaCache, device: &Device) -> Result<Self> {
+    pub fn from_host(cache: &HostCache, device: &Device) -> Result<Self> {
         let geometries = cache.layers.iter().map(|l| l.geometry).collect();
         let mut out = Self::new(cache.params, geometries, device);
         out.next_position = cache.next_position;
@@ -642,7 +642,7 @@ fn lambda_step(
     Ok((out, next, probe))
 }
 
-impl AttentionCache for DeviceCache {
+impl AttentionCache for TensorCache {
     fn attend(&mut self, layer: usize, input: &AttentionInput<'_>) -> Result<Vec<f32>> {
         let geometry = self.geometry(layer)?;
         super::check_input(input, geometry.n_kv_heads, geometry.head_dim)?;
@@ -806,7 +806,7 @@ mod tests {
                             );
                             let geometry = LayerGeometry::full(params, kv, hd);
                             let mut cache =
-                                DeviceCache::new(params, vec![geometry], &test_device());
+                                TensorCache::new(params, vec![geometry], &test_device());
                             let mut got = Vec::new();
                             for start in (0..t).step_by(chunk) {
                                 let n = chunk.min(t - start);
