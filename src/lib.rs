@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod logging;
 pub mod model;
 pub mod progress;
+pub mod protocol;
 pub mod sampling;
 pub mod session;
 pub mod store;

@@ -19,6 +19,9 @@ use crate::chat::{Message, Role, TemplateError};
 use crate::engine::Engine;
 use crate::error::candle_msg;
 use crate::model::{Logits, ModelError};
+use crate::protocol::{
+    InspectView, MessageMap, Notice, StopReason, Timeline, TokenInfo, TokenState,
+};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 use crate::tokenizer::{TextStream, TokenizerError};
 
@@ -39,17 +42,6 @@ pub enum SessionError {
     Logits(String),
     #[error(transparent)]
     Attention(#[from] AttentionError),
-}
-
-/// Why a reply ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum StopReason {
-    /// The model ended its turn.
-    EndOfTurn,
-    /// `max_tokens` was reached.
-    Length,
-    /// The caller cancelled (Esc, Ctrl-C).
-    Cancelled,
 }
 
 /// What one turn did, for `--verbose` and the status bar.
@@ -82,19 +74,6 @@ pub enum TurnEvent<'a> {
     Text(&'a str),
     /// The cache after a prompt chunk or a generated token went through the model.
     Stats(CacheStats),
-}
-
-/// Whether a token is attended by the next query, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum TokenState {
-    /// One of the first `n_global` tokens (attention sinks), outside the window.
-    Global,
-    /// Pinned by the user, outside the window.
-    Pinned,
-    /// Inside the window of the last `n_local` tokens.
-    Window,
-    /// Left the Λ: nothing attends to it any more.
-    Evicted,
 }
 
 /// Everything about a conversation but the cache: what `save`/`restore` persist beside it.
@@ -276,11 +255,16 @@ impl Session {
         start as u64..end as u64
     }
 
-    /// Whether the next token attends to the token at `pos`, and why.
-    pub fn token_state(&self, pos: u64) -> TokenState {
+    /// First position inside the window of the next token.
+    pub fn window_start(&self) -> u64 {
+        self.cache.stats().window_start
+    }
+
+    /// Whether the next token (whose window starts at `window_start`) attends to the token at
+    /// `pos`, and why.
+    fn token_state(&self, pos: u64, window_start: u64) -> TokenState {
         let fed = self.cache.next_position();
         let sinks = self.cache.params().n_global as u64;
-        let window_start = (fed + 1).saturating_sub(self.cache.params().n_local as u64);
         if pos >= window_start || pos >= fed {
             TokenState::Window
         } else if !self.cache.holds(pos) {
@@ -292,14 +276,101 @@ impl Session {
         }
     }
 
-    /// Pins message `index`: its tokens stay attended (like sinks) until unpinned. Returns how
-    /// many of them were already evicted and cannot be brought back.
-    pub fn pin(&mut self, index: usize) -> u64 {
+    /// Where every message stands in the Λ: each one's token span and the state of its text,
+    /// byte range by byte range (for the visualizer and the dimming of evicted text).
+    pub fn timeline(&self) -> Timeline {
+        let stats = self.stats();
+        let params = self.params();
+        let window_start = stats.window_start;
+        let offsets = &self.state.offsets;
+        let messages = (0..self.state.messages.len())
+            .map(|i| {
+                let tokens = self.message_tokens(i);
+                let span = self.state.spans.get(i).cloned().unwrap_or(0..0);
+                let mut segments: Vec<(Range<usize>, TokenState)> = Vec::new();
+                let uniform = tokens.start >= params.n_global as u64
+                    && (tokens.start >= window_start || tokens.end <= window_start)
+                    && !self
+                        .pinned()
+                        .iter()
+                        .any(|p| p.start < tokens.end && tokens.start < p.end);
+                if tokens.is_empty() || uniform {
+                    let state = if tokens.is_empty() {
+                        TokenState::Window
+                    } else {
+                        self.token_state(tokens.start, window_start)
+                    };
+                    segments.push((0..span.len(), state));
+                } else {
+                    for pos in tokens.clone() {
+                        let state = self.token_state(pos, window_start);
+                        if segments.last().map(|(_, st)| *st) == Some(state) {
+                            continue;
+                        }
+                        let at = offsets[pos as usize]
+                            .saturating_sub(span.start)
+                            .min(span.len());
+                        let start = if segments.is_empty() { 0 } else { at };
+                        if let Some((r, _)) = segments.last_mut() {
+                            r.end = at;
+                        }
+                        segments.push((start..span.len(), state));
+                    }
+                }
+                MessageMap { tokens, segments }
+            })
+            .collect();
+        Timeline {
+            stats,
+            n_global: params.n_global as u64,
+            n_local: params.n_local as u64,
+            pinned: self.pinned().to_vec(),
+            messages,
+        }
+    }
+
+    /// Message `index` token by token: id, text, state and the share of attention the last
+    /// decoded token gave it (needs [`Self::set_probe`]).
+    pub fn inspect(&self, index: usize) -> InspectView {
+        let shares = self.attention_shares();
+        let share_of = |pos: u64| {
+            shares
+                .binary_search_by_key(&pos, |(p, _)| *p)
+                .map_or(0.0, |i| shares[i].1)
+        };
+        let window_start = self.window_start();
+        let ids = &self.state.tokens;
+        let tokens = self
+            .message_tokens(index)
+            .filter_map(|pos| {
+                let id = *ids.get(pos as usize)?;
+                let text = self.engine.tokenizer.decode(&[id]).unwrap_or_default();
+                Some(TokenInfo {
+                    position: pos,
+                    id,
+                    text,
+                    state: self.token_state(pos, window_start),
+                    share: share_of(pos),
+                })
+            })
+            .collect();
+        InspectView {
+            message: index,
+            tokens,
+        }
+    }
+
+    /// Pins message `index`: its tokens stay attended (like sinks) until unpinned. Says how
+    /// many it has, and how many of them were already evicted and cannot be brought back.
+    pub fn pin(&mut self, index: usize) -> Notice {
         let range = self.message_tokens(index);
         if range.is_empty() {
-            return 0;
+            return Notice::NothingToPin;
         }
-        self.cache.pin(range)
+        Notice::Pinned {
+            tokens: range.end - range.start,
+            lost: self.cache.pin(range),
+        }
     }
 
     pub fn unpin(&mut self, index: usize) -> Result<(), SessionError> {

@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::attention::LambdaParams;
 use crate::chat::Role;
+use crate::protocol::SessionSummary;
 use crate::session::SessionState;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,17 +24,6 @@ pub enum StoreError {
     NoSuchSession(i64),
     #[error("session {0} is damaged: {1}")]
     Damaged(i64, String),
-}
-
-/// One line of the session list.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SessionSummary {
-    pub id: i64,
-    pub title: String,
-    pub model: String,
-    pub messages: usize,
-    /// Seconds since the Unix epoch.
-    pub updated: i64,
 }
 
 /// A session as loaded from disk.

@@ -1,12 +1,12 @@
 //! The generation worker: one OS thread that owns the model, the conversation (with its Λ cache)
-//! and the session database. The UI talks to it only through [`Command`]s and [`Event`]s, plain
-//! data with no tensors, so the UI never blocks on the model and the worker never touches the
-//! terminal.
+//! and the session database. The UI talks to it only through the protocol's [`Command`]s and
+//! [`Event`]s (`crate::protocol`), plain data with no tensors, so the UI never blocks on the
+//! model and the worker never touches the terminal. The worker relays: what the Λ holds is the
+//! session's to say, how it is shown the UI's.
 //!
 //! Stopping a reply does not go through the command queue (which is busy while generating): the
 //! UI sets the shared cancel flag, which the session checks between tokens and prefill chunks.
 
-use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,161 +15,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use tokio::sync::mpsc::UnboundedSender;
 
-use crate::attention::{CacheStats, LambdaParams};
-use crate::chat::Message;
+use crate::attention::LambdaParams;
 use crate::engine::Engine;
 use crate::progress::{Progress, download_line};
+use crate::protocol::{Backend, Command, Event, EventSender, Notice, Role, Settings};
 use crate::sampling::SamplingParams;
-use crate::session::{Session, SessionState, StopReason, TokenState, TurnEvent, TurnReport};
-use crate::store::{SessionSummary, Store, title_from, to_markdown};
+use crate::session::{Session, SessionState, TurnEvent, TurnReport};
+use crate::store::{Store, title_from, to_markdown};
 
 /// Prompt tokens per forward while chatting: small enough that Esc stops a long paste's
 /// prefill quickly, large enough to keep the matrix products efficient.
 const INTERACTIVE_PREFILL_CHUNK: usize = 32;
 /// Least time between two stats events while generating.
 const STATS_EVERY: Duration = Duration::from_millis(250);
-
-/// What the UI asks of the worker.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    /// A user message: prefill it and stream a reply.
-    Send(String),
-    /// Replace the last reply with a new one.
-    Regenerate,
-    SetSampling(SamplingParams),
-    /// New Λ parameters: the cache is rebuilt and the history fed again.
-    SetLambda(LambdaParams),
-    SetMaxTokens(usize),
-    /// Replace the system prompt (applies to what is fed from now on).
-    SetSystem(String),
-    Pin(usize),
-    Unpin(usize),
-    /// Token-by-token view of a message.
-    Inspect(usize),
-    /// Save the session with its KV snapshot now.
-    Save,
-    /// Write the conversation as Markdown to a file.
-    Export(PathBuf),
-    NewSession,
-    OpenSession(i64),
-    ListSessions,
-    RenameSession(i64, String),
-    DeleteSession(i64),
-    /// Save and stop.
-    Shutdown,
-}
-
-/// The state of one message's characters, for dimming evicted text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MessageMap {
-    /// Token positions of the message's content.
-    pub tokens: Range<u64>,
-    /// Byte ranges of the content and the state of their tokens, in order.
-    pub segments: Vec<(Range<usize>, TokenState)>,
-}
-
-/// What the next query attends to, over the whole conversation.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Timeline {
-    pub stats: CacheStats,
-    pub n_global: u64,
-    pub n_local: u64,
-    /// First position inside the window of the next query.
-    pub window_start: u64,
-    pub pinned: Vec<Range<u64>>,
-    /// One entry per message, in order.
-    pub messages: Vec<MessageMap>,
-}
-
-/// One token in the inspect view.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenInfo {
-    pub position: u64,
-    pub id: u32,
-    pub text: String,
-    pub state: TokenState,
-    /// Share of attention the last generated token gave it (mean over heads and layers).
-    pub share: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct InspectView {
-    pub message: usize,
-    pub tokens: Vec<TokenInfo>,
-}
-
-/// Settings the UI shows and edits.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub params: LambdaParams,
-    pub sampling: SamplingParams,
-    pub max_tokens: usize,
-}
-
-/// What the worker tells the UI.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// Loading or fetching the model.
-    Loading(String),
-    /// The model is loaded; a conversation is open.
-    Ready {
-        model: String,
-        settings: Settings,
-    },
-    /// The model could not be loaded: the reason and what to do.
-    LoadFailed {
-        reason: String,
-        hint: String,
-    },
-    /// A conversation was opened (new or resumed): its messages and title.
-    Opened {
-        id: Option<i64>,
-        title: String,
-        messages: Vec<Message>,
-    },
-    /// The open conversation got its database id and title (with its first message).
-    Titled {
-        id: i64,
-        title: String,
-    },
-    Prefill {
-        done: usize,
-        total: usize,
-    },
-    Text(String),
-    /// Counters while generating.
-    Progress {
-        generated: usize,
-        tok_s: f64,
-        stats: CacheStats,
-    },
-    /// The reply ended.
-    Finished {
-        stop: StopReason,
-        prompt_tokens: usize,
-        generated: usize,
-        tok_s: f64,
-        /// Whether an assistant message was added (not when stopped during the prompt).
-        replied: bool,
-    },
-    /// The history of a resumed conversation (or one with new Λ parameters) was fed again.
-    HistoryRead {
-        tokens: usize,
-    },
-    /// The regenerated reply starts: the UI drops the last assistant message.
-    Regenerating,
-    Timeline(Timeline),
-    Inspect(InspectView),
-    Sessions(Vec<SessionSummary>),
-    Settings(Settings),
-    /// A short message for the status line.
-    Notice(String),
-    Error(String),
-    /// The worker has stopped (after `Shutdown`, everything saved).
-    Stopped,
-}
 
 /// Fetches (reporting progress) and loads the model, on the worker thread.
 pub type LoadModel =
@@ -194,21 +53,22 @@ pub struct WorkerHandle {
     pub thread: JoinHandle<()>,
 }
 
-impl WorkerHandle {
-    pub fn send(&self, command: Command) {
+impl Backend for WorkerHandle {
+    fn send(&self, command: Command) {
         // A worker that has stopped already reported why.
         let _ = self.commands.send(command);
     }
+
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
 }
 
-/// Name of the worker thread (the UI's panic hook tells its panics apart by it).
-pub const THREAD_NAME: &str = "lambdachat-worker";
+/// Name of the worker thread (in the log, and in a debugger's thread list).
+const THREAD_NAME: &str = "lambdachat-worker";
 
 /// Starts the worker thread.
-pub fn spawn(
-    options: WorkerOptions,
-    events: UnboundedSender<Event>,
-) -> std::io::Result<WorkerHandle> {
+pub fn spawn(options: WorkerOptions, events: EventSender) -> std::io::Result<WorkerHandle> {
     let (commands, inbox) = channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -239,7 +99,7 @@ pub fn spawn(
     })
 }
 
-struct Emitter(UnboundedSender<Event>);
+struct Emitter(EventSender);
 
 impl Emitter {
     fn send(&self, e: Event) {
@@ -344,7 +204,7 @@ fn run(
             match id {
                 Some(id) => w.open(id),
                 None => {
-                    emit.send(Event::Notice("no saved session to resume".into()));
+                    emit.send(Event::Notice(Notice::NoSessionToResume));
                     w.opened();
                 }
             }
@@ -371,8 +231,7 @@ impl Worker<'_> {
                     self.emit.send(Event::Regenerating);
                     self.reply(None);
                 } else {
-                    self.emit
-                        .send(Event::Notice("nothing to regenerate yet".into()));
+                    self.emit.send(Event::Notice(Notice::NothingToRegenerate));
                 }
             }
             Command::SetSampling(p) => match self.session.set_sampling(p.clone()) {
@@ -389,41 +248,21 @@ impl Worker<'_> {
             Command::SetLambda(p) => self.set_lambda(p),
             Command::SetSystem(text) => {
                 self.system = Some(text.clone());
-                if self.session.set_system(text) {
-                    self.emit.send(Event::Notice(
-                        "system prompt set for this conversation".into(),
-                    ));
+                let this_conversation = self.session.set_system(text);
+                self.emit
+                    .send(Event::Notice(Notice::SystemPromptSet { this_conversation }));
+                if this_conversation {
                     self.opened();
-                } else {
-                    self.emit.send(Event::Notice(
-                        "system prompt set for new conversations (/new); this one has read its \
-                         own already"
-                            .into(),
-                    ));
                 }
             }
             Command::Pin(i) => {
-                let lost = self.session.pin(i);
-                let range = self.session.message_tokens(i);
-                let note = if range.is_empty() {
-                    "that message has no tokens yet".to_string()
-                } else if lost > 0 {
-                    format!(
-                        "pinned {} tokens; {lost} had already been evicted and cannot come back",
-                        range.end - range.start - lost
-                    )
-                } else {
-                    format!(
-                        "pinned {} tokens: they stay attended",
-                        range.end - range.start
-                    )
-                };
-                self.emit.send(Event::Notice(note));
+                let notice = self.session.pin(i);
+                self.emit.send(Event::Notice(notice));
                 self.timeline();
             }
             Command::Unpin(i) => {
                 match self.session.unpin(i) {
-                    Ok(()) => self.emit.send(Event::Notice("unpinned".into())),
+                    Ok(()) => self.emit.send(Event::Notice(Notice::Unpinned)),
                     Err(e) => self.emit.send(Event::Error(format!("cannot unpin: {e}"))),
                 }
                 self.timeline();
@@ -433,9 +272,7 @@ impl Worker<'_> {
             Command::Export(path) => {
                 let md = to_markdown(&self.title, self.session.messages());
                 match std::fs::write(&path, md) {
-                    Ok(()) => self
-                        .emit
-                        .send(Event::Notice(format!("exported to {}", path.display()))),
+                    Ok(()) => self.emit.send(Event::Notice(Notice::Exported(path))),
                     Err(e) => self.emit.send(Event::Error(format!(
                         "cannot write {}: {e}",
                         path.display()
@@ -572,7 +409,7 @@ impl Worker<'_> {
             .session
             .messages()
             .last()
-            .is_some_and(|m| m.role == crate::chat::Role::Assistant);
+            .is_some_and(|m| m.role == Role::Assistant);
         match result {
             Ok(Some(r)) => emit.send(Event::Finished {
                 stop: r.stop,
@@ -613,10 +450,10 @@ impl Worker<'_> {
                 self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
                 self.settings.params = params;
                 self.emit.send(Event::Settings(self.settings.clone()));
-                self.emit.send(Event::Notice(format!(
-                    "Λ = {} sinks + {}-token window; feeding the history again…",
-                    params.n_global, params.n_local
-                )));
+                self.emit.send(Event::Notice(Notice::LambdaChanged {
+                    n_global: params.n_global,
+                    n_local: params.n_local,
+                }));
                 self.catch_up();
             }
             Err(e) => self.emit.send(Event::Error(e.to_string())),
@@ -671,21 +508,16 @@ impl Worker<'_> {
                 self.title = stored.summary.title;
                 self.emit.send(Event::Settings(self.settings.clone()));
                 self.opened();
-                match (exact, problem) {
-                    (true, None) => self.emit.send(Event::Notice(format!(
-                        "resumed \"{}\" from its KV snapshot",
-                        self.title
-                    ))),
-                    (_, problem) => {
-                        if let Some(p) = problem {
-                            tracing::warn!("snapshot not used: {p}");
-                        }
-                        self.emit.send(Event::Notice(format!(
-                            "resumed \"{}\"; feeding its history again (no current snapshot)",
-                            self.title
-                        )));
-                        self.catch_up();
-                    }
+                if let Some(p) = &problem {
+                    tracing::warn!("snapshot not used: {p}");
+                }
+                let from_snapshot = exact && problem.is_none();
+                self.emit.send(Event::Notice(Notice::Resumed {
+                    title: self.title.clone(),
+                    from_snapshot,
+                }));
+                if !from_snapshot {
+                    self.catch_up();
                 }
             }
             Err(e) => self.emit.send(Event::Error(e.to_string())),
@@ -731,84 +563,10 @@ impl Worker<'_> {
 
     /// Sends where every message stands in the Λ.
     fn timeline(&mut self) {
-        let s = &self.session;
-        let stats = s.stats();
-        let params = s.params();
-        let window_start = (stats.tokens_seen + 1).saturating_sub(params.n_local as u64);
-        let offsets = &s.state().offsets;
-        let messages = (0..s.messages().len())
-            .map(|i| {
-                let tokens = s.message_tokens(i);
-                let span = s.state().spans.get(i).cloned().unwrap_or(0..0);
-                let mut segments: Vec<(Range<usize>, TokenState)> = Vec::new();
-                let uniform = tokens.start >= params.n_global as u64
-                    && (tokens.start >= window_start || tokens.end <= window_start)
-                    && !s
-                        .pinned()
-                        .iter()
-                        .any(|p| p.start < tokens.end && tokens.start < p.end);
-                if tokens.is_empty() || uniform {
-                    let state = if tokens.is_empty() {
-                        TokenState::Window
-                    } else {
-                        s.token_state(tokens.start)
-                    };
-                    segments.push((0..span.len(), state));
-                } else {
-                    for pos in tokens.clone() {
-                        let state = s.token_state(pos);
-                        if segments.last().map(|(_, st)| *st) == Some(state) {
-                            continue;
-                        }
-                        let at = offsets[pos as usize]
-                            .saturating_sub(span.start)
-                            .min(span.len());
-                        let start = if segments.is_empty() { 0 } else { at };
-                        if let Some((r, _)) = segments.last_mut() {
-                            r.end = at;
-                        }
-                        segments.push((start..span.len(), state));
-                    }
-                }
-                MessageMap { tokens, segments }
-            })
-            .collect();
-        self.emit.send(Event::Timeline(Timeline {
-            stats,
-            n_global: params.n_global as u64,
-            n_local: params.n_local as u64,
-            window_start,
-            pinned: s.pinned().to_vec(),
-            messages,
-        }));
+        self.emit.send(Event::Timeline(self.session.timeline()));
     }
 
     fn inspect(&mut self, index: usize) {
-        let s = &self.session;
-        let tokens = s.message_tokens(index);
-        let shares = s.attention_shares();
-        let share_of = |pos: u64| {
-            shares
-                .binary_search_by_key(&pos, |(p, _)| *p)
-                .map_or(0.0, |i| shares[i].1)
-        };
-        let ids = &s.state().tokens;
-        let view = tokens
-            .filter_map(|pos| {
-                let id = *ids.get(pos as usize)?;
-                let text = self.engine.tokenizer.decode(&[id]).unwrap_or_default();
-                Some(TokenInfo {
-                    position: pos,
-                    id,
-                    text,
-                    state: s.token_state(pos),
-                    share: share_of(pos),
-                })
-            })
-            .collect();
-        self.emit.send(Event::Inspect(InspectView {
-            message: index,
-            tokens: view,
-        }));
+        self.emit.send(Event::Inspect(self.session.inspect(index)));
     }
 }

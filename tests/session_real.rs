@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::Device;
 use common::engine;
 use lambdachat::attention::LambdaParams;
+use lambdachat::protocol::{Notice, StopReason, TokenState};
 use lambdachat::sampling::SamplingParams;
-use lambdachat::session::{Session, StopReason, TokenState, TurnEvent};
+use lambdachat::session::{Session, TurnEvent};
 use lambdachat::store::Store;
 
 fn greedy(params: LambdaParams) -> Session {
@@ -190,28 +191,23 @@ fn message_tokens_and_pins() {
     assert_eq!(text, "Remember the code word: PINEAPPLE.");
     assert_eq!(
         s.pin(0),
-        0,
+        Notice::Pinned {
+            tokens: code_word.end - code_word.start,
+            lost: 0
+        },
         "pinned while still in the window: nothing lost"
     );
     turn(&mut s, "Now count from one to twenty.");
     turn(&mut s, "Go on.");
     assert!(s.stats().evicted > 0);
-    assert!(
-        code_word
-            .clone()
-            .all(|p| s.token_state(p) == TokenState::Pinned)
-    );
-    let reply = s.message_tokens(1);
-    assert!(
-        reply
-            .clone()
-            .any(|p| s.token_state(p) == TokenState::Evicted)
-    );
+    // The token states the inspect view shows, message by message.
+    let states = |s: &Session, i: usize| -> Vec<TokenState> {
+        s.inspect(i).tokens.iter().map(|t| t.state).collect()
+    };
+    assert_eq!(states(&s, 0).len() as u64, code_word.end - code_word.start);
+    assert!(states(&s, 0).iter().all(|t| *t == TokenState::Pinned));
+    assert!(states(&s, 1).contains(&TokenState::Evicted));
     assert!(s.stats().pinned >= code_word.end - code_word.start);
     s.unpin(0).unwrap();
-    assert!(
-        code_word
-            .clone()
-            .all(|p| s.token_state(p) == TokenState::Evicted)
-    );
+    assert!(states(&s, 0).iter().all(|t| *t == TokenState::Evicted));
 }

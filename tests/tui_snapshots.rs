@@ -3,15 +3,14 @@
 //! keys through `App::update`.
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use lambdachat::attention::{CacheStats, LambdaParams};
-use lambdachat::chat::{Message, Role};
-use lambdachat::sampling::SamplingParams;
-use lambdachat::session::{StopReason, TokenState};
+use lambdachat::protocol::{
+    CacheStats, Event, InspectView, LambdaParams, Message, MessageMap, Role, SamplingParams,
+    Settings, StopReason, Timeline, TokenInfo, TokenState,
+};
 use lambdachat::tui::app::{App, Msg};
 use lambdachat::tui::keymap::Keymap;
 use lambdachat::tui::theme::Theme;
 use lambdachat::tui::view;
-use lambdachat::worker::{Event, InspectView, MessageMap, Settings, Timeline, TokenInfo};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::style::Modifier;
@@ -80,6 +79,7 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
     Timeline {
         stats: CacheStats {
             tokens_seen: tokens,
+            window_start,
             attended_global: sinks + pinned_count,
             attended_window: tokens - window_start,
             pinned: pinned_count,
@@ -90,7 +90,6 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
         },
         n_global: g,
         n_local: l,
-        window_start,
         pinned,
         messages,
     }
@@ -255,7 +254,7 @@ fn a_stopped_reply_is_kept() {
 
 #[test]
 fn session_list() {
-    use lambdachat::store::SessionSummary;
+    use lambdachat::protocol::SessionSummary;
     let mut app = app((90, 24));
     app.visualizer = false;
     let now = std::time::SystemTime::now()

@@ -11,6 +11,7 @@
 
 use gemm::{Parallelism, gemm};
 
+use super::window_start;
 use crate::kernels::fast_exp;
 
 /// Keys scored per step: `rows × KEY_BLOCK` scores stay in the L2 cache.
@@ -31,7 +32,7 @@ impl Visible {
     /// The inclusive range of visible positions for a query at `i` (`None`: nothing).
     fn bounds(self, i: u64) -> Option<(u64, u64)> {
         match self {
-            Visible::Window(w) => Some(((i + 1).saturating_sub(w), i)),
+            Visible::Window(w) => Some((window_start(i, w), i)),
             Visible::OutsideWindow(w) => i.checked_sub(w).map(|hi| (0, hi)),
         }
     }

@@ -35,6 +35,7 @@ struct BlockTaskScratch {
 }
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, check_input,
+    window_start,
 };
 
 /// One layer's bounded store.
@@ -71,6 +72,8 @@ pub struct HostLayerCache {
 pub struct CacheStats {
     /// Tokens fed so far.
     pub tokens_seen: u64,
+    /// First position inside the window of the next query (in the first full layer).
+    pub window_start: u64,
     /// Sinks attended by the next token (in the first full layer).
     pub attended_global: u64,
     /// Window tokens attended by the next token (in the first full layer).
@@ -572,7 +575,7 @@ impl HostLayerCache {
                 &c.keys,
                 input.v,
                 &chunk_positions,
-                (t0 + 1).saturating_sub(window as usize)..t1,
+                window_start(t0 as u64, window) as usize..t1,
                 &scratch.q_loc,
                 Visible::Window(window),
             ));
@@ -762,11 +765,10 @@ impl CacheStats {
     /// layer.
     pub(super) fn measure(o: Occupancy<'_>) -> Self {
         let seen = o.seen;
-        let (global, pinned, window) = match o.reference {
+        let (global, pinned, first_local) = match o.reference {
             Some((geometry, global_pos)) => {
-                let w = geometry.window as u64;
-                // The next query (position `seen`) sees `seen - j < w` locally.
-                let first_local = (seen + 1).saturating_sub(w);
+                // The next query is the token at position `seen`.
+                let first_local = window_start(seen, geometry.window as u64);
                 let outside = |p: &&u64| **p < first_local;
                 let global = global_pos.iter().filter(outside).count() as u64;
                 let sinks = geometry.n_global as u64;
@@ -775,12 +777,14 @@ impl CacheStats {
                     .filter(outside)
                     .filter(|p| **p >= sinks)
                     .count() as u64;
-                (global, pinned, seen - first_local)
+                (global, pinned, first_local)
             }
-            None => (0, 0, 0),
+            None => (0, 0, seen),
         };
+        let window = seen - first_local;
         CacheStats {
             tokens_seen: seen,
+            window_start: first_local,
             attended_global: global,
             attended_window: window,
             pinned,

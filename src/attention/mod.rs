@@ -77,6 +77,14 @@ impl LambdaParams {
     }
 }
 
+/// The first key position the query at `query` sees at its true distance under a window of
+/// `window` tokens (itself included): keys `j` with `query − j < window`. The one place the
+/// window's start is computed, for the cache's counters, the session's token states and the
+/// visualizer's rows.
+pub fn window_start(query: u64, window: u64) -> u64 {
+    (query + 1).saturating_sub(window)
+}
+
 /// What the cache needs to know about one layer's attention geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerGeometry {

@@ -10,7 +10,8 @@ use clap::Args;
 
 use super::RunArgs;
 use crate::config::Config;
-use crate::session::{Session, StopReason, TurnEvent};
+use crate::protocol::StopReason;
+use crate::session::{Session, TurnEvent};
 
 #[derive(Args)]
 pub struct AskArgs {

@@ -19,11 +19,12 @@ use tokio::sync::mpsc::unbounded_channel;
 use super::RunArgs;
 use crate::chat::{Message, Role};
 use crate::config::Config;
+use crate::protocol::{Backend, Command, Event, Settings};
 use crate::tui::app::{App, Msg};
 use crate::tui::keymap::Keymap;
 use crate::tui::theme::Theme;
 use crate::tui::view;
-use crate::worker::{self, Command, Event, WorkerOptions};
+use crate::worker::{self, WorkerOptions};
 
 #[derive(Args)]
 pub struct UiArgs {
@@ -114,7 +115,7 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
     let mut app = App::new(Keymap::default(), Theme::default(), (cols, rows));
     app.update(Msg::Worker(Event::Ready {
         model: "bench".into(),
-        settings: worker::Settings {
+        settings: Settings {
             params: settings.lambda,
             sampling: settings.sampling.clone(),
             max_tokens: args.generate.max(1),
@@ -138,11 +139,11 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
     );
     let mut steady = Vec::new();
     for _ in 0..args.frames {
-        // A changed status line forces a real diff each frame.
-        app.update(Msg::Worker(Event::Notice(format!(
-            "frame {}",
-            steady.len()
-        ))));
+        // A changed title forces a real diff each frame.
+        app.update(Msg::Worker(Event::Titled {
+            id: 1,
+            title: format!("frame {}", steady.len()),
+        }));
         steady.push(frame(&mut term, &app)?);
     }
     print("following the bottom", steady);
@@ -242,9 +243,7 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
             esc_at = Some(Instant::now());
             let effects = app.update(Msg::Key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE)));
             if effects.contains(&crate::tui::app::Effect::Cancel) {
-                handle
-                    .cancel
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                handle.cancel();
             }
         }
         if Instant::now() >= next_key {

@@ -82,7 +82,11 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
         store,
         resume,
     };
-    crate::tui::run(app, options)?;
+    let start: crate::protocol::Start = Box::new(move |events| {
+        let worker = crate::worker::spawn(options, events)?;
+        Ok(Box::new(worker) as Box<dyn crate::protocol::Backend>)
+    });
+    crate::tui::run(app, start)?;
     Ok(0)
 }
 

@@ -10,10 +10,9 @@ use super::conversation::Conversation;
 use super::input::Editor;
 use super::keymap::{Action, Key, Keymap};
 use super::theme::Theme;
-use crate::chat::Role;
-use crate::session::StopReason;
-use crate::store::SessionSummary;
-use crate::worker::{Command, Event, InspectView, Settings, Timeline};
+use crate::protocol::{
+    Command, Event, InspectView, Role, SessionSummary, Settings, StopReason, Timeline,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Msg {
@@ -56,10 +55,13 @@ pub struct Generation {
     pub streaming: bool,
 }
 
+/// The status line's message.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Notice {
+pub struct StatusNote {
     pub text: String,
     pub error: bool,
+    /// "stopping…": cleared when the reply ends.
+    pub stopping: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -96,7 +98,7 @@ pub struct App {
     pub visualizer: bool,
     pub inspect: Option<Inspect>,
     pub overlay: Option<Overlay>,
-    pub notice: Option<Notice>,
+    pub notice: Option<StatusNote>,
     pub session_id: Option<i64>,
     pub title: String,
     /// Decode speed of the last reply.
@@ -138,16 +140,18 @@ impl App {
     }
 
     fn note(&mut self, text: impl Into<String>) {
-        self.notice = Some(Notice {
+        self.notice = Some(StatusNote {
             text: text.into(),
             error: false,
+            stopping: false,
         });
     }
 
     fn error(&mut self, text: impl Into<String>) {
-        self.notice = Some(Notice {
+        self.notice = Some(StatusNote {
             text: text.into(),
             error: true,
+            stopping: false,
         });
     }
 
@@ -237,6 +241,9 @@ impl App {
             Action::Stop => {
                 if self.generation.is_some() {
                     self.note("stopping…");
+                    if let Some(n) = &mut self.notice {
+                        n.stopping = true;
+                    }
                     return vec![Effect::Cancel];
                 }
                 self.notice = None;
@@ -627,8 +634,6 @@ impl App {
                     g.tok_s = tok_s;
                 }
                 self.timeline.stats = stats;
-                self.timeline.window_start =
-                    (stats.tokens_seen + 1).saturating_sub(self.timeline.n_local);
             }
             Event::Finished {
                 stop,
@@ -655,7 +660,7 @@ impl App {
                         "the reply reached max_tokens ({generated}); /set max_tokens N allows longer ones"
                     )),
                     StopReason::EndOfTurn => {
-                        if self.notice.as_ref().is_some_and(|n| n.text == "stopping…") {
+                        if self.notice.as_ref().is_some_and(|n| n.stopping) {
                             self.notice = None;
                         }
                     }
@@ -719,7 +724,7 @@ impl App {
                 }
             },
             Event::Settings(s) => self.settings = Some(s),
-            Event::Notice(n) => self.note(n),
+            Event::Notice(n) => self.note(super::words::notice(&n)),
             Event::Error(e) => {
                 self.error(e);
                 self.generation = None;
@@ -758,10 +763,9 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{CacheStats, LambdaParams};
-    use crate::sampling::SamplingParams;
-    use crate::session::TokenState;
-    use crate::worker::{MessageMap, TokenInfo};
+    use crate::protocol::{
+        CacheStats, LambdaParams, MessageMap, SamplingParams, TokenInfo, TokenState,
+    };
 
     fn settings() -> Settings {
         Settings {
@@ -943,10 +947,12 @@ mod tests {
             segments: vec![(0..3, state)],
         };
         app.update(Msg::Worker(Event::Timeline(Timeline {
-            stats: CacheStats::default(),
+            stats: CacheStats {
+                window_start: 100,
+                ..CacheStats::default()
+            },
             n_global: 4,
             n_local: 64,
-            window_start: 100,
             pinned: vec![std::ops::Range { start: 10, end: 12 }],
             messages: vec![
                 map(10..12, TokenState::Pinned),

@@ -1,9 +1,7 @@
 //! Slash commands: the table (help and completion are generated from it) and the parser. Parsing
 //! is pure: a typed line becomes a [`SlashCommand`] or an error message for the status line.
 
-use crate::attention::LambdaParams;
-use crate::sampling::SamplingParams;
-use crate::worker::Settings;
+use crate::protocol::{LambdaParams, SamplingParams, Settings};
 
 /// `(name, arguments, description)`, in the order help shows them.
 pub const COMMANDS: &[(&str, &str, &str)] = &[

@@ -13,8 +13,7 @@ use ratatui::text::{Line, Span};
 use super::markdown::{self, code_blocks};
 use super::theme::Theme;
 use super::wrap::{StyledLine, wrap};
-use crate::chat::Role;
-use crate::session::TokenState;
+use crate::protocol::{Role, TokenState};
 
 /// Rows of a message drawn at a width, for a version of it.
 type CachedRows = (u16, u64, Rc<Vec<Line<'static>>>);

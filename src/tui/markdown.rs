@@ -15,7 +15,7 @@ use ratatui::text::Span;
 use super::highlight::{Class, Highlighter};
 use super::theme::Theme;
 use super::wrap::{StyledLine, str_width};
-use crate::session::TokenState;
+use crate::protocol::TokenState;
 
 /// A message rendered to logical lines, and its code blocks (for `/copy`).
 #[derive(Debug, Clone, Default, PartialEq)]

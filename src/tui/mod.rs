@@ -15,6 +15,7 @@ pub mod keymap;
 pub mod markdown;
 pub mod theme;
 pub mod view;
+pub mod words;
 pub mod wrap;
 
 use std::io::{Write, stdout};
@@ -35,7 +36,7 @@ use ratatui::Terminal;
 use ratatui::backend::CrosstermBackend;
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::worker::{self, WorkerOptions};
+use crate::protocol::Start;
 use app::{App, Effect, Msg};
 
 /// Shortest time between two frames (about 60 per second).
@@ -65,14 +66,17 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Runs the chat until the user quits. The worker loads the model while the UI is already up.
-pub fn run(app: App, options: WorkerOptions) -> Result<()> {
-    // A panic in the UI restores the terminal before it is printed. A panic in the worker goes
-    // to the log only: the worker reports it as an error and the UI stays usable.
+/// Runs the chat until the user quits. The engine (`start`) loads the model while the UI is
+/// already up.
+pub fn run(app: App, start: Start) -> Result<()> {
+    // A panic on this (the UI) thread restores the terminal before it is printed. A panic on any
+    // other thread (the engine's, or a compute pool's) goes to the log only: the engine reports
+    // it as an error and the UI stays usable.
+    let ui_thread = std::thread::current().id();
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if std::thread::current().name() == Some(crate::worker::THREAD_NAME) {
-            tracing::error!("worker panicked: {info}");
+        if std::thread::current().id() != ui_thread {
+            tracing::error!("panic off the UI thread: {info}");
             return;
         }
         restore_terminal();
@@ -95,16 +99,16 @@ pub fn run(app: App, options: WorkerOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    runtime.block_on(event_loop(&mut terminal, app, options))
+    runtime.block_on(event_loop(&mut terminal, app, start))
 }
 
 async fn event_loop(
     terminal: &mut Terminal<CrosstermBackend<std::io::Stdout>>,
     mut app: App,
-    options: WorkerOptions,
+    start: Start,
 ) -> Result<()> {
     let (events_tx, mut events) = unbounded_channel();
-    let worker = worker::spawn(options, events_tx).context("starting the generation worker")?;
+    let engine = start(events_tx).context("starting the generation worker")?;
     let mut input = EventStream::new();
     let mut terminate = signal_stream()?;
     let mut dirty = true;
@@ -149,10 +153,8 @@ async fn event_loop(
             urgent |= !matches!(msg, Msg::Worker(_));
             for effect in app.update(msg) {
                 match effect {
-                    Effect::Worker(c) => worker.send(c),
-                    Effect::Cancel => worker
-                        .cancel
-                        .store(true, std::sync::atomic::Ordering::Relaxed),
+                    Effect::Worker(c) => engine.send(c),
+                    Effect::Cancel => engine.cancel(),
                     Effect::Copy(text) => {
                         let _ = execute!(stdout(), CopyToClipboard::to_clipboard_from(text));
                     }

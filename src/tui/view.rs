@@ -11,9 +11,8 @@ use super::app::{App, Generation, Overlay, Phase};
 use super::commands::{COMMANDS, complete};
 use super::keymap::{INSPECT_KEYS, SESSION_KEYS};
 use super::wrap::str_width;
-use crate::chat::Role;
 use crate::progress::thousands;
-use crate::session::TokenState;
+use crate::protocol::{Role, TokenState};
 
 /// Smallest terminal the layout fits in.
 pub const MIN_SIZE: (u16, u16) = (40, 12);

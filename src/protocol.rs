@@ -1,0 +1,240 @@
+//! The seam between the chat's front end and the engine behind it: the [`Command`]s a front end
+//! sends, the [`Event`]s it receives, and everything they carry, as plain data (no tensors, no
+//! handles, no English the engine wrote for a particular screen).
+//!
+//! The TUI imports this module and the config, never the session, store, engine, attention or
+//! model: the few plain types of those it shows (Λ parameters, cache counters, sampling
+//! settings, messages) are re-exported here as part of the protocol's vocabulary. The local
+//! worker (`crate::worker`) is one side of it; a remote backend is another.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+pub use crate::attention::{CacheStats, LambdaParams, window_start};
+pub use crate::chat::{Message, Role};
+pub use crate::sampling::SamplingParams;
+
+/// A running engine as a front end drives it. Commands are carried out in order; a stop request
+/// overtakes them (the queue is busy while a reply streams). Events come back on the channel
+/// the front end handed over when it started the engine ([`Start`]).
+pub trait Backend {
+    fn send(&self, command: Command);
+    /// Stops the reply or prefill in progress at once (what was written stays).
+    fn cancel(&self);
+}
+
+/// Starts an engine that reports on the given channel.
+pub type Start = Box<dyn FnOnce(EventSender) -> std::io::Result<Box<dyn Backend>>>;
+
+/// Where an engine sends its events.
+pub type EventSender = tokio::sync::mpsc::UnboundedSender<Event>;
+
+/// What the front end asks of the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// A user message: prefill it and stream a reply.
+    Send(String),
+    /// Replace the last reply with a new one.
+    Regenerate,
+    SetSampling(SamplingParams),
+    /// New Λ parameters: the cache is rebuilt and the history fed again.
+    SetLambda(LambdaParams),
+    SetMaxTokens(usize),
+    /// Replace the system prompt (applies to what is fed from now on).
+    SetSystem(String),
+    /// Pin message `i` (0-based): its tokens stay attended.
+    Pin(usize),
+    Unpin(usize),
+    /// Token-by-token view of message `i`.
+    Inspect(usize),
+    /// Save the session with its KV snapshot now.
+    Save,
+    /// Write the conversation as Markdown to a file.
+    Export(PathBuf),
+    NewSession,
+    OpenSession(i64),
+    ListSessions,
+    RenameSession(i64, String),
+    DeleteSession(i64),
+    /// Save and stop.
+    Shutdown,
+}
+
+/// What the engine tells the front end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Loading or fetching the model.
+    Loading(String),
+    /// The model is loaded; a conversation is open.
+    Ready {
+        model: String,
+        settings: Settings,
+    },
+    /// The model could not be loaded: the reason and what to do.
+    LoadFailed {
+        reason: String,
+        hint: String,
+    },
+    /// A conversation was opened (new or resumed): its messages and title.
+    Opened {
+        id: Option<i64>,
+        title: String,
+        messages: Vec<Message>,
+    },
+    /// The open conversation got its database id and title (with its first message).
+    Titled {
+        id: i64,
+        title: String,
+    },
+    Prefill {
+        done: usize,
+        total: usize,
+    },
+    Text(String),
+    /// Counters while generating.
+    Progress {
+        generated: usize,
+        tok_s: f64,
+        stats: CacheStats,
+    },
+    /// The reply ended.
+    Finished {
+        stop: StopReason,
+        prompt_tokens: usize,
+        generated: usize,
+        tok_s: f64,
+        /// Whether an assistant message was added (not when stopped during the prompt).
+        replied: bool,
+    },
+    /// The history of a resumed conversation (or one with new Λ parameters) was fed again.
+    HistoryRead {
+        tokens: usize,
+    },
+    /// The regenerated reply starts: the front end drops the last assistant message.
+    Regenerating,
+    Timeline(Timeline),
+    Inspect(InspectView),
+    Sessions(Vec<SessionSummary>),
+    Settings(Settings),
+    /// Something worth telling the user; the front end words it.
+    Notice(Notice),
+    Error(String),
+    /// The engine has stopped (after `Shutdown`, everything saved).
+    Stopped,
+}
+
+/// What happened, for the status line: typed, so the words (and the commands they suggest)
+/// belong to the front end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// `Regenerate` arrived before any reply.
+    NothingToRegenerate,
+    /// The system prompt was set: for this conversation (it had not started), or for new ones.
+    SystemPromptSet {
+        this_conversation: bool,
+    },
+    /// A message was pinned: `tokens` of it, `lost` of which had already been evicted.
+    Pinned {
+        tokens: u64,
+        lost: u64,
+    },
+    /// The message to pin has no tokens in the model yet.
+    NothingToPin,
+    Unpinned,
+    Exported(PathBuf),
+    /// A resume was asked for, and there is no saved conversation.
+    NoSessionToResume,
+    /// New Λ parameters; the history is being fed again.
+    LambdaChanged {
+        n_global: usize,
+        n_local: usize,
+    },
+    /// A saved conversation was opened: continued from its KV snapshot, or its history is
+    /// being fed again.
+    Resumed {
+        title: String,
+        from_snapshot: bool,
+    },
+}
+
+/// Why a reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum StopReason {
+    /// The model ended its turn.
+    EndOfTurn,
+    /// `max_tokens` was reached.
+    Length,
+    /// The caller cancelled (Esc, Ctrl-C).
+    Cancelled,
+}
+
+/// Whether a token is attended by the next query, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TokenState {
+    /// One of the first `n_global` tokens (attention sinks), outside the window.
+    Global,
+    /// Pinned by the user, outside the window.
+    Pinned,
+    /// Inside the window of the last `n_local` tokens.
+    Window,
+    /// Left the Λ: nothing attends to it any more.
+    Evicted,
+}
+
+/// The state of one message's characters, for dimming evicted text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageMap {
+    /// Token positions of the message's content.
+    pub tokens: Range<u64>,
+    /// Byte ranges of the content and the state of their tokens, in order.
+    pub segments: Vec<(Range<usize>, TokenState)>,
+}
+
+/// What the next query attends to, over the whole conversation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timeline {
+    /// The cache's counters, the next query's window start among them.
+    pub stats: CacheStats,
+    pub n_global: u64,
+    pub n_local: u64,
+    pub pinned: Vec<Range<u64>>,
+    /// One entry per message, in order.
+    pub messages: Vec<MessageMap>,
+}
+
+/// One token in the inspect view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub position: u64,
+    pub id: u32,
+    pub text: String,
+    pub state: TokenState,
+    /// Share of attention the last generated token gave it (mean over heads and layers).
+    pub share: f32,
+}
+
+/// A message's tokens as the model holds them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InspectView {
+    pub message: usize,
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// Settings the front end shows and edits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub params: LambdaParams,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+}
+
+/// One line of the session list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    pub id: i64,
+    pub title: String,
+    pub model: String,
+    pub messages: usize,
+    /// Seconds since the Unix epoch.
+    pub updated: i64,
+}
