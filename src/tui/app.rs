@@ -6,13 +6,14 @@
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::commands::{self, SlashCommand};
-use super::conversation::Conversation;
-use super::input::Editor;
-use super::keymap::{Action, Key, Keymap};
+use super::editor::Editor;
+use super::keymap::{Action, Context, Key, Keymap};
+use super::panels::conversation::Conversation;
+use super::panels::input;
+use super::panels::inspect::{Inspect, Move};
+use super::panels::sessions::{ListOutcome, SessionList};
 use super::theme::Theme;
-use crate::protocol::{
-    Command, Event, InspectView, Role, SessionSummary, Settings, StopReason, Timeline,
-};
+use crate::protocol::{Command, Event, Role, Settings, StopReason, Timeline};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Msg {
@@ -64,25 +65,10 @@ pub struct StatusNote {
     pub stopping: bool,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct SessionList {
-    pub items: Vec<SessionSummary>,
-    pub selected: usize,
-    pub renaming: Option<Editor>,
-    pub confirm_delete: bool,
-}
-
+/// A panel in front of the chat, taking every key.
 pub enum Overlay {
     Help,
     Sessions(SessionList),
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Inspect {
-    pub message: usize,
-    pub cursor: usize,
-    /// The worker's numbers for the message (`None` until they arrive).
-    pub view: Option<InspectView>,
 }
 
 pub struct App {
@@ -110,9 +96,6 @@ pub struct App {
     /// False once the worker has stopped on its own (it crashed): quitting then exits at once.
     pub worker_alive: bool,
 }
-
-/// Rows the conversation scrolls per wheel step and per line key.
-const SCROLL_STEP: usize = 3;
 
 impl App {
     pub fn new(keymap: Keymap, theme: Theme, size: (u16, u16)) -> Self {
@@ -202,11 +185,13 @@ impl App {
         vec![Effect::Cancel, Effect::Worker(Command::Shutdown)]
     }
 
+    /// Routes a key to the panel in front: an overlay takes every key; inspect mode its own,
+    /// letting the rest through to the chat; the chat's actions, then the message box.
     fn key(&mut self, event: KeyEvent) -> Vec<Effect> {
         let key = Key::from_event(&event);
         let action = self
             .keymap
-            .action(&key)
+            .action(Context::Chat, &key)
             .filter(|_| !key.is_printable() || self.input.is_empty());
         if action == Some(Action::Quit) {
             return self.quit();
@@ -217,33 +202,49 @@ impl App {
         if let Phase::Failed { .. } = self.phase {
             return Vec::new();
         }
-        if self.overlay.is_some() {
-            return self.overlay_key(key, action);
+        match &mut self.overlay {
+            // Help: any key closes it.
+            Some(Overlay::Help) => {
+                self.overlay = None;
+                return Vec::new();
+            }
+            Some(Overlay::Sessions(list)) => {
+                return match list.key(&self.keymap, &key, action) {
+                    ListOutcome::Stay => Vec::new(),
+                    ListOutcome::Command(c) => vec![Effect::Worker(c)],
+                    ListOutcome::Close(c) => {
+                        self.overlay = None;
+                        c.into_iter().map(Effect::Worker).collect()
+                    }
+                };
+            }
+            None => {}
         }
         if self.inspect.is_some()
-            && let Some(effects) = self.inspect_key(key, action)
+            && let Some(effects) = self.inspect_key(&key, action)
         {
             return effects;
         }
         match action {
             Some(a) => self.action(a),
             None => {
-                self.edit(key);
+                self.type_key(&key);
                 Vec::new()
             }
         }
     }
 
     fn action(&mut self, action: Action) -> Vec<Effect> {
+        let page = self.page();
         match action {
             Action::Send => return self.send(),
-            Action::Newline => self.input.insert_char('\n'),
             Action::Stop => {
                 if self.generation.is_some() {
-                    self.note("stopping…");
-                    if let Some(n) = &mut self.notice {
-                        n.stopping = true;
-                    }
+                    self.notice = Some(StatusNote {
+                        text: "stopping…".into(),
+                        error: false,
+                        stopping: true,
+                    });
                     return vec![Effect::Cancel];
                 }
                 self.notice = None;
@@ -254,58 +255,25 @@ impl App {
             Action::Inspect => return self.start_inspect(),
             Action::Sessions => return vec![Effect::Worker(Command::ListSessions)],
             Action::Regenerate => return self.regenerate(),
-            Action::Complete => {
-                if let Some((line, _)) = commands::complete(self.input.text()).first() {
-                    self.input.set(line);
+            other => {
+                if !self.conversation.scroll_by(other, page) {
+                    input::act(&mut self.input, other);
                 }
             }
-            Action::HistoryPrev => {
-                if !self.input.up() {
-                    self.input.history_prev();
-                }
-            }
-            Action::HistoryNext => {
-                if !self.input.down() {
-                    self.input.history_next();
-                }
-            }
-            Action::ScrollUp => self.conversation.scroll_up(SCROLL_STEP),
-            Action::ScrollDown => self.conversation.scroll_down(SCROLL_STEP),
-            Action::PageUp => self.conversation.scroll_up(self.page()),
-            Action::PageDown => self.conversation.scroll_down(self.page()),
-            Action::Top => self.conversation.to_top(),
-            Action::Bottom => self.conversation.to_bottom(),
         }
         Vec::new()
     }
 
-    /// Keys that edit the message.
-    fn edit(&mut self, key: Key) {
-        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-        let alt = key.modifiers.contains(KeyModifiers::ALT);
-        let e = &mut self.input;
-        match key.code {
-            KeyCode::Char('a') if ctrl => e.home(),
-            KeyCode::Char('e') if ctrl => e.end(),
-            KeyCode::Char('w') if ctrl => e.delete_word(),
-            KeyCode::Char('u') if ctrl => e.delete_to_line_start(),
-            KeyCode::Char(c) if !ctrl && !alt => e.insert_char(c),
-            KeyCode::Backspace if ctrl || alt => e.delete_word(),
-            KeyCode::Backspace => e.backspace(),
-            KeyCode::Delete => e.delete(),
-            KeyCode::Left if ctrl || alt => e.word_left(),
-            KeyCode::Right if ctrl || alt => e.word_right(),
-            KeyCode::Left => e.left(),
-            KeyCode::Right => e.right(),
-            KeyCode::Home => e.home(),
-            KeyCode::End => e.end(),
-            KeyCode::Up => {
-                e.up();
-            }
-            KeyCode::Down => {
-                e.down();
-            }
-            _ => {}
+    /// A key no chat action took: an editing key, or a character typed into the message.
+    fn type_key(&mut self, key: &Key) {
+        if let Some(action) = self.keymap.editing(key) {
+            self.input.edit(action);
+        } else if let KeyCode::Char(c) = key.code
+            && !key
+                .modifiers
+                .intersects(KeyModifiers::CONTROL | KeyModifiers::ALT)
+        {
+            self.input.insert_char(c);
         }
     }
 
@@ -465,122 +433,35 @@ impl App {
             self.error("nothing to inspect yet");
             return Vec::new();
         };
-        self.inspect = Some(Inspect {
-            message,
-            cursor: usize::MAX,
-            view: None,
-        });
+        self.inspect = Some(Inspect::open(message));
         self.conversation
             .inspect(Some(message), self.size.0, &self.theme);
         vec![Effect::Worker(Command::Inspect(message))]
     }
 
-    /// Keys of inspect mode; `None` lets the key through to the normal handling.
-    fn inspect_key(&mut self, key: Key, action: Option<Action>) -> Option<Vec<Effect>> {
-        let count = self.conversation.messages.len();
+    /// A key in inspect mode; `None` lets it through to the chat (the chat's own inspect key
+    /// leaves the mode).
+    fn inspect_key(&mut self, key: &Key, chat: Option<Action>) -> Option<Vec<Effect>> {
+        let messages = self.conversation.messages.len();
         let inspect = self.inspect.as_mut()?;
-        let tokens = inspect.view.as_ref().map_or(0, |v| v.tokens.len());
-        let mut moved_to = None;
-        match key.code {
-            KeyCode::Esc => {
-                self.inspect = None;
-                self.conversation.inspect(None, self.size.0, &self.theme);
-                self.conversation.to_bottom();
-                return Some(Vec::new());
-            }
-            KeyCode::Left => inspect.cursor = inspect.cursor.min(tokens).saturating_sub(1),
-            KeyCode::Right => {
-                inspect.cursor = (inspect.cursor.saturating_add(1)).min(tokens.saturating_sub(1))
-            }
-            KeyCode::Home => inspect.cursor = 0,
-            KeyCode::End => inspect.cursor = tokens.saturating_sub(1),
-            KeyCode::Up if inspect.message > 0 => moved_to = Some(inspect.message - 1),
-            KeyCode::Down if inspect.message + 1 < count => moved_to = Some(inspect.message + 1),
-            KeyCode::Up | KeyCode::Down => {}
-            _ if action == Some(Action::Inspect) => {
-                self.inspect = None;
-                self.conversation.inspect(None, self.size.0, &self.theme);
-                self.conversation.to_bottom();
-                return Some(Vec::new());
-            }
-            _ => return None,
-        }
-        if let Some(m) = moved_to {
-            *inspect = Inspect {
-                message: m,
-                cursor: 0,
-                view: None,
-            };
-            self.conversation.inspect(Some(m), self.size.0, &self.theme);
-            return Some(vec![Effect::Worker(Command::Inspect(m))]);
-        }
-        Some(Vec::new())
-    }
-
-    fn overlay_key(&mut self, key: Key, action: Option<Action>) -> Vec<Effect> {
-        let Some(Overlay::Sessions(list)) = &mut self.overlay else {
-            // Help: any key closes it.
-            self.overlay = None;
-            return Vec::new();
+        let moved = match self.keymap.action(Context::Inspect, key) {
+            Some(action) => inspect.act(action, messages),
+            None if chat == Some(Action::Inspect) => Some(Move::Leave),
+            None => None,
         };
-        if let Some(editor) = &mut list.renaming {
-            match key.code {
-                KeyCode::Esc => list.renaming = None,
-                KeyCode::Enter => {
-                    let title = editor.text().trim().to_string();
-                    list.renaming = None;
-                    if let (false, Some(s)) = (title.is_empty(), list.items.get(list.selected)) {
-                        return vec![Effect::Worker(Command::RenameSession(s.id, title))];
-                    }
-                }
-                KeyCode::Char(c) if !key.modifiers.contains(KeyModifiers::CONTROL) => {
-                    editor.insert_char(c)
-                }
-                KeyCode::Backspace => editor.backspace(),
-                KeyCode::Left => editor.left(),
-                KeyCode::Right => editor.right(),
-                _ => {}
+        match moved? {
+            Move::Stay => Some(Vec::new()),
+            Move::ToMessage(m) => {
+                self.conversation.inspect(Some(m), self.size.0, &self.theme);
+                Some(vec![Effect::Worker(Command::Inspect(m))])
             }
-            return Vec::new();
+            Move::Leave => {
+                self.inspect = None;
+                self.conversation.inspect(None, self.size.0, &self.theme);
+                self.conversation.to_bottom();
+                Some(Vec::new())
+            }
         }
-        let confirm = std::mem::take(&mut list.confirm_delete);
-        let selected = list.items.get(list.selected).map(|s| s.id);
-        match key.code {
-            KeyCode::Up => list.selected = list.selected.saturating_sub(1),
-            KeyCode::Down => {
-                list.selected = (list.selected + 1).min(list.items.len().saturating_sub(1))
-            }
-            KeyCode::Enter => {
-                if let Some(id) = selected {
-                    self.overlay = None;
-                    return vec![Effect::Worker(Command::OpenSession(id))];
-                }
-            }
-            KeyCode::Char('r') => {
-                if let Some(s) = list.items.get(list.selected) {
-                    let mut e = Editor::default();
-                    e.set(&s.title);
-                    list.renaming = Some(e);
-                }
-            }
-            KeyCode::Char('d') => {
-                if let Some(id) = selected {
-                    if confirm {
-                        return vec![Effect::Worker(Command::DeleteSession(id))];
-                    }
-                    list.confirm_delete = true;
-                }
-            }
-            KeyCode::Char('n') => {
-                self.overlay = None;
-                return vec![Effect::Worker(Command::NewSession)];
-            }
-            _ if action == Some(Action::Stop) || action == Some(Action::Sessions) => {
-                self.overlay = None
-            }
-            _ => {}
-        }
-        Vec::new()
     }
 
     fn worker_event(&mut self, event: Event) -> Vec<Effect> {
@@ -698,29 +579,15 @@ impl App {
             }
             Event::Timeline(t) => self.apply_timeline(t),
             Event::Inspect(view) => {
-                if let Some(inspect) = &mut self.inspect
-                    && inspect.message == view.message
-                {
-                    let n = view.tokens.len();
-                    inspect.cursor = inspect.cursor.min(n.saturating_sub(1));
-                    inspect.view = Some(view);
+                if let Some(inspect) = &mut self.inspect {
+                    inspect.show(view);
                 }
             }
             Event::Sessions(items) => match &mut self.overlay {
-                Some(Overlay::Sessions(list)) => {
-                    list.selected = list.selected.min(items.len().saturating_sub(1));
-                    list.items = items;
-                }
+                Some(Overlay::Sessions(list)) => list.refresh(items),
                 _ => {
-                    let selected = items
-                        .iter()
-                        .position(|s| Some(s.id) == self.session_id)
-                        .unwrap_or(0);
-                    self.overlay = Some(Overlay::Sessions(SessionList {
-                        items,
-                        selected,
-                        ..SessionList::default()
-                    }));
+                    let list = SessionList::new(items, self.session_id);
+                    self.overlay = Some(Overlay::Sessions(list));
                 }
             },
             Event::Settings(s) => self.settings = Some(s),
@@ -764,7 +631,8 @@ impl App {
 mod tests {
     use super::*;
     use crate::protocol::{
-        CacheStats, LambdaParams, MessageMap, SamplingParams, TokenInfo, TokenState,
+        CacheStats, InspectView, LambdaParams, MessageMap, SamplingParams, SessionSummary,
+        TokenInfo, TokenState,
     };
 
     fn settings() -> Settings {

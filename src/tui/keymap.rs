@@ -1,5 +1,7 @@
-//! Key bindings: every action, its config name, what it does and its default keys. The help
-//! overlay is generated from this table, and `[keymap]` in the config file rebinds any action.
+//! Key bindings: every action of every panel, where it is read, its config name, what it does
+//! and its default keys ([`BINDINGS`]). The handlers look keys up here and the help overlay is
+//! generated from the same table, so the two cannot drift; `[keymap]` in the config file rebinds
+//! any action.
 //!
 //! Printable keys (`?`) bound to an action only act when the input is empty, so they can still
 //! be typed in a message.
@@ -10,8 +12,22 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::config::{Config, ConfigError};
 
+/// Where a key is read. Each panel reads its own keys; the chat's keys work wherever the panel
+/// in front does not take a key, and the editing keys edit the message (or a title being
+/// renamed) when nothing else took them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Context {
+    Chat,
+    Editing,
+    Inspect,
+    Sessions,
+    /// Renaming a conversation in the session list.
+    Rename,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
+    // The chat.
     Send,
     Newline,
     Stop,
@@ -30,100 +46,356 @@ pub enum Action {
     PageDown,
     Top,
     Bottom,
+    // Editing text.
+    CharLeft,
+    CharRight,
+    WordLeft,
+    WordRight,
+    LineStart,
+    LineEnd,
+    LineUp,
+    LineDown,
+    DeleteBack,
+    DeleteForward,
+    DeleteWord,
+    DeleteToLineStart,
+    // Inspect mode.
+    PrevToken,
+    NextToken,
+    PrevMessage,
+    NextMessage,
+    FirstToken,
+    LastToken,
+    LeaveInspect,
+    // The session list.
+    SelectUp,
+    SelectDown,
+    Open,
+    Rename,
+    Delete,
+    NewConversation,
+    CloseList,
+    // Renaming a conversation.
+    SaveTitle,
+    CancelRename,
 }
 
-/// `(action, config name, description, default keys)`, in the order help shows them.
-pub const ACTIONS: &[(Action, &str, &str, &[&str])] = &[
-    (Action::Send, "send", "send the message", &["enter"]),
-    (
+/// How help shows an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Help {
+    /// A line of its own.
+    Own(&'static str),
+    /// One line with the next binding: `left/right  previous/next token`.
+    PairWithNext(&'static str),
+    /// On the previous binding's line.
+    Paired,
+}
+
+/// One action: where it is read, its name in the config file, its help and its default keys.
+pub struct Binding {
+    pub action: Action,
+    pub context: Context,
+    pub name: &'static str,
+    pub help: Help,
+    pub keys: &'static [&'static str],
+}
+
+const fn bind(
+    context: Context,
+    action: Action,
+    name: &'static str,
+    help: Help,
+    keys: &'static [&'static str],
+) -> Binding {
+    Binding {
+        action,
+        context,
+        name,
+        help,
+        keys,
+    }
+}
+
+use Context::{Chat, Editing, Inspect as InspectMode, Rename as Renaming, Sessions as List};
+use Help::{Own, PairWithNext, Paired};
+
+/// Every action, in the order help shows them: the one table both the handlers and the help
+/// read, and what `[keymap]` in the config file rebinds.
+pub const BINDINGS: &[Binding] = &[
+    bind(
+        Chat,
+        Action::Send,
+        "send",
+        Own("send the message"),
+        &["enter"],
+    ),
+    bind(
+        Chat,
         Action::Newline,
         "newline",
-        "new line in the message",
+        Own("new line in the message"),
         &["alt+enter", "ctrl+j"],
     ),
-    (
+    bind(
+        Chat,
         Action::Stop,
         "stop",
-        "stop the reply / close a panel",
+        Own("stop the reply / close a panel"),
         &["esc"],
     ),
-    (Action::Quit, "quit", "save and quit", &["ctrl+q", "ctrl+c"]),
-    (Action::Help, "help", "this help", &["?", "f1"]),
-    (
+    bind(
+        Chat,
+        Action::Quit,
+        "quit",
+        Own("save and quit"),
+        &["ctrl+q", "ctrl+c"],
+    ),
+    bind(Chat, Action::Help, "help", Own("this help"), &["?", "f1"]),
+    bind(
+        Chat,
         Action::Visualizer,
         "visualizer",
-        "show/hide the attention window",
+        Own("show/hide the attention window"),
         &["ctrl+t", "f2"],
     ),
-    (
+    bind(
+        Chat,
         Action::Inspect,
         "inspect",
-        "inspect tokens of a message",
+        Own("inspect tokens of a message"),
         &["ctrl+o", "f3"],
     ),
-    (Action::Sessions, "sessions", "saved conversations", &["f4"]),
-    (
+    bind(
+        Chat,
+        Action::Sessions,
+        "sessions",
+        Own("saved conversations"),
+        &["f4"],
+    ),
+    bind(
+        Chat,
         Action::Regenerate,
         "regenerate",
-        "new reply to the last message",
+        Own("new reply to the last message"),
         &["ctrl+r"],
     ),
-    (
+    bind(
+        Chat,
         Action::Complete,
         "complete",
-        "complete a /command",
+        Own("complete a /command"),
         &["tab"],
     ),
-    (
+    bind(
+        Chat,
         Action::HistoryPrev,
         "history_prev",
-        "previous sent message",
+        Own("previous sent message"),
         &["up"],
     ),
-    (
+    bind(
+        Chat,
         Action::HistoryNext,
         "history_next",
-        "next sent message",
+        Own("next sent message"),
         &["down"],
     ),
-    (
+    bind(
+        Chat,
         Action::ScrollUp,
         "scroll_up",
-        "scroll up",
+        Own("scroll up"),
         &["ctrl+up", "shift+up"],
     ),
-    (
+    bind(
+        Chat,
         Action::ScrollDown,
         "scroll_down",
-        "scroll down",
+        Own("scroll down"),
         &["ctrl+down", "shift+down"],
     ),
-    (Action::PageUp, "page_up", "page up", &["pageup"]),
-    (Action::PageDown, "page_down", "page down", &["pagedown"]),
-    (Action::Top, "top", "first message", &["ctrl+home"]),
-    (
+    bind(Chat, Action::PageUp, "page_up", Own("page up"), &["pageup"]),
+    bind(
+        Chat,
+        Action::PageDown,
+        "page_down",
+        Own("page down"),
+        &["pagedown"],
+    ),
+    bind(
+        Chat,
+        Action::Top,
+        "top",
+        Own("first message"),
+        &["ctrl+home"],
+    ),
+    bind(
+        Chat,
         Action::Bottom,
         "bottom",
-        "last message (follow the reply)",
+        Own("last message (follow the reply)"),
         &["ctrl+end"],
     ),
-];
-
-/// Keys of the inspect mode and the session list (fixed; shown in help and in their panels).
-pub const INSPECT_KEYS: &[(&str, &str)] = &[
-    ("left/right", "previous/next token"),
-    ("up/down", "previous/next message"),
-    ("home/end", "first/last token"),
-    ("esc", "leave inspect mode"),
-];
-
-pub const SESSION_KEYS: &[(&str, &str)] = &[
-    ("up/down", "select"),
-    ("enter", "open"),
-    ("r", "rename"),
-    ("d", "delete"),
-    ("n", "new conversation"),
-    ("esc", "close"),
+    bind(
+        Editing,
+        Action::CharLeft,
+        "char_left",
+        PairWithNext("character"),
+        &["left"],
+    ),
+    bind(Editing, Action::CharRight, "char_right", Paired, &["right"]),
+    bind(
+        Editing,
+        Action::WordLeft,
+        "word_left",
+        PairWithNext("word"),
+        &["ctrl+left", "alt+left"],
+    ),
+    bind(
+        Editing,
+        Action::WordRight,
+        "word_right",
+        Paired,
+        &["ctrl+right", "alt+right"],
+    ),
+    bind(
+        Editing,
+        Action::LineStart,
+        "line_start",
+        PairWithNext("start/end of line"),
+        &["home", "ctrl+a"],
+    ),
+    bind(
+        Editing,
+        Action::LineEnd,
+        "line_end",
+        Paired,
+        &["end", "ctrl+e"],
+    ),
+    bind(
+        Editing,
+        Action::LineUp,
+        "line_up",
+        PairWithNext("line above/below"),
+        &["up"],
+    ),
+    bind(Editing, Action::LineDown, "line_down", Paired, &["down"]),
+    bind(
+        Editing,
+        Action::DeleteBack,
+        "delete_back",
+        PairWithNext("delete before/after"),
+        &["backspace"],
+    ),
+    bind(
+        Editing,
+        Action::DeleteForward,
+        "delete_forward",
+        Paired,
+        &["delete"],
+    ),
+    bind(
+        Editing,
+        Action::DeleteWord,
+        "delete_word",
+        Own("delete a word"),
+        &["ctrl+w", "ctrl+backspace", "alt+backspace"],
+    ),
+    bind(
+        Editing,
+        Action::DeleteToLineStart,
+        "delete_to_line_start",
+        Own("delete to the line's start"),
+        &["ctrl+u"],
+    ),
+    bind(
+        InspectMode,
+        Action::PrevToken,
+        "prev_token",
+        PairWithNext("previous/next token"),
+        &["left"],
+    ),
+    bind(
+        InspectMode,
+        Action::NextToken,
+        "next_token",
+        Paired,
+        &["right"],
+    ),
+    bind(
+        InspectMode,
+        Action::PrevMessage,
+        "prev_message",
+        PairWithNext("previous/next message"),
+        &["up"],
+    ),
+    bind(
+        InspectMode,
+        Action::NextMessage,
+        "next_message",
+        Paired,
+        &["down"],
+    ),
+    bind(
+        InspectMode,
+        Action::FirstToken,
+        "first_token",
+        PairWithNext("first/last token"),
+        &["home"],
+    ),
+    bind(
+        InspectMode,
+        Action::LastToken,
+        "last_token",
+        Paired,
+        &["end"],
+    ),
+    bind(
+        InspectMode,
+        Action::LeaveInspect,
+        "leave_inspect",
+        Own("leave inspect mode"),
+        &["esc"],
+    ),
+    bind(
+        List,
+        Action::SelectUp,
+        "select_up",
+        PairWithNext("select"),
+        &["up"],
+    ),
+    bind(List, Action::SelectDown, "select_down", Paired, &["down"]),
+    bind(List, Action::Open, "open", Own("open"), &["enter"]),
+    bind(List, Action::Rename, "rename", Own("rename"), &["r"]),
+    bind(List, Action::Delete, "delete", Own("delete"), &["d"]),
+    bind(
+        List,
+        Action::NewConversation,
+        "new_conversation",
+        Own("new conversation"),
+        &["n"],
+    ),
+    bind(
+        List,
+        Action::CloseList,
+        "close_list",
+        Own("close"),
+        &["esc"],
+    ),
+    bind(
+        Renaming,
+        Action::SaveTitle,
+        "save_title",
+        Own("saves the new title"),
+        &["enter"],
+    ),
+    bind(
+        Renaming,
+        Action::CancelRename,
+        "cancel_rename",
+        Own("cancels"),
+        &["esc"],
+    ),
 ];
 
 /// A key with its modifiers, normalized (a typed `?` carries no SHIFT).
@@ -240,16 +512,16 @@ pub fn key_name(key: &Key) -> String {
 
 #[derive(Debug, Clone)]
 pub struct Keymap {
-    bindings: HashMap<Key, Action>,
+    bindings: HashMap<(Context, Key), Action>,
 }
 
 impl Default for Keymap {
     fn default() -> Self {
         let mut bindings = HashMap::new();
-        for (action, _, _, keys) in ACTIONS {
-            for k in *keys {
+        for b in BINDINGS {
+            for k in b.keys {
                 if let Ok(key) = parse_key(k) {
-                    bindings.insert(key, *action);
+                    bindings.insert((b.context, key), b.action);
                 }
             }
         }
@@ -259,22 +531,24 @@ impl Default for Keymap {
 
 impl Keymap {
     /// The defaults with `[keymap]` of the config applied: a listed action gets exactly the
-    /// keys given (and loses its defaults); a key bound twice is an error.
+    /// keys given (and loses its defaults); a key bound twice in one context is an error.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let mut map = Self::default();
-        let mut taken: HashMap<Key, &str> = HashMap::new();
+        let mut taken: HashMap<(Context, Key), &str> = HashMap::new();
         for (name, keys) in &config.keymap {
-            let Some((action, ..)) = ACTIONS.iter().find(|(_, n, ..)| n == name) else {
-                let names: Vec<&str> = ACTIONS.iter().map(|a| a.1).collect();
+            let Some(binding) = BINDINGS.iter().find(|b| b.name == name) else {
+                let names: Vec<&str> = BINDINGS.iter().map(|b| b.name).collect();
                 return Err(config.error_at(
                     keys.span(),
                     format!("unknown action \"{name}\" (actions: {})", names.join(", ")),
                 ));
             };
-            map.bindings.retain(|_, a| a != action);
+            let context = binding.context;
+            map.bindings
+                .retain(|(c, _), a| *c != context || *a != binding.action);
             for spec in keys.get_ref().keys() {
                 let key = parse_key(spec).map_err(|e| config.error_at(keys.span(), e))?;
-                if let Some(other) = taken.insert(key, name.as_str())
+                if let Some(other) = taken.insert((context, key), name.as_str())
                     && other != name
                 {
                     return Err(config.error_at(
@@ -283,14 +557,26 @@ impl Keymap {
                     ));
                 }
                 // A key the user gives takes over from another action's default.
-                map.bindings.insert(key, *action);
+                map.bindings.insert((context, key), binding.action);
             }
         }
         Ok(map)
     }
 
-    pub fn action(&self, key: &Key) -> Option<Action> {
-        self.bindings.get(key).copied()
+    /// The action `key` does in `context`, if any.
+    pub fn action(&self, context: Context, key: &Key) -> Option<Action> {
+        self.bindings.get(&(context, *key)).copied()
+    }
+
+    /// The editing action of `key`. Editing keys act with or without shift (shift+left moves
+    /// like left), as text fields do.
+    pub fn editing(&self, key: &Key) -> Option<Action> {
+        let unshifted = Key {
+            code: key.code,
+            modifiers: key.modifiers - KeyModifiers::SHIFT,
+        };
+        self.action(Context::Editing, key)
+            .or_else(|| self.action(Context::Editing, &unshifted))
     }
 
     /// The keys bound to `action`, as the config spells them, sorted.
@@ -299,19 +585,50 @@ impl Keymap {
             .bindings
             .iter()
             .filter(|(_, a)| **a == action)
-            .map(|(k, _)| key_name(k))
+            .map(|((_, k), _)| key_name(k))
             .collect();
         keys.sort_by_key(|k| (k.len(), k.clone()));
         keys
     }
 
-    /// `(keys, description)` of every action, in help order.
-    pub fn help(&self) -> Vec<(String, &'static str)> {
-        ACTIONS
+    /// The key to name for `action` in a sentence: its first default key while that is still
+    /// bound to it, else the first key bound to it (empty when none is).
+    pub fn key_of(&self, action: Action) -> String {
+        let bound = self.keys_of(action);
+        BINDINGS
             .iter()
-            .map(|(action, _, what, _)| (self.keys_of(*action).join(" "), *what))
-            .filter(|(keys, _)| !keys.is_empty())
-            .collect()
+            .find(|b| b.action == action)
+            .and_then(|b| b.keys.iter().find(|k| bound.iter().any(|x| x == *k)))
+            .map(|k| k.to_string())
+            .or_else(|| bound.into_iter().next())
+            .unwrap_or_default()
+    }
+
+    /// `(keys, description)` of every action of `context`, in help order; paired actions share
+    /// a line (`left/right`).
+    pub fn help(&self, context: Context) -> Vec<(String, &'static str)> {
+        let bindings: Vec<&Binding> = BINDINGS.iter().filter(|b| b.context == context).collect();
+        let mut lines = Vec::new();
+        for (i, b) in bindings.iter().enumerate() {
+            let keys = self.keys_of(b.action).join(" ");
+            match b.help {
+                Help::Own(what) => lines.push((keys, what)),
+                Help::PairWithNext(what) => {
+                    let next = bindings
+                        .get(i + 1)
+                        .map(|n| self.keys_of(n.action).join(" "))
+                        .unwrap_or_default();
+                    let both = match (keys.is_empty(), next.is_empty()) {
+                        (false, false) => format!("{keys}/{next}"),
+                        _ => keys + &next,
+                    };
+                    lines.push((both, what));
+                }
+                Help::Paired => {}
+            }
+        }
+        lines.retain(|(keys, _)| !keys.is_empty());
+        lines
     }
 }
 
@@ -344,7 +661,7 @@ mod tests {
     fn shifted_characters_match_their_binding() {
         let typed = KeyEvent::new(KeyCode::Char('?'), KeyModifiers::SHIFT);
         assert_eq!(
-            Keymap::default().action(&Key::from_event(&typed)),
+            Keymap::default().action(Context::Chat, &Key::from_event(&typed)),
             Some(Action::Help)
         );
     }
@@ -354,7 +671,10 @@ mod tests {
         let c = Config::parse("[keymap]\nquit = [\"ctrl+x\"]\n", Path::new("c.toml")).unwrap();
         let map = Keymap::from_config(&c).unwrap();
         assert_eq!(map.keys_of(Action::Quit), ["ctrl+x"]);
-        assert_eq!(map.action(&parse_key("ctrl+q").unwrap()), None);
+        assert_eq!(
+            map.action(Context::Chat, &parse_key("ctrl+q").unwrap()),
+            None
+        );
 
         let c = Config::parse("[keymap]\nfly = \"f5\"\n", Path::new("c.toml")).unwrap();
         let err = Keymap::from_config(&c).unwrap_err().to_string();
@@ -379,17 +699,82 @@ mod tests {
     fn the_example_config_spells_out_the_defaults() {
         let text = include_str!("../../config.example.toml");
         let c = Config::parse(text, Path::new("config.example.toml")).unwrap();
-        assert_eq!(
-            Keymap::from_config(&c).unwrap().help(),
-            Keymap::default().help()
-        );
-        assert_eq!(c.keymap.len(), ACTIONS.len());
+        let (ours, theirs) = (Keymap::from_config(&c).unwrap(), Keymap::default());
+        for context in CONTEXTS {
+            assert_eq!(ours.help(context), theirs.help(context));
+        }
+        assert_eq!(c.keymap.len(), BINDINGS.len());
     }
+
+    const CONTEXTS: [Context; 5] = [
+        Context::Chat,
+        Context::Editing,
+        Context::Inspect,
+        Context::Sessions,
+        Context::Rename,
+    ];
 
     #[test]
     fn help_lists_every_bound_action() {
-        let help = Keymap::default().help();
-        assert_eq!(help.len(), ACTIONS.len());
+        let help = Keymap::default().help(Context::Chat);
+        let chat = BINDINGS.iter().filter(|b| b.context == Context::Chat);
+        assert_eq!(help.len(), chat.count());
         assert_eq!(help[0], ("enter".to_string(), "send the message"));
+        let inspect = Keymap::default().help(Context::Inspect);
+        assert_eq!(
+            inspect[0],
+            ("left/right".to_string(), "previous/next token")
+        );
+    }
+
+    #[test]
+    fn every_action_is_bound_once_and_pairs_close() {
+        for (i, b) in BINDINGS.iter().enumerate() {
+            let same = BINDINGS
+                .iter()
+                .filter(|o| o.action == b.action || o.name == b.name);
+            assert_eq!(same.count(), 1, "{}", b.name);
+            if let Help::PairWithNext(_) = b.help {
+                let next = &BINDINGS[i + 1];
+                assert!(next.help == Help::Paired && next.context == b.context);
+            }
+            if b.help == Help::Paired {
+                assert!(matches!(BINDINGS[i - 1].help, Help::PairWithNext(_)));
+            }
+        }
+        // A key does one thing per context.
+        for context in CONTEXTS {
+            let mut seen = std::collections::HashSet::new();
+            for b in BINDINGS.iter().filter(|b| b.context == context) {
+                for k in b.keys {
+                    assert!(
+                        seen.insert(parse_key(k).unwrap()),
+                        "{k} twice in {context:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_same_key_serves_each_context() {
+        let map = Keymap::default();
+        let esc = parse_key("esc").unwrap();
+        assert_eq!(map.action(Context::Chat, &esc), Some(Action::Stop));
+        assert_eq!(
+            map.action(Context::Inspect, &esc),
+            Some(Action::LeaveInspect)
+        );
+        assert_eq!(map.action(Context::Sessions, &esc), Some(Action::CloseList));
+        assert_eq!(
+            map.action(Context::Rename, &esc),
+            Some(Action::CancelRename)
+        );
+        // Rebinding one context's action leaves the others' keys alone.
+        let text = "[keymap]\nleave_inspect = \"q\"\n";
+        let c = Config::parse(text, Path::new("c.toml")).unwrap();
+        let map = Keymap::from_config(&c).unwrap();
+        assert_eq!(map.action(Context::Inspect, &esc), None);
+        assert_eq!(map.action(Context::Chat, &esc), Some(Action::Stop));
     }
 }

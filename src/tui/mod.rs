@@ -8,13 +8,14 @@
 
 pub mod app;
 pub mod commands;
-pub mod conversation;
+pub mod editor;
 pub mod highlight;
-pub mod input;
 pub mod keymap;
 pub mod markdown;
+pub mod panels;
 pub mod theme;
 pub mod view;
+pub mod widgets;
 pub mod words;
 pub mod wrap;
 

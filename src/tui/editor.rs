@@ -1,10 +1,13 @@
-//! The message editor: multi-line text with a cursor, and the history of sent messages.
+//! The text editor of the message box (and of a title being renamed): multi-line text with a
+//! cursor, the editing actions of the keymap, and the history of sent messages.
 //!
 //! Layout for drawing looks only at the lines around the cursor (and at most
 //! [`LONG_LINE_WINDOW`] bytes of a very long line), so a 1 MB paste costs one insertion, not a
 //! re-layout of the whole text at every frame.
 
 use unicode_width::UnicodeWidthChar;
+
+use super::keymap::Action;
 
 /// Bytes of a long line laid out on each side of the cursor.
 const LONG_LINE_WINDOW: usize = 16 * 1024;
@@ -32,6 +35,30 @@ fn width(c: char) -> usize {
 }
 
 impl Editor {
+    /// Carries out an editing action (`Context::Editing` of the keymap); `false` for any other.
+    pub fn edit(&mut self, action: Action) -> bool {
+        match action {
+            Action::CharLeft => self.left(),
+            Action::CharRight => self.right(),
+            Action::WordLeft => self.word_left(),
+            Action::WordRight => self.word_right(),
+            Action::LineStart => self.home(),
+            Action::LineEnd => self.end(),
+            Action::LineUp => {
+                self.up();
+            }
+            Action::LineDown => {
+                self.down();
+            }
+            Action::DeleteBack => self.backspace(),
+            Action::DeleteForward => self.delete(),
+            Action::DeleteWord => self.delete_word(),
+            Action::DeleteToLineStart => self.delete_to_line_start(),
+            _ => return false,
+        }
+        true
+    }
+
     pub fn text(&self) -> &str {
         &self.text
     }

@@ -1,4 +1,5 @@
-//! The conversation pane's model: messages, their rendered rows cached per width, and scrolling.
+//! The conversation panel: messages, their rendered rows cached per width, scrolling (the keys
+//! that scroll it), and drawing.
 //!
 //! Scrolling counts rows up from the bottom, so drawing walks messages from the last one back
 //! and stops once the screen is full: a frame costs the same for 10 messages or 10,000, and
@@ -7,13 +8,22 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use ratatui::style::{Modifier, Style};
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
 
-use super::markdown::{self, code_blocks};
-use super::theme::Theme;
-use super::wrap::{StyledLine, wrap};
-use crate::protocol::{Role, TokenState};
+use crate::progress::thousands;
+use crate::protocol::{LambdaParams, Role, TokenState};
+use crate::tui::keymap::{Action, Keymap};
+use crate::tui::markdown::{self, code_blocks};
+use crate::tui::theme::Theme;
+use crate::tui::widgets::centered_text;
+use crate::tui::wrap::{StyledLine, str_width, wrap};
+
+/// Rows the conversation scrolls per wheel step and per line key.
+pub const SCROLL_STEP: usize = 3;
 
 /// Rows of a message drawn at a width, for a version of it.
 type CachedRows = (u16, u64, Rc<Vec<Line<'static>>>);
@@ -128,6 +138,14 @@ impl ChatMessage {
     }
 }
 
+/// `enter` → `Enter`, for a key named in a sentence.
+fn capitalized(key: &str) -> String {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .map_or(String::new(), |c| c.to_uppercase().chain(chars).collect())
+}
+
 #[derive(Default)]
 pub struct Conversation {
     pub messages: Vec<ChatMessage>,
@@ -219,6 +237,76 @@ impl Conversation {
     pub fn to_bottom(&mut self) {
         self.scroll = 0;
         self.at_top.set(false);
+    }
+
+    /// Carries out the chat's scroll actions (`page` rows a page); `false` for any other action.
+    pub fn scroll_by(&mut self, action: Action, page: usize) -> bool {
+        match action {
+            Action::ScrollUp => self.scroll_up(SCROLL_STEP),
+            Action::ScrollDown => self.scroll_down(SCROLL_STEP),
+            Action::PageUp => self.scroll_up(page),
+            Action::PageDown => self.scroll_down(page),
+            Action::Top => self.to_top(),
+            Action::Bottom => self.to_bottom(),
+            _ => return false,
+        }
+        true
+    }
+
+    /// Draws the conversation, or the welcome text (which names the Λ of `params`) while it is
+    /// empty.
+    pub fn draw(
+        &self,
+        frame: &mut Frame<'_>,
+        area: Rect,
+        theme: &Theme,
+        keymap: &Keymap,
+        params: Option<LambdaParams>,
+    ) {
+        if self.messages.is_empty() {
+            let (g, l) = params.map_or((0, 0), |p| (p.n_global, p.n_local));
+            let lines = vec![
+                Line::from(Span::styled(
+                    "Chat for as long as you like.",
+                    Style::default()
+                        .fg(theme.accent)
+                        .add_modifier(Modifier::BOLD),
+                )),
+                Line::from(""),
+                Line::from(format!(
+                    "The model attends to the first {} tokens and the last {} (Λ attention).",
+                    thousands(g as u64),
+                    thousands(l as u64)
+                )),
+                Line::from("Older text is evicted — dimmed here — and memory stays flat."),
+                Line::from(""),
+                Line::from(Span::styled(
+                    format!(
+                        "Type a message and press {} · / for commands · {} for help",
+                        capitalized(&keymap.key_of(Action::Send)),
+                        keymap.key_of(Action::Help)
+                    ),
+                    Style::default().fg(theme.evicted),
+                )),
+            ];
+            return centered_text(frame, area, lines);
+        }
+        let lines = self.visible(area.width, area.height as usize, theme);
+        frame.render_widget(Paragraph::new(lines), area);
+        if self.scroll > 0 {
+            let label = format!(" ↓ more below ({}) ", keymap.key_of(Action::Bottom));
+            let w = str_width(&label) as u16;
+            if area.width > w {
+                let rect = Rect::new(area.x + area.width - w, area.y + area.height - 1, w, 1);
+                frame.render_widget(
+                    Paragraph::new(Span::styled(
+                        label,
+                        Style::default().fg(Color::Black).bg(theme.accent),
+                    )),
+                    rect,
+                );
+            }
+        }
     }
 
     /// The rows to draw in a `width` × `height` pane, walking back from the last message.
