@@ -3,12 +3,146 @@
 //! the number of attended tokens (like ln n), past anything seen in training; under Λ it stops
 //! growing once the window is full.
 
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
 use crate::attention::KvCache;
 use crate::engine::Engine;
 use crate::model::Logits;
 
-use super::meter::Meter;
-use super::{EvalError, Mode, TextPlan, feed, new_cache, run_limit};
+use super::meter::{Meter, duration_text};
+use super::output::{Csv, LineChart, Series, Table};
+use super::{
+    EvalError, Evaluation, Mode, Report, RunContext, TextPlan, TextTokens, describe, feed,
+    new_cache, parse_length, read_text, run_limit, short_count, sorted_lengths,
+};
+
+/// `eval entropy`'s arguments.
+#[derive(Args)]
+pub struct EntropyArgs {
+    /// The text (UTF-8), read as one document
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Bucket ends of query positions (k = 1024); the text is read to the last one
+    #[arg(long, value_delimiter = ',', value_parser = parse_length, default_value = "256,512,1k,2k,4k,8k")]
+    pub lengths: Vec<usize>,
+    /// Attention modes: vanilla, lambda, window
+    #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda")]
+    pub modes: Vec<Mode>,
+    /// Tokens per forward pass
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+}
+
+impl Evaluation for EntropyArgs {
+    /// The text and the checked lengths and modes.
+    type Input = (String, Vec<usize>, Vec<Mode>);
+
+    fn prepare(&self) -> Result<Self::Input, EvalError> {
+        let lengths = sorted_lengths(&self.lengths)?;
+        let modes = Mode::distinct(&self.modes)?;
+        Ok((read_text(&self.text)?, lengths, modes))
+    }
+
+    fn run(
+        &self,
+        (text, lengths, modes): Self::Input,
+        run: &RunContext<'_>,
+    ) -> Result<Report, EvalError> {
+        let engine = run.engine;
+        let TextTokens {
+            tokens,
+            ends,
+            mut notes,
+        } = TextTokens::new(engine, &text, &lengths)?;
+        let plan = TextPlan::new(run, &ends, self.chunk);
+        let mut meter = run.meter((tokens.len() * modes.len()) as u64, "tokens");
+        let results = modes
+            .iter()
+            .map(|&m| evaluate(engine, &tokens, m, &plan, &mut meter))
+            .collect::<Result<Vec<_>, _>>()?;
+        meter.finish();
+        notes.extend(results.iter().filter_map(|r| r.stopped.clone()));
+        let mut csv = Csv::new(&["mode", "layer", "start", "end", "entropy"]);
+        for r in &results {
+            for (layer, row) in r.per_layer.iter().enumerate() {
+                for ((start, end), h) in r.buckets.iter().zip(row) {
+                    if h.is_finite() {
+                        csv.row(&[
+                            r.mode.name().into(),
+                            layer.to_string(),
+                            start.to_string(),
+                            end.to_string(),
+                            format!("{h:.5}"),
+                        ]);
+                    }
+                }
+            }
+        }
+        let chart = LineChart {
+            title: format!(
+                "Attention entropy (mean of full layers): {}",
+                run.model_name()
+            ),
+            x_label: "query position (tokens, bucket end)".into(),
+            y_label: "entropy (nats)".into(),
+            log_x: true,
+            log_y: false,
+            series: results
+                .iter()
+                .map(|r| Series {
+                    name: r.mode.name().into(),
+                    points: r
+                        .buckets
+                        .iter()
+                        .zip(r.mean_over(&r.full_layers))
+                        .map(|((_, end), h)| (*end as f64, h))
+                        .collect(),
+                })
+                .collect(),
+        };
+        let mut table = Table::new("positions", modes.iter().map(|m| m.name().to_string()));
+        let means: Vec<Vec<f64>> = results
+            .iter()
+            .map(|r| r.mean_over(&r.full_layers))
+            .collect();
+        let mut start = 0;
+        for (b, &end) in ends.iter().enumerate() {
+            let mut row = vec![format!("{}–{}", short_count(start), short_count(end))];
+            row.extend(means.iter().map(|m| {
+                if m[b].is_finite() {
+                    format!("{:.3}", m[b])
+                } else {
+                    "—".into()
+                }
+            }));
+            table.row(row);
+            start = end;
+        }
+        table.row(
+            std::iter::once("time".to_string())
+                .chain(results.iter().map(|r| duration_text(r.seconds)))
+                .collect(),
+        );
+        let json = json!({"model": run.model_name(), "results": results});
+        Ok(Report {
+            heading: format!(
+                "attention entropy (nats, mean over the {} full-attention layers) of {}, {}; lambda: {}",
+                results.first().map_or(0, |r| r.full_layers.len()),
+                self.text.display(),
+                run.model_name(),
+                describe(run.lambda)
+            ),
+            table,
+            notes,
+            csv: vec![("entropy.csv", csv)],
+            charts: vec![("entropy.svg", chart)],
+            json: json.as_object().cloned().unwrap_or_default(),
+        })
+    }
+}
 
 /// One mode's curves.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -5,8 +5,12 @@
 //! Every evaluation compares attention *modes*, which are all the same [`HostCache`] code with
 //! different parameters, so differences come from the rule and nothing else: `vanilla` is
 //! ordinary causal attention (a window as long as the text, no sinks), `lambda` the configured
-//! Λ, `window` the same window without sinks. The results are plain data; `cli/eval.rs` prints
-//! them and [`output`] writes the CSV files and plots.
+//! Λ, `window` the same window without sinks.
+//!
+//! Each evaluation is one file: its arguments (a clap `Args` struct), and an [`Evaluation`] that
+//! checks them before the model loads, runs, and returns a [`Report`] (a table, CSV files,
+//! charts and JSON). `cli/eval.rs` has the one run loop that loads the model, runs any of them
+//! and writes and prints the report; a new evaluation is a file here and a variant there.
 //!
 //! [`HostCache`]: crate::attention::HostCache
 
@@ -25,6 +29,9 @@ use candle_core::Tensor;
 use crate::attention::{KvCache, LambdaParams};
 use crate::engine::Engine;
 use crate::model::{Logits, ModelError};
+
+use meter::Meter;
+use output::{Csv, LineChart, OutDir, Table};
 
 /// Everything an evaluation can reject or fail on.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,60 @@ pub enum EvalError {
     Params(#[from] crate::attention::ParamsError),
 }
 
+/// One evaluation as `lambdachat eval` runs it.
+pub trait Evaluation: Sync {
+    /// What [`Self::prepare`] read (a text, say), handed to [`Self::run`].
+    type Input: Send;
+
+    /// Checks and reads what needs no model: its errors come before anything is loaded or
+    /// written.
+    fn prepare(&self) -> Result<Self::Input, EvalError>;
+
+    /// Runs on the loaded model and reports.
+    fn run(&self, input: Self::Input, run: &RunContext<'_>) -> Result<Report, EvalError>;
+}
+
+/// What a run has at hand.
+pub struct RunContext<'a> {
+    pub engine: &'a Engine,
+    /// The Λ of the `lambda` mode (and the window of `window`).
+    pub lambda: LambdaParams,
+    /// Bytes vanilla's KV cache may take.
+    pub vanilla_budget: u64,
+    /// Where the report goes; an evaluation may write partial results there as it goes.
+    pub out: &'a OutDir,
+    /// No progress on stderr.
+    pub quiet: bool,
+}
+
+impl RunContext<'_> {
+    /// A progress meter for `total` units of work.
+    pub fn meter(&self, total: u64, unit: &'static str) -> Meter {
+        let meter = Meter::new("", total, unit);
+        if self.quiet { meter.silent() } else { meter }
+    }
+
+    /// The model's name, for headings and chart titles.
+    pub fn model_name(&self) -> &str {
+        &self.engine.model.info().name
+    }
+}
+
+/// What an evaluation found: printed as a table (or as JSON), written as CSV files and plots.
+pub struct Report {
+    /// The line above the table: what was measured, on what.
+    pub heading: String,
+    pub table: Table,
+    /// Sentences below the table (where vanilla stopped, lengths cut, example misses).
+    pub notes: Vec<String>,
+    /// CSV files by name.
+    pub csv: Vec<(&'static str, Csv)>,
+    /// SVG plots by name.
+    pub charts: Vec<(&'static str, LineChart)>,
+    /// The results as JSON (`--json`); the run adds `notes` and `files`.
+    pub json: serde_json::Map<String, serde_json::Value>,
+}
+
 /// An attention rule to evaluate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,16 +143,20 @@ impl Mode {
         }
     }
 
-    /// Parses `vanilla,lambda,window` (any order, no repeats kept).
-    pub fn parse_list(list: &str) -> Result<Vec<Mode>, EvalError> {
+    /// Parses one mode of a `--modes vanilla,lambda,window` list.
+    pub fn parse(name: &str) -> Result<Mode, EvalError> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "vanilla" => Ok(Mode::Vanilla),
+            "lambda" | "λ" => Ok(Mode::Lambda),
+            "window" => Ok(Mode::Window),
+            _ => Err(EvalError::UnknownMode(name.trim().to_string())),
+        }
+    }
+
+    /// The modes of a list in their order, each once.
+    pub fn distinct(list: &[Mode]) -> Result<Vec<Mode>, EvalError> {
         let mut modes = Vec::new();
-        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let mode = match name.to_ascii_lowercase().as_str() {
-                "vanilla" => Mode::Vanilla,
-                "lambda" | "λ" => Mode::Lambda,
-                "window" => Mode::Window,
-                _ => return Err(EvalError::UnknownMode(name.to_string())),
-            };
+        for &mode in list {
             if !modes.contains(&mode) {
                 modes.push(mode);
             }
@@ -124,33 +189,44 @@ pub struct TextPlan<'a> {
     pub vanilla_budget: u64,
 }
 
-/// Parses `512,1k,4k,1m` (k = 1024, m = 1024²: `32k` is the 32,768-token training length),
-/// sorted and without repeats.
-pub fn parse_lengths(list: &str) -> Result<Vec<usize>, EvalError> {
-    let mut lengths = Vec::new();
-    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let lower = item.to_ascii_lowercase();
-        let (digits, unit) = match lower.strip_suffix('k') {
-            Some(d) => (d, 1024),
-            None => match lower.strip_suffix('m') {
-                Some(d) => (d, 1024 * 1024),
-                None => (lower.as_str(), 1),
-            },
-        };
-        let n = digits
-            .parse::<usize>()
-            .ok()
-            .and_then(|n| n.checked_mul(unit))
-            .filter(|&n| n > 0)
-            .ok_or_else(|| EvalError::BadLength(item.to_string()))?;
-        lengths.push(n);
-    }
+/// Parses one length of a `--lengths 512,1k,4k,1m` list (k = 1024, m = 1024²: `32k` is the
+/// 32,768-token training length).
+pub fn parse_length(item: &str) -> Result<usize, EvalError> {
+    let item = item.trim();
+    let lower = item.to_ascii_lowercase();
+    let (digits, unit) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1024),
+        None => match lower.strip_suffix('m') {
+            Some(d) => (d, 1024 * 1024),
+            None => (lower.as_str(), 1),
+        },
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| EvalError::BadLength(item.to_string()))
+}
+
+/// Lengths sorted, without repeats; at least one.
+pub fn sorted_lengths(list: &[usize]) -> Result<Vec<usize>, EvalError> {
+    let mut lengths = list.to_vec();
     if lengths.is_empty() {
         return Err(EvalError::NoLengths);
     }
     lengths.sort_unstable();
     lengths.dedup();
     Ok(lengths)
+}
+
+/// Parses one depth of a `--depths 0.1,0.5` list: a fraction of the prompt, 0 (start) to 1
+/// (end).
+pub fn parse_depth(item: &str) -> Result<f64, EvalError> {
+    match item.trim().parse::<f64>() {
+        Ok(d) if (0.0..=1.0).contains(&d) => Ok(d),
+        _ => Err(EvalError::BadDepth(item.trim().to_string())),
+    }
 }
 
 /// A token count as the lengths are written: `4k`, `1m`, or the plain number.
@@ -161,6 +237,51 @@ pub fn short_count(n: usize) -> String {
         format!("{}k", n >> 10)
     } else {
         n.to_string()
+    }
+}
+
+/// The tokens of a text evaluation's document, cut at its last length.
+pub struct TextTokens {
+    pub tokens: Vec<u32>,
+    /// Bucket ends: the lengths asked for that the text reaches, the text's end closing them.
+    pub ends: Vec<usize>,
+    /// Says so when the text is shorter than the lengths asked for.
+    pub notes: Vec<String>,
+}
+
+impl TextTokens {
+    /// Tokenizes `text` as one document and fits `lengths` (sorted) to it.
+    pub fn new(engine: &Engine, text: &str, lengths: &[usize]) -> Result<Self, EvalError> {
+        let mut tokens = document_tokens(engine, text)?;
+        if tokens.len() < 2 {
+            return Err(EvalError::TooShort(tokens.len()));
+        }
+        let (ends, cut) = fit_lengths(lengths, tokens.len());
+        let mut notes = Vec::new();
+        if cut {
+            notes.push(format!(
+                "the text is {} tokens long: lengths past it are cut, the last bucket ends there",
+                tokens.len()
+            ));
+        }
+        tokens.truncate(ends.last().copied().unwrap_or(tokens.len()));
+        Ok(Self {
+            tokens,
+            ends,
+            notes,
+        })
+    }
+}
+
+impl<'a> TextPlan<'a> {
+    /// A pass over tokens bucketed by `ends` under `run`, in forwards of `chunk` tokens.
+    pub fn new(run: &RunContext<'_>, ends: &'a [usize], chunk: usize) -> Self {
+        Self {
+            lambda: run.lambda,
+            ends,
+            chunk: chunk.max(1),
+            vanilla_budget: run.vanilla_budget,
+        }
     }
 }
 
@@ -332,17 +453,23 @@ mod tests {
 
     #[test]
     fn lengths_parse_with_units_sorted_and_deduplicated() {
+        let parsed: Vec<usize> = "4k, 512,1k,4096,1m"
+            .split(',')
+            .map(|l| parse_length(l).unwrap())
+            .collect();
         assert_eq!(
-            parse_lengths("4k, 512,1k,4096,1m").unwrap(),
+            sorted_lengths(&parsed).unwrap(),
             vec![512, 1024, 4096, 1 << 20]
         );
-        for bad in ["0", "-3", "4x", "k", "1.5k", "99999999999999999999m"] {
+        for bad in ["0", "-3", "4x", "k", "1.5k", "99999999999999999999m", ""] {
             assert!(
-                matches!(parse_lengths(bad), Err(EvalError::BadLength(_))),
+                matches!(parse_length(bad), Err(EvalError::BadLength(_))),
                 "{bad}"
             );
         }
-        assert!(matches!(parse_lengths(" , "), Err(EvalError::NoLengths)));
+        assert!(matches!(sorted_lengths(&[]), Err(EvalError::NoLengths)));
+        assert_eq!(parse_depth(" 0.25").unwrap(), 0.25);
+        assert!(matches!(parse_depth("1.5"), Err(EvalError::BadDepth(d)) if d == "1.5"));
         assert_eq!(short_count(32768), "32k");
         assert_eq!(short_count(1 << 20), "1m");
         assert_eq!(short_count(1000), "1000");
@@ -350,15 +477,19 @@ mod tests {
 
     #[test]
     fn modes_parse_and_map_to_parameters() {
+        let list: Vec<Mode> = ["lambda", " vanilla", "λ"]
+            .iter()
+            .map(|m| Mode::parse(m).unwrap())
+            .collect();
         assert_eq!(
-            Mode::parse_list("lambda,vanilla,lambda").unwrap(),
+            Mode::distinct(&list).unwrap(),
             vec![Mode::Lambda, Mode::Vanilla]
         );
         assert!(matches!(
-            Mode::parse_list("lambda,full"),
+            Mode::parse("full"),
             Err(EvalError::UnknownMode(m)) if m == "full"
         ));
-        assert!(matches!(Mode::parse_list(""), Err(EvalError::NoModes)));
+        assert!(matches!(Mode::distinct(&[]), Err(EvalError::NoModes)));
         let lambda = LambdaParams::new(8, 64, Some(32)).unwrap();
         assert_eq!(Mode::Lambda.params(lambda, 1000).unwrap(), lambda);
         let w = Mode::Window.params(lambda, 1000).unwrap();

@@ -75,6 +75,54 @@ impl Csv {
     }
 }
 
+/// A text table: a left column of row names, then right-aligned columns, each as wide as its
+/// widest cell.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(first: &str, columns: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            header: std::iter::once(first.to_string()).chain(columns).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The table as lines of text.
+    pub fn text(&self) -> String {
+        let n = self.header.len();
+        let width = |i: usize| {
+            std::iter::once(&self.header)
+                .chain(&self.rows)
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..n).map(width).collect();
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, c) in r.iter().enumerate() {
+                if i == 0 {
+                    line += &format!("{c:<w$}", w = widths[0]);
+                } else {
+                    line += &format!("  {c:>w$}", w = widths[i]);
+                }
+            }
+            out += line.trim_end();
+            out.push('\n');
+        }
+        out
+    }
+}
+
 /// One line of a chart.
 pub struct Series {
     pub name: String,

@@ -3,8 +3,10 @@
 //! model answers greedily. Inside the Λ (within `n_local` of the question, or among the sinks) the
 //! key is attended and should be found; once evicted it cannot be, and the table says so.
 
+use clap::Args;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use serde_json::json;
 
 use crate::attention::LambdaParams;
 use crate::engine::Engine;
@@ -12,7 +14,161 @@ use crate::model::Logits;
 use crate::tokenizer::Tokenizer;
 
 use super::meter::Meter;
-use super::{EvalError, Mode, argmax, feed, last_row, new_cache};
+use super::output::{Csv, LineChart, Series, Table};
+use super::{
+    EvalError, Evaluation, Mode, Report, RunContext, argmax, describe, feed, last_row, new_cache,
+    parse_depth, parse_length, short_count, sorted_lengths,
+};
+
+/// `eval passkey`'s arguments.
+#[derive(Args)]
+pub struct PasskeyArgs {
+    /// Prompt lengths in tokens (k = 1024)
+    #[arg(long, value_delimiter = ',', value_parser = parse_length, default_value = "1k,4k,8k")]
+    pub lengths: Vec<usize>,
+    /// Where the key sits in the filler: 0 = start, 1 = end
+    #[arg(long, value_delimiter = ',', value_parser = parse_depth, default_value = "0.1,0.5,0.9")]
+    pub depths: Vec<f64>,
+    /// Prompts per length and depth (each with its own key)
+    #[arg(long, default_value_t = 2)]
+    pub trials: usize,
+    /// Attention modes: vanilla, lambda, window
+    #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda,window")]
+    pub modes: Vec<Mode>,
+    /// Seed of the keys
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl Evaluation for PasskeyArgs {
+    /// The checked lengths and modes.
+    type Input = (Vec<usize>, Vec<Mode>);
+
+    fn prepare(&self) -> Result<Self::Input, EvalError> {
+        if self.depths.is_empty() {
+            return Err(EvalError::BadDepth(String::new()));
+        }
+        if self.trials == 0 {
+            return Err(EvalError::Invalid("--trials must be at least 1".into()));
+        }
+        Ok((sorted_lengths(&self.lengths)?, Mode::distinct(&self.modes)?))
+    }
+
+    fn run(
+        &self,
+        (lengths, modes): Self::Input,
+        run: &RunContext<'_>,
+    ) -> Result<Report, EvalError> {
+        let plan = Plan {
+            lambda: run.lambda,
+            lengths: &lengths,
+            depths: &self.depths,
+            trials: self.trials,
+            seed: self.seed,
+        };
+        let per_mode = lengths.len() * self.depths.len() * self.trials;
+        let mut meter = run.meter((per_mode * modes.len()) as u64, "trials");
+        let mut cells = Vec::new();
+        for &mode in &modes {
+            cells.extend(evaluate(run.engine, mode, &plan, &mut meter)?);
+        }
+        meter.finish();
+        let mut csv = Csv::new(&[
+            "mode",
+            "length",
+            "depth",
+            "trials",
+            "correct",
+            "accuracy",
+            "key_distance",
+            "key_attended",
+        ]);
+        for c in &cells {
+            csv.row(&[
+                c.mode.name().into(),
+                c.length.to_string(),
+                c.depth.to_string(),
+                c.trials.to_string(),
+                c.correct.to_string(),
+                format!("{:.3}", c.correct as f64 / c.trials as f64),
+                format!("{:.0}", c.key_distance),
+                c.key_attended.to_string(),
+            ]);
+        }
+        let chart = LineChart {
+            title: format!("Passkey retrieval: {}", run.model_name()),
+            x_label: "tokens between the key and the question".into(),
+            y_label: "accuracy".into(),
+            log_x: true,
+            log_y: false,
+            series: modes
+                .iter()
+                .map(|&m| {
+                    let mut points: Vec<(f64, f64)> = cells
+                        .iter()
+                        .filter(|c| c.mode == m)
+                        .map(|c| (c.key_distance, c.correct as f64 / c.trials as f64))
+                        .collect();
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    Series {
+                        name: m.name().into(),
+                        points,
+                    }
+                })
+                .collect(),
+        };
+        let mut table = Table::new(
+            "length  depth  key distance",
+            modes.iter().map(|m| m.name().to_string()),
+        );
+        let per_mode: Vec<Vec<&Cell>> = modes
+            .iter()
+            .map(|&m| cells.iter().filter(|c| c.mode == m).collect())
+            .collect();
+        for (i, first) in per_mode[0].iter().enumerate() {
+            let mut row = vec![format!(
+                "{:<6}  {:<5}  {:>12.0}",
+                short_count(first.length),
+                first.depth,
+                first.key_distance
+            )];
+            for cells in &per_mode {
+                let c = cells[i];
+                let mark = if c.key_attended { "" } else { " (evicted)" };
+                row.push(format!("{}/{}{mark}", c.correct, c.trials));
+            }
+            table.row(row);
+        }
+        let misses = cells
+            .iter()
+            .filter_map(|c| {
+                c.example_miss.as_ref().map(|a| {
+                    format!(
+                        "{} at {} depth {}: answered {a:?}",
+                        c.mode.name(),
+                        short_count(c.length),
+                        c.depth
+                    )
+                })
+            })
+            .take(5)
+            .collect();
+        let json = json!({"model": run.model_name(), "cells": cells});
+        Ok(Report {
+            heading: format!(
+                "passkey retrieval, {}; lambda: {}; {} trial(s) per cell, greedy",
+                run.model_name(),
+                describe(run.lambda),
+                self.trials
+            ),
+            table,
+            notes: misses,
+            csv: vec![("passkey.csv", csv)],
+            charts: vec![("passkey.svg", chart)],
+            json: json.as_object().cloned().unwrap_or_default(),
+        })
+    }
+}
 
 const TASK: &str = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.\n";
 const FILLER: &str =
