@@ -1,6 +1,6 @@
 //! Exact whole-model checks on the real default model with every weight dequantized to f32
 //! (`Kernels::F32`), so that no 8-bit activation quantization amplifies rounding noise:
-//! oracle test 2 of shared/ALGORITHM.md, agreement with candle-transformers' independent
+//! oracle test 2 of docs/ALGORITHM.md, agreement with candle-transformers' independent
 //! `quantized_qwen2` to 1e-3 relative, and independence from the prefill chunking.
 
 mod common;

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU check of issue 4, run on the device machine from the repo root: the CUDA build's unit
+# The GPU check (docs/GPU.md), run on the device machine from the repo root: the CUDA build's unit
 # and integration tests on the GPU, then decode/prefill figures on random-weight models shaped
 # like the default model and gemma3-270m. UNIT_ARGS passes options to the unit tests (e.g.
 # `--skip the_device_sampler`, the slowest on a GPU: 36,000 draws).

@@ -54,7 +54,7 @@ pub struct HostLayerCache {
     pub(super) ring_pos: Vec<u64>,
     /// Tokens this layer has seen.
     pub(super) seen: u64,
-    /// Positions kept like sinks (shared/ALGORITHM.md's set P), sorted, disjoint.
+    /// Positions kept like sinks (docs/ALGORITHM.md §5, the set P), sorted, disjoint.
     pub(super) pinned: Vec<Range<u64>>,
     /// Pins of tokens already in the ring: their keys are unrotated into the global store at the
     /// next `attend`, which has the layer's rotary embedding at hand.
@@ -234,7 +234,8 @@ impl HostLayerCache {
             + 8 * (self.ring_pos.capacity() + self.global_pos.capacity())
     }
 
-    /// Positions currently in the ring, oldest first (for tests and the visualizer).
+    /// Positions currently in the ring, oldest first.
+    #[cfg(test)]
     pub fn ring_positions(&self) -> Vec<u64> {
         let mut p = self.ring_pos.clone();
         p.sort_unstable();
@@ -994,7 +995,7 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// Oracle test 1 of shared/ALGORITHM.md.
+    /// Oracle test 1 of docs/ALGORITHM.md (§4).
     #[test]
     fn matches_reference_on_the_oracle_grid() {
         let l = 16;

@@ -4,7 +4,7 @@
 //! On a CPU the host cache ([`HostCache`]) is the fast path: a ring written in place and a
 //! fused kernel. On a GPU the tensor cache ([`TensorCache`]) keeps keys, values and the attention
 //! itself on the device, so a decode step sends nothing back but the sampled id. Both follow
-//! shared/ALGORITHM.md, pins and probe included, and share one snapshot format.
+//! docs/ALGORITHM.md, pins and probe included, and share one snapshot format.
 
 use std::ops::Range;
 

@@ -1,6 +1,6 @@
 //! LM-Infinite's Λ-shaped attention over a bounded KV cache, independent of any model.
 //!
-//! The rule (shared/ALGORITHM.md): query `i` sees key `j` at its true distance when `i - j < L`
+//! The rule (docs/ALGORITHM.md): query `i` sees key `j` at its true distance when `i - j < L`
 //! (the local window, itself included), sees a *global* key `j < G` that has left the window at
 //! the clamped distance `D`, and sees nothing else. One softmax covers both branches. A model
 //! forward hands each layer's projected q/k/v to an [`AttentionCache`]; the cache owns rotation,
@@ -24,7 +24,9 @@ pub use rope::{Rope, RopeStyle};
 pub use snapshot::SnapshotError;
 pub use tensor::TensorCache;
 
-/// Defaults from the issue: 64 sinks, a 4096-token window, clamped distance = window.
+/// Defaults: 64 sinks (BOS, a system prompt and then some: the official code uses 10–100) and a
+/// 4096-token window (the training length of the paper's models; capped at each model's own),
+/// sinks seen at distance = the window.
 pub const DEFAULT_N_GLOBAL: usize = 64;
 pub const DEFAULT_N_LOCAL: usize = 4096;
 

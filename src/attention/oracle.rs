@@ -1,6 +1,6 @@
 //! The oracle: Λ attention computed the naive way, in f64, from the rule alone.
 //!
-//! Dense `T × T` logits with the explicit mask of shared/ALGORITHM.md, rotation computed directly
+//! Dense `T × T` logits with the explicit mask of docs/ALGORITHM.md, rotation computed directly
 //! from `pos · inv_freq` in f64, one softmax per row. It shares nothing with the fast path except
 //! the [`Rope`]'s frequencies, so the tests comparing the two check the cache, the chunking, the
 //! eviction and the kernel. [`OracleCache`] wraps it for whole-model runs: it keeps every key,
@@ -97,7 +97,7 @@ fn reference_rows(
     out
 }
 
-/// `reference_lambda_attention(q, k, v, G, L, D)` of shared/ALGORITHM.md: the whole sequence of
+/// `reference_lambda_attention(q, k, v, G, L, D)` of docs/ALGORITHM.md (§4): the whole sequence of
 /// `t` tokens at once. Layouts `[token][head][head_dim]`; returns f64 outputs.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_lambda_attention(
@@ -127,7 +127,7 @@ pub fn reference_lambda_attention(
     )
 }
 
-/// The oracle with a set P of pinned positions, treated like `j < G` (shared/ALGORITHM.md).
+/// The oracle with a set P of pinned positions, treated like `j < G` (docs/ALGORITHM.md §5).
 #[allow(clippy::too_many_arguments)]
 pub fn reference_lambda_attention_pinned(
     q: &[f32],

@@ -5,7 +5,7 @@
 //! operations — rotation, two score blocks (the window at true distances, the global store at
 //! distance D), one softmax over both, one weighted sum — so nothing crosses to the host during a
 //! forward but the rotation tables and masks it uploads (positions are host data). It follows
-//! shared/ALGORITHM.md exactly, pinned tokens (the set P) included, and is tested against the
+//! docs/ALGORITHM.md exactly, pinned tokens (the set P) included, and is tested against the
 //! oracle on the CPU device.
 //!
 //! Snapshots go through the host cache ([`TensorCache::to_host`], [`TensorCache::from_host`]):
@@ -49,7 +49,7 @@ pub struct TensorCache {
     device: Device,
     params: LambdaParams,
     next_position: u64,
-    /// Positions kept like sinks (shared/ALGORITHM.md's set P), sorted, disjoint.
+    /// Positions kept like sinks (docs/ALGORITHM.md §5, the set P), sorted, disjoint.
     pinned: Vec<Range<u64>>,
     probe: bool,
     /// Rotation tables and masks of the forward under way, shared by the layers that ask for
@@ -775,7 +775,7 @@ mod tests {
     use crate::device::test_device;
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
-    /// Oracle test 1 of shared/ALGORITHM.md for the device cache (on the test device): every
+    /// Oracle test 1 of docs/ALGORITHM.md (§4) for the tensor cache (on the test device): every
     /// chunking, sink count, distance limit, GQA grouping and RoPE style of the grid, with
     /// partial rotary on half the cases.
     #[test]

@@ -51,8 +51,4 @@ impl Q8Rows {
             d_sums,
         }
     }
-
-    pub fn blocks_per_row(&self) -> usize {
-        self.cols / BLOCK
-    }
 }
