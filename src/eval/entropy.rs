@@ -15,8 +15,8 @@ use crate::model::Logits;
 use super::meter::{Meter, duration_text};
 use super::output::{Csv, LineChart, Series, Table};
 use super::{
-    EvalError, Evaluation, Mode, Report, RunContext, TextPlan, TextTokens, describe, feed,
-    new_cache, parse_length, read_text, run_limit, short_count, sorted_lengths,
+    EvalError, Evaluation, Mode, Report, RunContext, TextInput, TextPlan, TextTokens, describe,
+    feed, new_cache, parse_length, run_limit, short_count,
 };
 
 /// `eval entropy`'s arguments.
@@ -37,26 +37,20 @@ pub struct EntropyArgs {
 }
 
 impl Evaluation for EntropyArgs {
-    /// The text and the checked lengths and modes.
-    type Input = (String, Vec<usize>, Vec<Mode>);
+    type Input = TextInput;
 
-    fn prepare(&self) -> Result<Self::Input, EvalError> {
-        let lengths = sorted_lengths(&self.lengths)?;
-        let modes = Mode::distinct(&self.modes)?;
-        Ok((read_text(&self.text)?, lengths, modes))
+    fn prepare(&self) -> Result<TextInput, EvalError> {
+        TextInput::read(&self.text, &self.lengths, &self.modes)
     }
 
-    fn run(
-        &self,
-        (text, lengths, modes): Self::Input,
-        run: &RunContext<'_>,
-    ) -> Result<Report, EvalError> {
+    fn run(&self, input: TextInput, run: &RunContext<'_>) -> Result<Report, EvalError> {
         let engine = run.engine;
         let TextTokens {
             tokens,
             ends,
             mut notes,
-        } = TextTokens::new(engine, &text, &lengths)?;
+        } = TextTokens::new(engine, &input)?;
+        let modes = input.modes;
         let plan = TextPlan::new(run, &ends, self.chunk);
         let mut meter = run.meter((tokens.len() * modes.len()) as u64, "tokens");
         let results = modes

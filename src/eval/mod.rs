@@ -240,6 +240,27 @@ pub fn short_count(n: usize) -> String {
     }
 }
 
+/// What a text evaluation (`ppl`, `entropy`) reads and checks before the model loads.
+pub struct TextInput {
+    pub text: String,
+    /// Bucket ends asked for, sorted.
+    pub lengths: Vec<usize>,
+    pub modes: Vec<Mode>,
+}
+
+impl TextInput {
+    /// Checks the lengths and modes, then reads the text.
+    pub fn read(path: &Path, lengths: &[usize], modes: &[Mode]) -> Result<Self, EvalError> {
+        let lengths = sorted_lengths(lengths)?;
+        let modes = Mode::distinct(modes)?;
+        Ok(Self {
+            text: read_text(path)?,
+            lengths,
+            modes,
+        })
+    }
+}
+
 /// The tokens of a text evaluation's document, cut at its last length.
 pub struct TextTokens {
     pub tokens: Vec<u32>,
@@ -250,9 +271,10 @@ pub struct TextTokens {
 }
 
 impl TextTokens {
-    /// Tokenizes `text` as one document and fits `lengths` (sorted) to it.
-    pub fn new(engine: &Engine, text: &str, lengths: &[usize]) -> Result<Self, EvalError> {
-        let mut tokens = document_tokens(engine, text)?;
+    /// Tokenizes the input's text as one document and fits its lengths to it.
+    pub fn new(engine: &Engine, input: &TextInput) -> Result<Self, EvalError> {
+        let lengths = &input.lengths;
+        let mut tokens = document_tokens(engine, &input.text)?;
         if tokens.len() < 2 {
             return Err(EvalError::TooShort(tokens.len()));
         }

@@ -18,9 +18,8 @@ use super::meter::{Meter, duration_text};
 use super::nll::{Bucket, Buckets, token_nll};
 use super::output::{Csv, LineChart, Series, Table};
 use super::{
-    EvalError, Evaluation, Mode, Report, RunContext, TextPlan, TextTokens, describe, feed,
-    kv_bytes_at, new_cache, parse_length, read_text, rss_bytes, run_limit, short_count,
-    sorted_lengths,
+    EvalError, Evaluation, Mode, Report, RunContext, TextInput, TextPlan, TextTokens, describe,
+    feed, kv_bytes_at, new_cache, parse_length, rss_bytes, run_limit, short_count,
 };
 
 /// `eval ppl`'s arguments.
@@ -41,26 +40,20 @@ pub struct PplArgs {
 }
 
 impl Evaluation for PplArgs {
-    /// The text and the checked lengths and modes.
-    type Input = (String, Vec<usize>, Vec<Mode>);
+    type Input = TextInput;
 
-    fn prepare(&self) -> Result<Self::Input, EvalError> {
-        let lengths = sorted_lengths(&self.lengths)?;
-        let modes = Mode::distinct(&self.modes)?;
-        Ok((read_text(&self.text)?, lengths, modes))
+    fn prepare(&self) -> Result<TextInput, EvalError> {
+        TextInput::read(&self.text, &self.lengths, &self.modes)
     }
 
-    fn run(
-        &self,
-        (text, lengths, modes): Self::Input,
-        run: &RunContext<'_>,
-    ) -> Result<Report, EvalError> {
+    fn run(&self, input: TextInput, run: &RunContext<'_>) -> Result<Report, EvalError> {
         let engine = run.engine;
         let TextTokens {
             tokens,
             ends,
             mut notes,
-        } = TextTokens::new(engine, &text, &lengths)?;
+        } = TextTokens::new(engine, &input)?;
+        let modes = input.modes;
         let plan = TextPlan::new(run, &ends, self.chunk);
         let mut meter = run.meter((tokens.len() * modes.len()) as u64, "tokens");
         // The CSV is rewritten after each mode, so an hour-long run interrupted in its last mode
