@@ -20,7 +20,7 @@ use super::layers::{
 use super::{LanguageModel, Logits, ModelError, ModelInfo, TokenEmbedding, common_info};
 use crate::attention::{AttentionCache, LambdaParams, LayerGeometry, Rope, RopeStyle};
 
-pub const ARCHITECTURE: Architecture = Architecture {
+pub static ARCHITECTURE: Architecture = Architecture {
     name: "gemma3",
     gguf_aliases: &[],
     hf_types: &[("gemma3_text", "Gemma3ForCausalLM")],

@@ -15,7 +15,7 @@ use super::{ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
 use crate::error::candle_msg;
 
-pub const ARCHITECTURE: Architecture = Architecture {
+pub static ARCHITECTURE: Architecture = Architecture {
     name: "llama",
     gguf_aliases: &["mistral"],
     hf_types: &[

@@ -22,7 +22,7 @@ use crate::error::candle_msg;
 /// Phi-3's LongRoPE factors, which llama.cpp stores as tensors and HF in `config.json`.
 const ROPE_FACTOR_TENSORS: &[&str] = &["rope_factors_long.weight", "rope_factors_short.weight"];
 
-pub const ARCHITECTURE: Architecture = Architecture {
+pub static ARCHITECTURE: Architecture = Architecture {
     name: "phi3",
     gguf_aliases: &[],
     hf_types: &[("phi3", "Phi3ForCausalLM")],

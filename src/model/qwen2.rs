@@ -9,7 +9,7 @@ use super::decoder::{DecoderVariant, PreNormDecoder};
 use super::{ModelError, ModelInfo, common_info};
 use crate::attention::{Rope, RopeStyle};
 
-pub const ARCHITECTURE: Architecture = Architecture {
+pub static ARCHITECTURE: Architecture = Architecture {
     name: "qwen2",
     gguf_aliases: &[],
     hf_types: &[("qwen2", "Qwen2ForCausalLM")],

@@ -8,7 +8,7 @@ use super::checkpoint::Checkpoint;
 use super::decoder::{DecoderVariant, PreNormDecoder};
 use super::{common_info, qwen2};
 
-pub const ARCHITECTURE: Architecture = Architecture {
+pub static ARCHITECTURE: Architecture = Architecture {
     name: "qwen3",
     gguf_aliases: &[],
     hf_types: &[("qwen3", "Qwen3ForCausalLM")],
