@@ -220,11 +220,6 @@ impl Session {
         self.cache.set_probe(on);
     }
 
-    /// Share of attention the last decoded token gave each position (needs `set_probe`).
-    pub fn attention_shares(&self) -> Vec<(u64, f32)> {
-        self.cache.attention_shares()
-    }
-
     /// Sets the system prompt of a conversation that has not started yet. Once tokens were
     /// fed, the old prompt is part of the cache, and changing the text would make the next turn
     /// feed the whole history again: then nothing changes and `false` is returned.
@@ -256,7 +251,7 @@ impl Session {
     }
 
     /// First position inside the window of the next token.
-    pub fn window_start(&self) -> u64 {
+    fn window_start(&self) -> u64 {
         self.cache.stats().window_start
     }
 
@@ -332,7 +327,7 @@ impl Session {
     /// Message `index` token by token: id, text, state and the share of attention the last
     /// decoded token gave it (needs [`Self::set_probe`]).
     pub fn inspect(&self, index: usize) -> InspectView {
-        let shares = self.attention_shares();
+        let shares = self.cache.attention_shares();
         let share_of = |pos: u64| {
             shares
                 .binary_search_by_key(&pos, |(p, _)| *p)
@@ -393,7 +388,7 @@ impl Session {
     }
 
     /// Positions pinned now.
-    pub fn pinned(&self) -> &[Range<u64>] {
+    fn pinned(&self) -> &[Range<u64>] {
         self.cache.pinned()
     }
 
