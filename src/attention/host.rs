@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
 use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts};
+use super::persist::Undo;
 use crate::kernels::DisjointRows;
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
@@ -65,6 +66,8 @@ pub struct HostLayerCache {
     /// Whether passes record [`Self::last_entropy`].
     pub(super) entropy: bool,
     pub(super) last_entropy: Vec<f32>,
+    /// What the passes since the cache's rewind point overwrote (`persist.rs`).
+    pub(super) undo: Option<Undo>,
 }
 
 /// What the cache holds, for the status bar and the benchmarks.
@@ -107,6 +110,7 @@ impl HostLayerCache {
             last_attention: Vec::new(),
             entropy: false,
             last_entropy: Vec::new(),
+            undo: None,
         }
     }
 
@@ -244,7 +248,7 @@ impl HostLayerCache {
 
     /// Extends the ring to `slots` slots. Capacity doubles, as a `Vec`'s would, but stops at
     /// exactly `window` slots, so a full ring holds no slack whatever the window size.
-    fn grow_ring(&mut self, slots: usize) {
+    pub(super) fn grow_ring(&mut self, slots: usize) {
         let row = self.row();
         if slots > self.ring_pos.capacity() {
             let window = self.geometry.window;
@@ -619,6 +623,7 @@ impl HostLayerCache {
             if slot >= self.ring_pos.len() {
                 self.grow_ring((slot + 1).min(window));
             }
+            self.keep_for_rewind(slot);
             self.ring_pos[slot] = pos;
             self.ring_k[slot * row..(slot + 1) * row]
                 .copy_from_slice(&c.keys[t * row..(t + 1) * row]);
@@ -804,6 +809,11 @@ pub struct HostCache {
     pub(super) params: LambdaParams,
     pub(super) next_position: u64,
     pub(super) pinned: Vec<Range<u64>>,
+    /// Changes of the global stores a length does not show (pins, rewinds): see
+    /// `globals_version`.
+    pub(super) globals_changes: u64,
+    /// Where [`Self::rewind`] goes back to.
+    pub(super) mark_position: Option<u64>,
 }
 
 impl HostCache {
@@ -813,6 +823,8 @@ impl HostCache {
             params,
             next_position: 0,
             pinned: Vec::new(),
+            globals_changes: 0,
+            mark_position: None,
         }
     }
 
@@ -851,7 +863,11 @@ impl HostCache {
         &self.pinned
     }
 
+    /// Hands the pins to every layer. The global stores change under a rewind point, so the
+    /// point is dropped (a regeneration after a pin continues from the pinned cache instead).
     fn apply_pins(&mut self) {
+        self.forget_mark();
+        self.globals_changes += 1;
         for layer in &mut self.layers {
             layer.set_pinned(&self.pinned);
         }

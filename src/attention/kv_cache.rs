@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::{
     AttentionCache, AttentionError, AttentionInput, CacheStats, HostCache, LambdaParams,
-    LayerGeometry, SnapshotError, TensorCache, TensorInput,
+    LayerGeometry, RewindPoint, SlotState, SnapshotError, TensorCache, TensorInput,
 };
 
 #[derive(Clone)]
@@ -38,7 +38,11 @@ impl KvCache {
         layers: Vec<LayerGeometry>,
         device: &Device,
     ) -> Result<Self, SnapshotError> {
-        let host = HostCache::from_snapshot(bytes, params, layers)?;
+        Self::on(HostCache::from_snapshot(bytes, params, layers)?, device)
+    }
+
+    /// `host` as the cache that suits `device`.
+    fn on(host: HostCache, device: &Device) -> Result<Self, SnapshotError> {
         if device.is_cpu() {
             Ok(Self::Host(host))
         } else {
@@ -122,6 +126,102 @@ impl KvCache {
         match self {
             Self::Host(c) => c.attention_shares(),
             Self::Tensor(c) => c.attention_shares(),
+        }
+    }
+
+    /// Floats of one token's keys and values over every layer (see [`HostCache::slot_floats`]).
+    pub fn slot_floats(&self) -> usize {
+        match self {
+            Self::Host(c) => c.slot_floats(),
+            Self::Tensor(c) => c.slot_floats(),
+        }
+    }
+
+    /// Calls `each` with the slot of every position of `positions` the cache holds, in order
+    /// (the tensor cache is read back once for all of them).
+    pub fn read_slots(
+        &self,
+        positions: Range<u64>,
+        mut each: impl FnMut(u64, &[f32], SlotState),
+    ) -> Result<(), AttentionError> {
+        let host;
+        let cache = match self {
+            Self::Host(c) => c,
+            Self::Tensor(c) => {
+                host = c.to_host()?;
+                &host
+            }
+        };
+        let mut slot = vec![0f32; cache.slot_floats()];
+        for pos in positions {
+            let state = cache.read_slot(pos, &mut slot);
+            if state != SlotState::Missing {
+                each(pos, &slot, state);
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`HostCache::globals_version`].
+    pub fn globals_version(&self) -> u64 {
+        match self {
+            Self::Host(c) => c.globals_version(),
+            Self::Tensor(c) => c.globals_version(),
+        }
+    }
+
+    /// See [`HostCache::globals_snapshot`].
+    pub fn globals_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        match self {
+            Self::Host(c) => c.globals_snapshot(),
+            Self::Tensor(c) => c.to_host().map_err(device_err)?.globals_snapshot(),
+        }
+    }
+
+    /// Rebuilds a cache from its global stores and window slots ([`HostCache::from_parts`]),
+    /// for `device`.
+    pub fn from_parts(
+        globals: &[u8],
+        params: LambdaParams,
+        layers: Vec<LayerGeometry>,
+        device: &Device,
+        next_position: u64,
+        slot: impl FnMut(u64) -> Option<Vec<f32>>,
+    ) -> Result<Self, SnapshotError> {
+        let host = HostCache::from_parts(globals, params, layers, next_position, slot)?;
+        Self::on(host, device)
+    }
+
+    /// A rewind point here: what [`Self::rewind`] goes back to.
+    pub fn mark(&mut self) -> RewindPoint {
+        match self {
+            Self::Host(c) => {
+                c.mark();
+                RewindPoint::Host
+            }
+            Self::Tensor(c) => RewindPoint::Tensor(Box::new(c.clone())),
+        }
+    }
+
+    /// Goes back to `point`; `false` when the cache dropped it (pins changed since).
+    pub fn rewind(&mut self, point: RewindPoint) -> bool {
+        match (self, point) {
+            (Self::Host(c), RewindPoint::Host) => c.rewind(),
+            (Self::Tensor(c), RewindPoint::Tensor(saved)) => {
+                // The global stores went back: the version must move on, not back.
+                let after = c.globals_version();
+                *c = *saved;
+                c.advance_globals_version_past(after);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops a rewind point's records.
+    pub fn forget(&mut self, point: RewindPoint) {
+        if let (Self::Host(c), RewindPoint::Host) = (self, point) {
+            c.forget_mark();
         }
     }
 

@@ -55,6 +55,8 @@ pub struct TensorCache {
     /// Rotation tables and masks of the forward under way, shared by the layers that ask for
     /// the same ones (usually all): one upload per forward, not one per layer.
     tables: Vec<(TableKey, Tables)>,
+    /// Pin changes, which the global stores' lengths do not show: see `globals_version`.
+    globals_changes: u64,
 }
 
 /// What a forward's tables depend on.
@@ -108,7 +110,34 @@ impl TensorCache {
             pinned: Vec::new(),
             probe: false,
             tables: Vec::new(),
+            globals_changes: 0,
         }
+    }
+
+    /// A counter that changes whenever a global store or the pins change (see
+    /// [`HostCache::globals_version`]).
+    pub fn globals_version(&self) -> u64 {
+        let lengths: u64 = self
+            .layers
+            .iter()
+            .map(|l| l.stores.global_pos.len() as u64)
+            .sum();
+        lengths + self.globals_changes
+    }
+
+    /// Makes [`Self::globals_version`] larger than `version` (after a rewind put the global
+    /// stores back).
+    pub fn advance_globals_version_past(&mut self, version: u64) {
+        self.globals_changes += version + 1 - self.globals_version().min(version + 1);
+    }
+
+    /// Floats of one token's keys and values over every layer (see
+    /// [`HostCache::slot_floats`]).
+    pub fn slot_floats(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.geometry.n_kv_heads * l.geometry.head_dim)
+            .sum()
     }
 
     pub fn params(&self) -> LambdaParams {
@@ -159,6 +188,7 @@ impl TensorCache {
             .count() as u64;
         add_range(&mut self.pinned, range);
         self.schedule_pin_copies();
+        self.globals_changes += 1;
         lost
     }
 
@@ -167,6 +197,7 @@ impl TensorCache {
         remove_range(&mut self.pinned, range);
         self.drop_unpinned()?;
         self.schedule_pin_copies();
+        self.globals_changes += 1;
         Ok(())
     }
 
