@@ -76,6 +76,8 @@ pub struct Config {
     pub system: Option<String>,
     /// Longest reply, in tokens.
     pub max_tokens: Option<usize>,
+    /// MiB the saved KV caches of all conversations may take on disk together.
+    pub snapshot_budget_mib: Option<u64>,
     #[serde(default)]
     pub lambda: LambdaConfig,
     #[serde(default)]

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 pub use crate::attention::{CacheStats, LambdaParams, window_start};
-pub use crate::chat::{Message, Role};
+pub use crate::chat::{Message, Role, code_blocks};
 pub use crate::sampling::SamplingParams;
 
 /// A running engine as a front end drives it. Commands are carried out in order; a stop request
@@ -47,6 +47,11 @@ pub enum Command {
     Unpin(usize),
     /// Token-by-token view of message `i`.
     Inspect(usize),
+    /// The `count` messages before message `before` (scrolling up past what is loaded).
+    LoadMessages {
+        before: usize,
+        count: usize,
+    },
     /// Save the session with its KV snapshot now.
     Save,
     /// Write the conversation as Markdown to a file.
@@ -75,12 +80,16 @@ pub enum Event {
         reason: String,
         hint: String,
     },
-    /// A conversation was opened (new or resumed): its messages and title.
+    /// A conversation was opened (new or resumed): its title, its message count and its last
+    /// messages (older ones come with [`Command::LoadMessages`]).
     Opened {
         id: Option<i64>,
         title: String,
-        messages: Vec<Message>,
+        total: usize,
+        messages: Vec<ShownMessage>,
     },
+    /// Messages asked for with [`Command::LoadMessages`], in order.
+    Messages(Vec<ShownMessage>),
     /// The open conversation got its database id and title (with its first message).
     Titled {
         id: i64,
@@ -157,6 +166,17 @@ pub enum Notice {
     },
 }
 
+/// A message as a front end shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShownMessage {
+    /// Its index in the conversation.
+    pub index: usize,
+    pub role: Role,
+    pub content: String,
+    /// Code blocks in the messages before it (blocks are numbered across the conversation).
+    pub code_before: usize,
+}
+
 /// Why a reply ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum StopReason {
@@ -184,6 +204,8 @@ pub enum TokenState {
 /// The state of one message's characters, for dimming evicted text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageMap {
+    /// The message's index in the conversation.
+    pub index: usize,
     /// Token positions of the message's content.
     pub tokens: Range<u64>,
     /// Byte ranges of the content and the state of their tokens, in order.
@@ -198,7 +220,10 @@ pub struct Timeline {
     pub n_global: u64,
     pub n_local: u64,
     pub pinned: Vec<Range<u64>>,
-    /// One entry per message, in order.
+    /// Messages in the conversation.
+    pub message_count: usize,
+    /// The messages the Λ treats unevenly (tokens among the sinks, in the window or pinned)
+    /// and the last exchange, by index; every other message is wholly evicted.
     pub messages: Vec<MessageMap>,
 }
 

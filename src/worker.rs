@@ -19,16 +19,18 @@ use candle_core::Device;
 use crate::attention::LambdaParams;
 use crate::engine::Engine;
 use crate::progress::{Progress, download_line};
-use crate::protocol::{Backend, Command, Event, EventSender, Notice, Role, Settings};
+use crate::protocol::{Backend, Command, Event, EventSender, Notice, Role, Settings, ShownMessage};
 use crate::sampling::SamplingParams;
-use crate::session::{Session, SessionState, TurnEvent, TurnReport};
-use crate::store::{Store, title_from, to_markdown};
+use crate::session::{MessageRecord, Resumed, Session, TurnEvent, TurnReport};
+use crate::store::{Store, markdown_message, markdown_title, title_from};
 
 /// Prompt tokens per forward while chatting: small enough that Esc stops a long paste's
 /// prefill quickly, large enough to keep the matrix products efficient.
 const INTERACTIVE_PREFILL_CHUNK: usize = 32;
 /// Least time between two stats events while generating.
 const STATS_EVERY: Duration = Duration::from_millis(250);
+/// Messages an opened conversation shows at first; older ones come as the user scrolls up.
+const OPEN_MESSAGES: usize = 200;
 
 /// Fetches (reporting progress) and loads the model, on the worker thread.
 pub type LoadModel =
@@ -44,6 +46,8 @@ pub struct WorkerOptions {
     pub store: Option<PathBuf>,
     /// Session to resume: `Some(None)` for the latest one.
     pub resume: Option<Option<i64>>,
+    /// Bytes the KV files of all saved sessions may take together.
+    pub kv_budget: u64,
 }
 
 pub struct WorkerHandle {
@@ -116,6 +120,7 @@ struct Worker<'a> {
     /// Database id of the open conversation (created with its first message).
     id: Option<i64>,
     title: String,
+    kv_budget: u64,
     cancel: Arc<AtomicBool>,
     emit: &'a Emitter,
 }
@@ -186,11 +191,11 @@ fn run(
         store,
         id: None,
         title: "New chat".into(),
+        kv_budget: options.kv_budget,
         cancel,
         emit,
     };
-    w.session.set_probe(true);
-    w.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+    w.prepare_session();
     emit.send(Event::Ready {
         model: w.engine.model.info().name.clone(),
         settings: w.settings.clone(),
@@ -213,12 +218,22 @@ fn run(
     }
     while let Ok(command) = inbox.recv() {
         if command == Command::Shutdown {
-            w.save(true);
+            w.save();
             break;
         }
         w.handle(command);
     }
     Ok(())
+}
+
+/// A message as the UI shows it.
+fn shown(m: MessageRecord) -> ShownMessage {
+    ShownMessage {
+        index: m.index,
+        role: m.role,
+        content: m.content,
+        code_before: m.code_before,
+    }
 }
 
 impl Worker<'_> {
@@ -256,8 +271,10 @@ impl Worker<'_> {
                 }
             }
             Command::Pin(i) => {
-                let notice = self.session.pin(i);
-                self.emit.send(Event::Notice(notice));
+                match self.session.pin(i) {
+                    Ok(notice) => self.emit.send(Event::Notice(notice)),
+                    Err(e) => self.emit.send(Event::Error(format!("cannot pin: {e}"))),
+                }
                 self.timeline();
             }
             Command::Unpin(i) => {
@@ -267,27 +284,36 @@ impl Worker<'_> {
                 }
                 self.timeline();
             }
-            Command::Inspect(i) => self.inspect(i),
-            Command::Save => self.save(true),
-            Command::Export(path) => {
-                let md = to_markdown(&self.title, self.session.messages());
-                match std::fs::write(&path, md) {
-                    Ok(()) => self.emit.send(Event::Notice(Notice::Exported(path))),
-                    Err(e) => self.emit.send(Event::Error(format!(
-                        "cannot write {}: {e}",
-                        path.display()
-                    ))),
+            Command::Inspect(i) => match self.session.inspect(i) {
+                Ok(view) => self.emit.send(Event::Inspect(view)),
+                Err(e) => self.emit.send(Event::Error(e.to_string())),
+            },
+            Command::LoadMessages { before, count } => {
+                let from = before.saturating_sub(count);
+                match self.session.messages(from..before) {
+                    Ok(m) => self
+                        .emit
+                        .send(Event::Messages(m.into_iter().map(shown).collect())),
+                    Err(e) => self.emit.send(Event::Error(e.to_string())),
                 }
             }
+            Command::Save => self.save(),
+            Command::Export(path) => match self.export(&path) {
+                Ok(()) => self.emit.send(Event::Notice(Notice::Exported(path))),
+                Err(e) => self.emit.send(Event::Error(format!(
+                    "cannot write {}: {e}",
+                    path.display()
+                ))),
+            },
             Command::NewSession => {
-                self.save(true);
+                self.save();
                 self.fresh_session(self.settings.params);
                 self.id = None;
                 self.title = "New chat".into();
                 self.opened();
             }
             Command::OpenSession(id) => {
-                self.save(true);
+                self.save();
                 self.open(id);
             }
             Command::ListSessions => self.list(),
@@ -309,18 +335,25 @@ impl Worker<'_> {
                 self.list();
             }
             Command::DeleteSession(id) => {
-                if let Some(store) = &self.store {
-                    if let Err(e) = store.delete(id) {
-                        self.emit.send(Event::Error(e.to_string()));
-                    }
-                    if self.id == Some(id) {
-                        self.id = None;
-                    }
+                if self.store.is_some() && self.id == Some(id) {
+                    // The open conversation: let go of it first (its lock included).
+                    self.fresh_session(self.settings.params);
+                    self.id = None;
+                    self.title = "New chat".into();
+                }
+                if let Some(Err(e)) = self.store.as_ref().map(|s| s.delete(id)) {
+                    self.emit.send(Event::Error(e.to_string()));
                 }
                 self.list();
             }
             Command::Shutdown => {}
         }
+    }
+
+    /// The chat's settings on the session: probing for inspect mode, small prefill chunks.
+    fn prepare_session(&mut self) {
+        self.session.set_probe(true);
+        self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
     }
 
     fn fresh_session(&mut self, params: LambdaParams) {
@@ -332,18 +365,30 @@ impl Worker<'_> {
         ) {
             Ok(s) => {
                 self.session = s;
-                self.session.set_probe(true);
-                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+                self.prepare_session();
             }
             Err(e) => self.emit.send(Event::Error(e.to_string())),
         }
     }
 
+    /// Tells the UI what the open conversation is: its title and its last messages.
     fn opened(&mut self) {
+        let total = self.session.message_count();
+        let messages = match self
+            .session
+            .messages(total.saturating_sub(OPEN_MESSAGES)..total)
+        {
+            Ok(m) => m.into_iter().map(shown).collect(),
+            Err(e) => {
+                self.emit.send(Event::Error(e.to_string()));
+                Vec::new()
+            }
+        };
         self.emit.send(Event::Opened {
             id: self.id,
             title: self.title.clone(),
-            messages: self.session.messages().to_vec(),
+            total,
+            messages,
         });
         self.timeline();
     }
@@ -356,8 +401,57 @@ impl Worker<'_> {
         }
     }
 
+    /// Writes the conversation as Markdown: from the store a page at a time when it is saved,
+    /// else from the session.
+    fn export(&mut self, path: &std::path::Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        self.save();
+        match (&self.store, self.id) {
+            (Some(store), Some(id)) => store.export(id, &mut out)?,
+            _ => {
+                markdown_title(&mut out, &self.title)?;
+                for m in self.session.messages(0..self.session.message_count())? {
+                    markdown_message(&mut out, m.role, &m.content)?;
+                }
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Creates the store's row for a new conversation (with its first message) and moves the
+    /// session onto it.
+    fn create_saved(&mut self, first_message: &str) {
+        let (Some(store), None) = (&self.store, self.id) else {
+            return;
+        };
+        let title = title_from(first_message);
+        let model = self.engine.path.display().to_string();
+        let created = store
+            .create(&title, &model, self.settings.params)
+            .and_then(|id| Ok((id, store.history(id)?)));
+        match created {
+            Ok((id, history)) => {
+                self.session.attach_history(Box::new(history));
+                self.id = Some(id);
+                self.emit.send(Event::Titled {
+                    id,
+                    title: title.clone(),
+                });
+                self.title = title;
+            }
+            Err(e) => self
+                .emit
+                .send(Event::Error(format!("session not saved: {e}"))),
+        }
+    }
+
     /// Runs a turn (or a regeneration when `text` is `None`), streaming events.
     fn reply(&mut self, text: Option<String>) {
+        if let Some(t) = &text {
+            self.create_saved(t);
+        }
         let max = Some(self.settings.max_tokens);
         let cancel = self.cancel.clone();
         let emit = self.emit;
@@ -384,31 +478,15 @@ impl Worker<'_> {
                 }
             }
         };
-        if self.id.is_none() && self.store.is_some() {
-            let title = text.as_deref().map(title_from).unwrap_or_default();
-            let model = self.engine.path.display().to_string();
-            if let Some(store) = &self.store {
-                match store.create(&title, &model, self.settings.params) {
-                    Ok(id) => {
-                        self.id = Some(id);
-                        emit.send(Event::Titled {
-                            id,
-                            title: title.clone(),
-                        });
-                        self.title = title;
-                    }
-                    Err(e) => emit.send(Event::Error(format!("session not saved: {e}"))),
-                }
-            }
-        }
         let result: Result<Option<TurnReport>, _> = match text {
             Some(t) => self.session.turn(&t, max, &cancel, &mut on_event).map(Some),
             None => self.session.regenerate(max, &cancel, &mut on_event),
         };
         let replied = self
             .session
-            .messages()
-            .last()
+            .message(self.session.message_count().saturating_sub(1))
+            .ok()
+            .flatten()
             .is_some_and(|m| m.role == Role::Assistant);
         match result {
             Ok(Some(r)) => emit.send(Event::Finished {
@@ -423,7 +501,7 @@ impl Worker<'_> {
         }
         tracing::info!(elapsed = ?start.elapsed(), "turn finished");
         self.timeline();
-        self.save(true);
+        self.save();
     }
 
     fn set_lambda(&mut self, params: LambdaParams) {
@@ -436,31 +514,17 @@ impl Worker<'_> {
             Ok(p) => p,
             Err(e) => return self.emit.send(Event::Error(e.to_string())),
         };
-        let state = self.session.state().clone();
-        match Session::restore(
-            self.engine.clone(),
-            params,
-            self.settings.sampling.clone(),
-            state,
-            None,
-        ) {
-            Ok((session, _)) => {
-                self.session = session;
-                self.session.set_probe(true);
-                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
-                self.settings.params = params;
-                self.emit.send(Event::Settings(self.settings.clone()));
-                self.emit.send(Event::Notice(Notice::LambdaChanged {
-                    n_global: params.n_global,
-                    n_local: params.n_local,
-                }));
-                self.catch_up();
-            }
-            Err(e) => self.emit.send(Event::Error(e.to_string())),
-        }
+        self.session.set_params(params);
+        self.settings.params = params;
+        self.emit.send(Event::Settings(self.settings.clone()));
+        self.emit.send(Event::Notice(Notice::LambdaChanged {
+            n_global: params.n_global,
+            n_local: params.n_local,
+        }));
+        self.catch_up();
     }
 
-    /// Feeds the history of a session restored without its cache.
+    /// Feeds what the cache lacks (after a resume or new Λ parameters), then saves.
     fn catch_up(&mut self) {
         let emit = self.emit;
         let cancel = self.cancel.clone();
@@ -474,99 +538,79 @@ impl Worker<'_> {
             Err(e) => emit.send(Event::Error(e.to_string())),
         }
         self.timeline();
+        self.save();
     }
 
     fn open(&mut self, id: i64) {
         let Some(store) = &self.store else {
             return self.emit.send(Event::Error("no session database".into()));
         };
-        let stored = match store.load(id) {
-            Ok(s) => s,
+        let opened = store.summary(id).and_then(|s| Ok((s, store.history(id)?)));
+        let (summary, history) = match opened {
+            Ok(o) => o,
             Err(e) => return self.emit.send(Event::Error(e.to_string())),
         };
-        let snapshot = stored
-            .snapshot
-            .as_ref()
-            .filter(|(tokens, _)| {
-                *tokens as usize + stored.state.pending.len() == stored.state.tokens.len()
-            })
-            .map(|(_, bytes)| bytes.as_slice());
-        let exact = snapshot.is_some();
-        match Session::restore(
+        // The conversation being left lets go of its history (and lock) first.
+        self.fresh_session(self.settings.params);
+        self.id = None;
+        match Session::resume(
             self.engine.clone(),
-            stored.params,
             self.settings.sampling.clone(),
-            stored.state,
-            snapshot,
+            Box::new(history),
         ) {
-            Ok((session, problem)) => {
+            Ok((session, resumed)) => {
                 self.session = session;
-                self.session.set_probe(true);
-                self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
-                self.settings.params = stored.params;
+                self.prepare_session();
+                self.settings.params = self.session.params();
                 self.id = Some(id);
-                self.title = stored.summary.title;
+                self.title = summary.title;
                 self.emit.send(Event::Settings(self.settings.clone()));
                 self.opened();
-                if let Some(p) = &problem {
-                    tracing::warn!("snapshot not used: {p}");
-                }
-                let from_snapshot = exact && problem.is_none();
+                let from_snapshot = match &resumed {
+                    Resumed::Saved { .. } => true,
+                    Resumed::Reread(why) => {
+                        tracing::warn!("saved cache not used: {why}");
+                        false
+                    }
+                };
                 self.emit.send(Event::Notice(Notice::Resumed {
                     title: self.title.clone(),
                     from_snapshot,
                 }));
-                if !from_snapshot {
+                if resumed != (Resumed::Saved { refeed: 0 }) {
                     self.catch_up();
                 }
             }
+            Err(e) => self.emit.send(Event::Error(format!("cannot resume: {e}"))),
+        }
+    }
+
+    /// Saves what changed since the last save; a failure (a full disk) is said on the status
+    /// line, and what was not saved stays to be saved next time.
+    fn save(&mut self) {
+        if self.id.is_none() {
+            return;
+        }
+        let start = Instant::now();
+        match self.session.save() {
+            Ok(()) => tracing::info!(elapsed = ?start.elapsed(), "session saved"),
+            Err(e) => {
+                tracing::error!("saving the session: {e}");
+                return self.emit.send(Event::Error(format!("saving failed: {e}")));
+            }
+        }
+        if let Some(store) = &self.store
+            && let Err(e) = store.enforce_kv_budget(self.kv_budget, self.id)
+        {
+            tracing::warn!("keeping the saved caches within their budget: {e}");
+        }
+    }
+
+    /// Sends where the conversation stands in the Λ.
+    fn timeline(&mut self) {
+        match self.session.timeline() {
+            Ok(t) => self.emit.send(Event::Timeline(t)),
             Err(e) => self.emit.send(Event::Error(e.to_string())),
         }
-    }
-
-    /// Saves the conversation; with `snapshot`, the KV cache too (same transaction).
-    fn save(&mut self, snapshot: bool) {
-        let (Some(store), Some(id)) = (&mut self.store, self.id) else {
-            return;
-        };
-        let start = Instant::now();
-        let state: &SessionState = self.session.state();
-        let bytes = if snapshot {
-            match self.session.snapshot() {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    self.emit.send(Event::Error(format!("KV snapshot: {e}")));
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let tokens = self.session.stats().tokens_seen;
-        let result = store.save(
-            id,
-            self.session.params(),
-            state,
-            bytes.as_deref().map(|b| (tokens, b)),
-        );
-        match result {
-            Ok(()) => tracing::info!(
-                bytes = bytes.as_ref().map_or(0, Vec::len),
-                elapsed = ?start.elapsed(),
-                "session saved"
-            ),
-            Err(e) => self
-                .emit
-                .send(Event::Error(format!("saving the session: {e}"))),
-        }
-    }
-
-    /// Sends where every message stands in the Λ.
-    fn timeline(&mut self) {
-        self.emit.send(Event::Timeline(self.session.timeline()));
-    }
-
-    fn inspect(&mut self, index: usize) {
-        self.emit.send(Event::Inspect(self.session.inspect(index)));
     }
 }

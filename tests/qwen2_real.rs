@@ -115,7 +115,7 @@ fn second_turn_feeds_only_new_tokens() {
     );
     assert!(first.prompt_tokens > second.prompt_tokens);
     assert!(session.stats().tokens_seen as usize >= seen_after_first + second.prompt_tokens);
-    assert_eq!(session.messages().len(), 4);
+    assert_eq!(session.message_count(), 4);
 }
 
 /// The model's own Jinja template (with its default system prompt) renders as ChatML, and the

@@ -10,7 +10,7 @@ use common::engine;
 use lambdachat::attention::LambdaParams;
 use lambdachat::protocol::{Notice, StopReason, TokenState};
 use lambdachat::sampling::SamplingParams;
-use lambdachat::session::{Session, TurnEvent};
+use lambdachat::session::{MemoryHistory, Resumed, Session, TurnEvent};
 use lambdachat::store::Store;
 
 fn greedy(params: LambdaParams) -> Session {
@@ -34,40 +34,46 @@ fn turn(s: &mut Session, text: &str) -> String {
         .reply
 }
 
-/// Saved with its KV snapshot and resumed, a conversation continues exactly as if never
-/// interrupted: the same greedy reply, the same cache counters.
+fn greedy_sampling() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
+}
+
+/// A conversation saved in a fresh store: the store's directory and the session's id.
+fn saved_session(params: LambdaParams, turns: &[&str]) -> (tempfile::TempDir, i64, Session) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).unwrap();
+    let id = store.create("t", "m", params).unwrap();
+    let history = store.history(id).unwrap();
+    let mut s = Session::with_history(engine(), params, greedy_sampling(), None, Box::new(history))
+        .unwrap();
+    for t in turns {
+        turn(&mut s, t);
+        s.save().unwrap();
+    }
+    (dir, id, s)
+}
+
+fn resume(dir: &tempfile::TempDir, id: i64) -> (Session, Resumed) {
+    let store = Store::open(&dir.path().join("s.db")).unwrap();
+    let history = store.history(id).unwrap();
+    Session::resume(engine(), greedy_sampling(), Box::new(history)).unwrap()
+}
+
+/// Saved turn by turn (the KV file taking each turn's new tokens) and resumed, a conversation
+/// continues exactly as if never interrupted: the same greedy reply, the same cache counters.
 #[test]
 fn a_resumed_session_continues_exactly() {
     let params = small();
-    let mut original = greedy(params);
-    turn(&mut original, "List three fruits.");
-    turn(&mut original, "And three vegetables?");
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
-    let id = store.create("t", "m", params).unwrap();
-    let snapshot = original.snapshot().unwrap();
-    let tokens = original.stats().tokens_seen;
-    store
-        .save(id, params, original.state(), Some((tokens, &snapshot)))
-        .unwrap();
-    drop(store);
-
-    let stored = Store::open(&dir.path().join("s.db"))
-        .unwrap()
-        .load(id)
-        .unwrap();
-    let (mut resumed, problem) = Session::restore(
-        engine(),
-        stored.params,
-        SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        stored.state,
-        stored.snapshot.as_ref().map(|(_, b)| b.as_slice()),
-    )
-    .unwrap();
-    assert!(problem.is_none(), "{problem:?}");
+    let (dir, id, mut original) =
+        saved_session(params, &["List three fruits.", "And three vegetables?"]);
+    // The original goes on in memory: the store's conversation is the resumed one's now (one
+    // holder at a time).
+    original.attach_history(Box::new(MemoryHistory::default()));
+    let (mut resumed, how) = resume(&dir, id);
+    assert_eq!(how, Resumed::Saved { refeed: 0 });
     assert_eq!(resumed.stats(), original.stats());
     assert!(
         resumed.stats().evicted > 0,
@@ -77,34 +83,45 @@ fn a_resumed_session_continues_exactly() {
     let b = turn(&mut resumed, "Which of them is red?");
     assert_eq!(a, b);
     assert_eq!(resumed.stats(), original.stats());
-    assert_eq!(resumed.messages(), original.messages());
+    assert_eq!(resumed.message_count(), original.message_count());
+    // The exchange after the resume is the same on both sides (the original's earlier
+    // messages stayed in the store it let go of).
+    assert_eq!(
+        resumed.messages(4..6).unwrap(),
+        original.messages(4..6).unwrap()
+    );
 }
 
-/// Without a usable snapshot the history is fed again, once, and the next turn feeds only
-/// its own message.
+/// Without its saved cache the conversation reads its sinks and window again, once — never the
+/// whole history — and the next turn feeds only its own message.
 #[test]
-fn a_session_without_snapshot_feeds_its_history_once() {
+fn a_session_without_its_cache_reads_its_window_again() {
     let params = small();
-    let mut original = greedy(params);
-    turn(&mut original, "Say hello.");
-    let state = original.state().clone();
-    let garbage = b"not a snapshot".as_slice();
-    let (mut resumed, problem) = Session::restore(
-        engine(),
+    let (dir, id, original) = saved_session(
         params,
-        SamplingParams::default(),
-        state,
-        Some(garbage),
-    )
-    .unwrap();
-    assert!(problem.is_some(), "a bad snapshot is reported, not used");
+        &["Say hello.", "Now count from one to twenty.", "Go on."],
+    );
+    drop(original);
+    std::fs::remove_file(dir.path().join("kv").join(format!("{id}.kv"))).unwrap();
+    let (mut resumed, how) = resume(&dir, id);
+    assert!(matches!(how, Resumed::Reread(_)), "{how:?}");
     assert_eq!(resumed.stats().tokens_seen, 0);
     let never = AtomicBool::new(false);
     let fed = Device::Cpu
         .with_context(|| resumed.catch_up(&never, &mut |_| {}))
         .unwrap();
-    assert!(fed > 10, "{fed} tokens fed");
-    assert_eq!(resumed.stats().tokens_seen as usize, fed);
+    let total = resumed.token_count() - resumed.pending().len() as u64;
+    assert!(
+        total > (params.n_global + params.n_local) as u64,
+        "the test evicts"
+    );
+    assert_eq!(
+        fed,
+        params.n_global + params.n_local,
+        "the sinks and the window"
+    );
+    assert_eq!(resumed.stats().tokens_seen, total);
+    assert_eq!(resumed.stats().attended_window, params.n_local as u64 - 1);
     let before = resumed.stats().tokens_seen;
     let report = Device::Cpu
         .with_context(|| resumed.turn("Again.", Some(4), &never, &mut |_| {}))
@@ -130,7 +147,7 @@ fn regenerate_starts_again_from_the_prompt() {
     let mut s = Session::new(engine(), small(), sampling, None).unwrap();
     let first = turn(&mut s, "Name a planet.");
     let stats = s.stats();
-    let tokens = s.state().tokens.clone();
+    let tokens = s.tokens(0..s.token_count()).unwrap();
     let never = AtomicBool::new(false);
     let again = Device::Cpu
         .with_context(|| s.regenerate(Some(12), &never, &mut |_| {}))
@@ -138,8 +155,8 @@ fn regenerate_starts_again_from_the_prompt() {
         .unwrap();
     assert_eq!(again.reply, first);
     assert_eq!(s.stats(), stats);
-    assert_eq!(s.state().tokens, tokens);
-    assert_eq!(s.messages().len(), 2);
+    assert_eq!(s.tokens(0..s.token_count()).unwrap(), tokens);
+    assert_eq!(s.message_count(), 2);
 }
 
 /// Esc during a long prompt stops between chunks; what was not read stays pending and the next
@@ -165,15 +182,15 @@ fn stopping_during_the_prompt_keeps_the_rest_for_later() {
     assert_eq!(report.generated_tokens, 0);
     let fed = s.stats().tokens_seen as usize;
     assert_eq!(fed, 8);
-    assert_eq!(fed + s.state().pending.len(), s.state().tokens.len());
+    assert_eq!(fed + s.pending().len(), s.token_count() as usize);
     cancel.store(false, Ordering::Relaxed);
     let report = Device::Cpu
         .with_context(|| s.turn("Thanks.", Some(4), &cancel, &mut |_| {}))
         .unwrap();
-    assert!(report.prompt_tokens > s.state().tokens.len() / 2);
+    assert!(report.prompt_tokens > s.token_count() as usize / 2);
     assert_eq!(
-        s.stats().tokens_seen as usize + s.state().pending.len(),
-        s.state().tokens.len()
+        s.stats().tokens_seen as usize + s.pending().len(),
+        s.token_count() as usize
     );
 }
 
@@ -183,14 +200,12 @@ fn stopping_during_the_prompt_keeps_the_rest_for_later() {
 fn message_tokens_and_pins() {
     let mut s = greedy(small());
     turn(&mut s, "Remember the code word: PINEAPPLE.");
-    let code_word = s.message_tokens(0);
-    let ids: Vec<u32> = (code_word.start..code_word.end)
-        .map(|p| s.state().tokens[p as usize])
-        .collect();
+    let code_word = s.message_tokens(0).unwrap();
+    let ids = s.tokens(code_word.clone()).unwrap().ids;
     let text = engine().tokenizer.decode(&ids).unwrap();
     assert_eq!(text, "Remember the code word: PINEAPPLE.");
     assert_eq!(
-        s.pin(0),
+        s.pin(0).unwrap(),
         Notice::Pinned {
             tokens: code_word.end - code_word.start,
             lost: 0
@@ -202,7 +217,12 @@ fn message_tokens_and_pins() {
     assert!(s.stats().evicted > 0);
     // The token states the inspect view shows, message by message.
     let states = |s: &Session, i: usize| -> Vec<TokenState> {
-        s.inspect(i).tokens.iter().map(|t| t.state).collect()
+        s.inspect(i)
+            .unwrap()
+            .tokens
+            .iter()
+            .map(|t| t.state)
+            .collect()
     };
     assert_eq!(states(&s, 0).len() as u64, code_word.end - code_word.start);
     assert!(states(&s, 0).iter().all(|t| *t == TokenState::Pinned));

@@ -5,7 +5,7 @@
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use lambdachat::protocol::{
     CacheStats, Event, InspectView, LambdaParams, Message, MessageMap, Role, SamplingParams,
-    Settings, StopReason, Timeline, TokenInfo, TokenState,
+    Settings, ShownMessage, StopReason, Timeline, TokenInfo, TokenState, code_blocks,
 };
 use lambdachat::tui::app::{App, Msg};
 use lambdachat::tui::keymap::Keymap;
@@ -44,12 +44,28 @@ fn event(app: &mut App, e: Event) {
 
 /// A finished conversation of `n` exchanges, as the worker reports it when opened.
 fn conversation(app: &mut App, messages: Vec<Message>) {
+    let mut code_before = 0;
+    let shown = messages
+        .into_iter()
+        .enumerate()
+        .map(|(index, m)| {
+            let shown = ShownMessage {
+                index,
+                role: m.role,
+                code_before,
+                content: m.content,
+            };
+            code_before += code_blocks(&shown.content).len();
+            shown
+        })
+        .collect::<Vec<_>>();
     event(
         app,
         Event::Opened {
             id: Some(1),
             title: "Rust questions".into(),
-            messages,
+            total: shown.len(),
+            messages: shown,
         },
     );
 }
@@ -69,6 +85,7 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
                 TokenState::Window
             };
             MessageMap {
+                index: i as usize,
                 tokens: t,
                 segments: vec![(0..1000, state)],
             }
@@ -91,6 +108,7 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
         n_global: g,
         n_local: l,
         pinned,
+        message_count: n_messages as usize,
         messages,
     }
 }
@@ -273,6 +291,7 @@ fn session_list() {
         Event::Opened {
             id: Some(2),
             title: "Borrow checker".into(),
+            total: 0,
             messages: vec![],
         },
     );

@@ -188,6 +188,20 @@ impl HostCache {
         Ok(cache)
     }
 
+    /// Moves on to `position` without storing the tokens before it: they count as evicted
+    /// (a conversation read again from its sinks, pins and window). The ring's older entries
+    /// stay invisible: they are outside every later query's window.
+    pub fn skip_to(&mut self, position: u64) {
+        if position <= self.next_position {
+            return;
+        }
+        self.forget_mark();
+        self.next_position = position;
+        for layer in &mut self.layers {
+            layer.seen = position;
+        }
+    }
+
     /// Starts remembering what the passes from now on overwrite, so [`Self::rewind`] can put
     /// the cache back here.
     pub fn mark(&mut self) {

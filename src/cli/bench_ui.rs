@@ -17,9 +17,9 @@ use ratatui::{Terminal, TerminalOptions, Viewport};
 use tokio::sync::mpsc::unbounded_channel;
 
 use super::RunArgs;
-use crate::chat::{Message, Role};
+use crate::chat::{Role, code_blocks};
 use crate::config::Config;
-use crate::protocol::{Backend, Command, Event, Settings};
+use crate::protocol::{Backend, Command, Event, Settings, ShownMessage};
 use crate::tui::app::{App, Msg};
 use crate::tui::keymap::Keymap;
 use crate::tui::theme::Theme;
@@ -82,22 +82,31 @@ fn print(label: &str, us: Vec<f64>) {
 }
 
 /// A conversation of `n` messages of typical shapes: questions, prose, lists, code.
-fn conversation(n: usize) -> Vec<Message> {
+fn conversation(n: usize) -> Vec<ShownMessage> {
+    let mut code_before = 0;
     (0..n)
         .map(|i| {
-            if i % 2 == 0 {
-                Message::new(Role::User, format!("Question {i}: how do I sort a vector of structs by a field, and keep it stable?"))
+            let (role, content) = if i % 2 == 0 {
+                (Role::User, format!("Question {i}: how do I sort a vector of structs by a field, and keep it stable?"))
             } else if i % 6 == 1 {
-                Message::new(
+                (
                     Role::Assistant,
                     format!("Use `sort_by_key`, which is stable:\n\n```rust\nitems.sort_by_key(|item| item.field_{i});\n```\n\nIt keeps equal elements in their order."),
                 )
             } else {
-                Message::new(
+                (
                     Role::Assistant,
                     format!("Reply {i}. **Stable** sorting keeps equal elements in order.\n\n- `sort` is stable\n- `sort_unstable` is faster\n- both take O(n log n)\n\nSee the docs of `slice::sort` for details — 日本語 and emoji 🎉 wrap by width."),
                 )
-            }
+            };
+            let m = ShownMessage {
+                index: i,
+                role,
+                code_before,
+                content,
+            };
+            code_before += code_blocks(&m.content).len();
+            m
         })
         .collect()
 }
@@ -124,6 +133,7 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
     app.update(Msg::Worker(Event::Opened {
         id: None,
         title: "bench".into(),
+        total: args.messages,
         messages: conversation(args.messages),
     }));
     let mut term = terminal(cols, rows)?;
@@ -194,6 +204,7 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
             system: None,
             store: None,
             resume: None,
+            kv_budget: 0,
         },
         tx,
     )?;
@@ -201,6 +212,7 @@ fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16
     app.update(Msg::Worker(Event::Opened {
         id: None,
         title: "bench".into(),
+        total: args.messages,
         messages: conversation(args.messages),
     }));
     let mut term = terminal(cols, rows)?;

@@ -40,6 +40,9 @@ pub struct ChatArgs {
 
 /// Longest reply when neither the flag nor the config file says.
 const DEFAULT_MAX_TOKENS: usize = 2048;
+/// MiB of saved KV caches (all conversations together) when the config file does not say: 20
+/// conversations of the default model at a full window.
+pub const DEFAULT_SNAPSHOT_BUDGET_MIB: u64 = 2048;
 
 pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
     let settings = args.run.settings(config)?;
@@ -81,6 +84,10 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
         system,
         store,
         resume,
+        kv_budget: config
+            .snapshot_budget_mib
+            .unwrap_or(DEFAULT_SNAPSHOT_BUDGET_MIB)
+            .saturating_mul(1 << 20),
     };
     let start: crate::protocol::Start = Box::new(move |events| {
         let worker = crate::worker::spawn(options, events)?;

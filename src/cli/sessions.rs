@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
-use crate::store::{Store, to_markdown};
+use crate::store::Store;
 
 #[derive(Subcommand)]
 pub enum SessionsCommand {
@@ -46,15 +46,24 @@ pub fn run(command: Option<SessionsCommand>) -> Result<i32> {
         }
         SessionsCommand::Rename { id, title } => store.rename(id, &title)?,
         SessionsCommand::Delete { id } => store.delete(id)?,
-        SessionsCommand::Export { id, file } => {
-            let saved = store.load(id)?;
-            let md = to_markdown(&saved.summary.title, &saved.state.messages);
-            match file {
-                Some(path) => std::fs::write(&path, md)
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => print!("{md}"),
+        SessionsCommand::Export { id, file } => match file {
+            // Written aside and renamed into place: an interrupted export leaves no half file.
+            Some(path) => {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                let tmp = path.with_file_name(format!(".{}.partial", name.unwrap_or_default()));
+                let mut out = std::io::BufWriter::new(
+                    std::fs::File::create(&tmp)
+                        .with_context(|| format!("writing {}", tmp.display()))?,
+                );
+                store.export(id, &mut out)?;
+                out.into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
-        }
+            None => store.export(id, &mut std::io::stdout().lock())?,
+        },
     }
     Ok(0)
 }

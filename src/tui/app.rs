@@ -13,7 +13,10 @@ use super::panels::input;
 use super::panels::inspect::{Inspect, Move};
 use super::panels::sessions::{ListOutcome, SessionList};
 use super::theme::Theme;
-use crate::protocol::{Command, Event, Role, Settings, StopReason, Timeline};
+use crate::protocol::{Command, Event, Role, Settings, StopReason, Timeline, TokenState};
+
+/// Messages asked for at a time when scrolling up past what is loaded.
+const OLDER_PAGE: usize = 100;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Msg {
@@ -95,6 +98,8 @@ pub struct App {
     pub quitting: bool,
     /// False once the worker has stopped on its own (it crashed): quitting then exits at once.
     pub worker_alive: bool,
+    /// Older messages were asked for and have not arrived yet.
+    loading_older: bool,
 }
 
 impl App {
@@ -119,6 +124,7 @@ impl App {
             size,
             quitting: false,
             worker_alive: true,
+            loading_older: false,
         }
     }
 
@@ -158,7 +164,7 @@ impl App {
             }
             Msg::Wheel(rows) if rows < 0 => {
                 self.conversation.scroll_up(rows.unsigned_abs() as usize);
-                Vec::new()
+                self.load_older()
             }
             Msg::Wheel(rows) => {
                 self.conversation.scroll_down(rows as usize);
@@ -255,6 +261,10 @@ impl App {
             Action::Inspect => return self.start_inspect(),
             Action::Sessions => return vec![Effect::Worker(Command::ListSessions)],
             Action::Regenerate => return self.regenerate(),
+            Action::ScrollUp | Action::PageUp | Action::Top => {
+                self.conversation.scroll_by(action, page);
+                return self.load_older();
+            }
             other => {
                 if !self.conversation.scroll_by(other, page) {
                     input::act(&mut self.input, other);
@@ -325,7 +335,7 @@ impl App {
     /// Message index from a 1-based number, or the default.
     fn message_index(&self, n: Option<usize>, default: Option<usize>) -> Option<usize> {
         match n {
-            Some(n) if n <= self.conversation.messages.len() => Some(n - 1),
+            Some(n) if n <= self.conversation.total => Some(n - 1),
             Some(_) => None,
             None => default,
         }
@@ -373,14 +383,19 @@ impl App {
             SlashCommand::SetLambda(p) => return worker(Command::SetLambda(p)),
             SlashCommand::Regen => return self.regenerate(),
             SlashCommand::Pin(n) => {
-                let last = self.conversation.messages.len().checked_sub(1);
+                let last = self.conversation.total.checked_sub(1);
                 match self.message_index(n, last) {
                     Some(i) => return worker(Command::Pin(i)),
                     None => self.error("no such message"),
                 }
             }
             SlashCommand::Unpin(n) => {
-                let last_pinned = self.conversation.messages.iter().rposition(|m| m.pinned);
+                let last_pinned = self
+                    .conversation
+                    .messages
+                    .iter()
+                    .rfind(|m| m.pinned)
+                    .map(|m| m.index);
                 match self.message_index(n, last_pinned) {
                     Some(i) => return worker(Command::Unpin(i)),
                     None => self.error("no pinned message"),
@@ -429,7 +444,7 @@ impl App {
     }
 
     fn start_inspect(&mut self) -> Vec<Effect> {
-        let Some(message) = self.conversation.messages.len().checked_sub(1) else {
+        let Some(message) = self.conversation.total.checked_sub(1) else {
             self.error("nothing to inspect yet");
             return Vec::new();
         };
@@ -442,7 +457,7 @@ impl App {
     /// A key in inspect mode; `None` lets it through to the chat (the chat's own inspect key
     /// leaves the mode).
     fn inspect_key(&mut self, key: &Key, chat: Option<Action>) -> Option<Vec<Effect>> {
-        let messages = self.conversation.messages.len();
+        let messages = self.conversation.total;
         let inspect = self.inspect.as_mut()?;
         let moved = match self.keymap.action(Context::Inspect, key) {
             Some(action) => inspect.act(action, messages),
@@ -476,16 +491,19 @@ impl App {
             Event::Opened {
                 id,
                 title,
+                total,
                 messages,
             } => {
                 self.session_id = id;
                 self.title = title;
-                self.conversation = Conversation::default();
-                for m in messages {
-                    self.conversation.push(m.role, m.content);
-                }
+                self.conversation = Conversation::opened(total, messages);
+                self.loading_older = false;
                 self.inspect = None;
                 self.generation = None;
+            }
+            Event::Messages(older) => {
+                self.conversation.prepend(older);
+                self.loading_older = false;
             }
             Event::Titled { id, title } => {
                 self.session_id = Some(id);
@@ -572,7 +590,7 @@ impl App {
                     .last()
                     .is_some_and(|m| m.role == Role::Assistant)
                 {
-                    self.conversation.messages.pop();
+                    self.conversation.pop();
                 }
                 self.generation = Some(Generation::default());
                 self.conversation.to_bottom();
@@ -610,20 +628,44 @@ impl App {
         Vec::new()
     }
 
-    /// Takes the worker's map of the Λ: dims evicted text, marks pinned messages.
+    /// Takes the engine's map of the Λ: dims evicted text, marks pinned messages. A loaded
+    /// message the map does not list is wholly evicted (when the engine knows it).
     fn apply_timeline(&mut self, t: Timeline) {
-        for (m, map) in self.conversation.messages.iter_mut().zip(&t.messages) {
-            let pinned = t
-                .pinned
-                .iter()
-                .any(|p| p.start < map.tokens.end && map.tokens.start < p.end);
-            if m.segments != map.segments || m.pinned != pinned {
-                m.segments = map.segments.clone();
+        for m in &mut self.conversation.messages {
+            let (segments, pinned) = match t.messages.binary_search_by_key(&m.index, |x| x.index) {
+                Ok(i) => {
+                    let map = &t.messages[i];
+                    let pinned = t
+                        .pinned
+                        .iter()
+                        .any(|p| p.start < map.tokens.end && map.tokens.start < p.end);
+                    (map.segments.clone(), pinned)
+                }
+                Err(_) if m.index < t.message_count => {
+                    (vec![(0..m.content.len(), TokenState::Evicted)], false)
+                }
+                Err(_) => continue,
+            };
+            if m.segments != segments || m.pinned != pinned {
+                m.segments = segments;
                 m.pinned = pinned;
                 m.touch();
             }
         }
         self.timeline = t;
+    }
+
+    /// After a scroll up: when the view reached the first loaded message and older ones exist,
+    /// asks for the page before it.
+    fn load_older(&mut self) -> Vec<Effect> {
+        if self.loading_older || !self.conversation.wants_older() {
+            return Vec::new();
+        }
+        self.loading_older = true;
+        vec![Effect::Worker(Command::LoadMessages {
+            before: self.conversation.first(),
+            count: OLDER_PAGE,
+        })]
     }
 }
 
@@ -810,7 +852,8 @@ mod tests {
         let mut app = app();
         send(&mut app, "old");
         finish(&mut app, true);
-        let map = |tokens: std::ops::Range<u64>, state| MessageMap {
+        let map = |index, tokens: std::ops::Range<u64>, state| MessageMap {
+            index,
             tokens,
             segments: vec![(0..3, state)],
         };
@@ -822,9 +865,10 @@ mod tests {
             n_global: 4,
             n_local: 64,
             pinned: vec![std::ops::Range { start: 10, end: 12 }],
+            message_count: 2,
             messages: vec![
-                map(10..12, TokenState::Pinned),
-                map(20..30, TokenState::Evicted),
+                map(0, 10..12, TokenState::Pinned),
+                map(1, 20..30, TokenState::Evicted),
             ],
         })));
         assert!(app.conversation.messages[0].pinned);

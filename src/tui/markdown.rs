@@ -24,25 +24,6 @@ pub struct Rendered {
     pub code_blocks: Vec<String>,
 }
 
-/// The code blocks of a message, without rendering it.
-pub fn code_blocks(src: &str) -> Vec<String> {
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for event in Parser::new_ext(src, Options::ENABLE_STRIKETHROUGH) {
-        match event {
-            Event::Start(Tag::CodeBlock(_)) => current = Some(String::new()),
-            Event::Text(t) => {
-                if let Some(c) = current.as_mut() {
-                    c.push_str(&t);
-                }
-            }
-            Event::End(TagEnd::CodeBlock) => blocks.extend(current.take()),
-            _ => {}
-        }
-    }
-    blocks
-}
-
 enum Container {
     Quote,
     /// A list item: the width of its bullet.
@@ -450,7 +431,7 @@ mod tests {
         let src = "a\n```\nx = 1\n```\nb\n```py\ny\n```";
         let r = render(src, 4, &Theme::default(), Style::default(), &[]);
         assert_eq!(r.code_blocks, ["x = 1\n", "y\n"]);
-        assert_eq!(code_blocks(src), r.code_blocks);
+        assert_eq!(crate::protocol::code_blocks(src), r.code_blocks);
         let text: String = r
             .lines
             .iter()

@@ -99,7 +99,7 @@ pub fn draw(frame: &mut Frame<'_>, app: &App) {
         visualizer::draw(frame, vis, theme, &app.timeline, distance_limit);
     }
     if let Some(i) = &app.inspect {
-        let role = app.conversation.messages.get(i.message).map(|m| m.role);
+        let role = app.conversation.get(i.message).map(|m| m.role);
         i.draw(frame, insp, (theme, &app.keymap), role, &app.timeline.stats);
     }
     let look = input::InputLook {

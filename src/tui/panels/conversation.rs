@@ -6,6 +6,7 @@
 //! only messages that changed (the streaming reply, a new eviction boundary) are re-rendered.
 
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 use std::rc::Rc;
 
 use ratatui::Frame;
@@ -15,9 +16,10 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
 use crate::progress::thousands;
-use crate::protocol::{LambdaParams, Role, TokenState};
+use crate::protocol::code_blocks;
+use crate::protocol::{LambdaParams, Role, ShownMessage, TokenState};
 use crate::tui::keymap::{Action, Keymap};
-use crate::tui::markdown::{self, code_blocks};
+use crate::tui::markdown;
 use crate::tui::theme::Theme;
 use crate::tui::widgets::centered_text;
 use crate::tui::wrap::{StyledLine, str_width, wrap};
@@ -29,6 +31,8 @@ pub const SCROLL_STEP: usize = 3;
 type CachedRows = (u16, u64, Rc<Vec<Line<'static>>>);
 
 pub struct ChatMessage {
+    /// Its index in the conversation (shown as `#index+1`).
+    pub index: usize,
     pub role: Role,
     pub content: String,
     /// Code blocks in the messages before this one (its own are numbered from here + 1).
@@ -45,8 +49,9 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    pub fn new(role: Role, content: String, first_code: usize) -> Self {
+    pub fn new(index: usize, role: Role, content: String, first_code: usize) -> Self {
         Self {
+            index,
             role,
             code_blocks: code_blocks(&content),
             content,
@@ -69,19 +74,28 @@ impl ChatMessage {
     }
 
     /// Rows of this message at `width`, header and trailing blank row included.
-    pub fn rows(&self, index: usize, width: u16, theme: &Theme) -> Rc<Vec<Line<'static>>> {
+    pub fn rows(&self, width: u16, theme: &Theme) -> Rc<Vec<Line<'static>>> {
         if let Some((w, v, rows)) = &*self.cache.borrow()
             && *w == width
             && *v == self.version
         {
             return rows.clone();
         }
-        let rows = Rc::new(self.render(index, width, theme));
+        let rows = Rc::new(self.render(width, theme));
         *self.cache.borrow_mut() = Some((width, self.version, rows.clone()));
         rows
     }
 
-    fn render(&self, index: usize, width: u16, theme: &Theme) -> Vec<Line<'static>> {
+    /// Rows cached now (0 when none).
+    fn cached_rows(&self) -> usize {
+        self.cache
+            .borrow()
+            .as_ref()
+            .map_or(0, |(_, _, rows)| rows.len())
+    }
+
+    fn render(&self, width: u16, theme: &Theme) -> Vec<Line<'static>> {
+        let index = self.index;
         let (name, color) = match self.role {
             Role::User => ("You", theme.user),
             Role::Assistant => ("Assistant", theme.assistant),
@@ -138,6 +152,11 @@ impl ChatMessage {
     }
 }
 
+/// A message loaded from the engine.
+fn loaded(m: ShownMessage) -> ChatMessage {
+    ChatMessage::new(m.index, m.role, m.content, m.code_before)
+}
+
 /// `enter` → `Enter`, for a key named in a sentence.
 fn capitalized(key: &str) -> String {
     let mut chars = key.chars();
@@ -146,9 +165,21 @@ fn capitalized(key: &str) -> String {
         .map_or(String::new(), |c| c.to_uppercase().chain(chars).collect())
 }
 
+/// Messages kept loaded while the view follows the bottom; older ones are loaded again when
+/// the user scrolls up to them, and let go once the view is back at the bottom.
+pub const LOADED_MESSAGES: usize = 400;
+/// Rendered rows kept cached over all messages; past it, the caches of messages off the
+/// screen are dropped.
+pub const CACHED_ROWS: usize = 20_000;
+
+/// The conversation as the screen has it: a window of its messages (the newest last, older ones
+/// loaded on demand), scrolled from the bottom.
 #[derive(Default)]
 pub struct Conversation {
+    /// The loaded messages, contiguous, in order.
     pub messages: Vec<ChatMessage>,
+    /// Messages in the whole conversation.
+    pub total: usize,
     /// Rows scrolled up from the bottom; 0 follows the stream.
     pub scroll: usize,
     /// Set by the last draw when the view reached the first row (scrolling up stops there).
@@ -156,15 +187,83 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// The conversation's last messages (`total` in all).
+    pub fn opened(total: usize, messages: Vec<ShownMessage>) -> Self {
+        let mut c = Self {
+            total,
+            ..Self::default()
+        };
+        c.messages = messages.into_iter().map(loaded).collect();
+        c
+    }
+
     pub fn code_count(&self) -> usize {
         self.messages
             .last()
             .map_or(0, |m| m.first_code + m.code_blocks.len())
     }
 
+    /// Index of the first loaded message.
+    pub fn first(&self) -> usize {
+        self.messages.first().map_or(self.total, |m| m.index)
+    }
+
+    /// Loaded message `index` (its index in the conversation).
+    pub fn get(&self, index: usize) -> Option<&ChatMessage> {
+        self.messages.get(index.checked_sub(self.first())?)
+    }
+
     pub fn push(&mut self, role: Role, content: String) {
         let first = self.code_count();
-        self.messages.push(ChatMessage::new(role, content, first));
+        self.messages
+            .push(ChatMessage::new(self.total, role, content, first));
+        self.total += 1;
+        // Following the stream: what scrolled off the top is let go.
+        if self.scroll == 0 && self.messages.len() > LOADED_MESSAGES {
+            let extra = self.messages.len() - LOADED_MESSAGES;
+            self.messages.drain(..extra);
+        }
+    }
+
+    /// Drops the last message (a reply being regenerated).
+    pub fn pop(&mut self) {
+        if self.messages.pop().is_some() {
+            self.total -= 1;
+        }
+    }
+
+    /// Older messages loaded again (those just before the first loaded one, in order).
+    pub fn prepend(&mut self, older: Vec<ShownMessage>) {
+        let first = self.first();
+        let older: Vec<ChatMessage> = older
+            .into_iter()
+            .filter(|m| m.index < first)
+            .map(loaded)
+            .collect();
+        let contiguous = older.last().is_some_and(|m| m.index + 1 == first)
+            && older.windows(2).all(|w| w[0].index + 1 == w[1].index);
+        if contiguous {
+            self.messages.splice(0..0, older);
+            self.at_top.set(false);
+        }
+    }
+
+    /// Whether the view is at the first loaded row with older messages not loaded.
+    pub fn wants_older(&self) -> bool {
+        self.at_top.get() && self.first() > 0
+    }
+
+    /// Keeps the rendered rows within [`CACHED_ROWS`]: when over, the messages outside
+    /// `keep` (those on screen) drop theirs.
+    fn limit_cache(&self, keep: Range<usize>) {
+        let cached: usize = self.messages.iter().map(ChatMessage::cached_rows).sum();
+        if cached > CACHED_ROWS {
+            for (i, m) in self.messages.iter().enumerate() {
+                if !keep.contains(&i) {
+                    m.cache.replace(None);
+                }
+            }
+        }
     }
 
     /// Appends streamed text to the last message, keeping the view still unless it follows.
@@ -174,7 +273,7 @@ impl Conversation {
         }
         let index = self.messages.len() - 1;
         let before = if self.scroll > 0 {
-            self.messages[index].rows(index, width, theme).len()
+            self.messages[index].rows(width, theme).len()
         } else {
             0
         };
@@ -183,7 +282,7 @@ impl Conversation {
         last.code_blocks = code_blocks(&last.content);
         last.touch();
         if self.scroll > 0 {
-            let after = self.messages[index].rows(index, width, theme).len();
+            let after = self.messages[index].rows(width, theme).len();
             self.scroll += after.saturating_sub(before);
         }
     }
@@ -200,8 +299,8 @@ impl Conversation {
     /// Marks the message inspect mode looks at (none with `None`) and scrolls so that it ends
     /// at the bottom of the pane.
     pub fn inspect(&mut self, index: Option<usize>, width: u16, theme: &Theme) {
-        for (i, m) in self.messages.iter_mut().enumerate() {
-            let on = Some(i) == index;
+        for m in &mut self.messages {
+            let on = Some(m.index) == index;
             if m.inspected != on {
                 m.inspected = on;
                 m.touch();
@@ -211,9 +310,8 @@ impl Conversation {
             self.scroll = self
                 .messages
                 .iter()
-                .enumerate()
-                .skip(index + 1)
-                .map(|(i, m)| m.rows(i, width, theme).len())
+                .filter(|m| m.index > index)
+                .map(|m| m.rows(width, theme).len())
                 .sum();
             self.at_top.set(false);
         }
@@ -315,15 +413,18 @@ impl Conversation {
         let mut chunks: Vec<Rc<Vec<Line<'static>>>> = Vec::new();
         let mut have = 0;
         let mut reached_top = true;
+        let mut shown = self.messages.len();
         for (i, m) in self.messages.iter().enumerate().rev() {
             if have >= want {
                 reached_top = false;
                 break;
             }
-            let rows = m.rows(i, width, theme);
+            let rows = m.rows(width, theme);
             have += rows.len();
             chunks.push(rows);
+            shown = i;
         }
+        self.limit_cache(shown..self.messages.len());
         // Scrolled up to (or past) the first row: clamp, and tell scrolling to stop.
         let reached_top = reached_top && have <= want;
         let skip_from_bottom = if reached_top {

@@ -1,0 +1,436 @@
+//! One conversation's history in the store: its rows in the database and its KV file, held by
+//! one process at a time (a lock file beside the KV file).
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::kv_file::{KvFile, KvFileError};
+use super::{StoreError, connect, kv_dir, now, role_name, role_of};
+use crate::attention::{KvCache, LambdaParams, LayerGeometry, SlotState};
+use crate::session::{
+    Batch, History, HistoryError, MessagePlace, MessageRecord, SavedKv, SessionHead, TokenRun,
+};
+
+pub(super) fn kv_path(db: &Path, id: i64) -> PathBuf {
+    kv_dir(db).join(format!("{id}.kv"))
+}
+
+pub(super) fn lock_path(db: &Path, id: i64) -> PathBuf {
+    kv_dir(db).join(format!("{id}.lock"))
+}
+
+/// Takes session `id`'s lock, or says another process holds it.
+pub(super) fn lock(db: &Path, id: i64) -> Result<File, StoreError> {
+    let dir = kv_dir(db);
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io(dir.clone(), e))?;
+    let path = lock_path(db, id);
+    let file = File::create(&path).map_err(|e| StoreError::Io(path.clone(), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(id)),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Io(path, e)),
+    }
+}
+
+pub(super) fn insert_message(
+    tx: &Transaction<'_>,
+    id: i64,
+    m: &MessageRecord,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO messages (session_id, idx, role, content, token_start, token_end,
+            span_start, span_end, code_before) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            id,
+            m.index as i64,
+            role_name(m.role),
+            m.content,
+            m.tokens.start as i64,
+            m.tokens.end as i64,
+            m.span.start as i64,
+            m.span.end as i64,
+            m.code_before as i64
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn insert_tokens(
+    tx: &Transaction<'_>,
+    id: i64,
+    first: u64,
+    ids: &[u32],
+    offsets: &[u64],
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO tokens (session_id, first, last, ids, offsets)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            id,
+            first as i64,
+            (first + ids.len() as u64) as i64,
+            bytemuck::cast_slice::<u32, u8>(ids),
+            bytemuck::cast_slice::<u64, u8>(offsets)
+        ],
+    )?;
+    Ok(())
+}
+
+pub struct StoreHistory {
+    db: Connection,
+    path: PathBuf,
+    id: i64,
+    /// Held while this process has the session open.
+    _lock: File,
+}
+
+fn sql(e: rusqlite::Error) -> HistoryError {
+    HistoryError::Store(format!("session database: {e}"))
+}
+
+fn kv_err(e: KvFileError) -> HistoryError {
+    HistoryError::Store(e.to_string())
+}
+
+impl StoreHistory {
+    pub(super) fn open(db: &Path, id: i64) -> Result<Self, StoreError> {
+        let lock = lock(db, id)?;
+        Ok(Self {
+            db: connect(db)?,
+            path: db.to_path_buf(),
+            id,
+            _lock: lock,
+        })
+    }
+
+    /// The session's id in the store.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// Caps the database at its size now plus `extra` pages (SQLite's `max_page_count`): how
+    /// the tests fill the disk.
+    #[cfg(test)]
+    pub(super) fn limit_pages(&self, extra: i64) {
+        let pages: i64 = self
+            .db
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("a page count");
+        self.db
+            .pragma_update(None, "max_page_count", pages + extra)
+            .expect("a page limit");
+    }
+}
+
+impl History for StoreHistory {
+    fn head(&self) -> Result<Option<SessionHead>, HistoryError> {
+        let json: Option<String> = self
+            .db
+            .query_row("SELECT head FROM sessions WHERE id = ?1", [self.id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql)?;
+        let Some(json) = json else {
+            return Err(HistoryError::Missing(format!("session {}", self.id)));
+        };
+        let head: SessionHead = serde_json::from_str(&json)
+            .map_err(|e| HistoryError::Store(format!("session {}: {e}", self.id)))?;
+        Ok((head.token_count > 0 || head.message_count > 0).then_some(head))
+    }
+
+    fn append(&mut self, batch: &Batch<'_>) -> Result<(), HistoryError> {
+        let head =
+            serde_json::to_string(batch.head).map_err(|e| HistoryError::Store(e.to_string()))?;
+        let tx = self.db.transaction().map_err(sql)?;
+        if let Some((messages, tokens)) = batch.truncate {
+            tx.execute(
+                "DELETE FROM messages WHERE session_id = ?1 AND idx >= ?2",
+                params![self.id, messages as i64],
+            )
+            .map_err(sql)?;
+            // A run that straddles the cut keeps its part before it.
+            let straddling: Option<(i64, Vec<u8>, Vec<u8>)> = tx
+                .query_row(
+                    "SELECT first, ids, offsets FROM tokens
+                     WHERE session_id = ?1 AND first < ?2 AND last > ?2",
+                    params![self.id, tokens as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(sql)?;
+            tx.execute(
+                "DELETE FROM tokens WHERE session_id = ?1 AND first >= ?2",
+                params![self.id, tokens as i64],
+            )
+            .map_err(sql)?;
+            if let Some((first, ids, offsets)) = straddling {
+                let mut run = TokenRun {
+                    first: first as u64,
+                    ids: bytemuck::pod_collect_to_vec(&ids),
+                    offsets: bytemuck::pod_collect_to_vec(&offsets),
+                };
+                run.truncate(tokens);
+                insert_tokens(&tx, self.id, run.first, &run.ids, &run.offsets).map_err(sql)?;
+            }
+            // What the KV file holds past the cut is another reply's.
+            tx.execute(
+                "UPDATE sessions SET kv_upto = 0 WHERE id = ?1 AND kv_upto > ?2",
+                params![self.id, tokens as i64],
+            )
+            .map_err(sql)?;
+        }
+        for m in batch.messages {
+            insert_message(&tx, self.id, m).map_err(sql)?;
+        }
+        if !batch.tokens.ids.is_empty() {
+            let t = batch.tokens;
+            insert_tokens(&tx, self.id, t.first, &t.ids, &t.offsets).map_err(sql)?;
+        }
+        let changed = tx
+            .execute(
+                "UPDATE sessions SET updated = ?2, message_count = ?3, token_count = ?4,
+                    head = ?5 WHERE id = ?1",
+                params![
+                    self.id,
+                    now(),
+                    batch.head.message_count as i64,
+                    batch.head.token_count as i64,
+                    head
+                ],
+            )
+            .map_err(sql)?;
+        if changed == 0 {
+            return Err(HistoryError::Missing(format!("session {}", self.id)));
+        }
+        tx.commit().map_err(sql)
+    }
+
+    fn save_kv(
+        &mut self,
+        cache: &KvCache,
+        positions: Range<u64>,
+        globals: Option<&[u8]>,
+        restart: bool,
+    ) -> Result<(), HistoryError> {
+        let slots = cache.params().n_local as u64 + 1;
+        let floats = cache.slot_floats();
+        let path = kv_path(&self.path, self.id);
+        let existing = if restart {
+            None
+        } else {
+            KvFile::open(&path, floats, slots).map_err(kv_err)?
+        };
+        let (mut file, positions) = match existing {
+            Some(f) => (f, positions),
+            None => {
+                // A new file (or another layout): it is whole only once the window is in it.
+                self.db
+                    .execute("UPDATE sessions SET kv_upto = 0 WHERE id = ?1", [self.id])
+                    .map_err(sql)?;
+                let f = KvFile::create(&path, floats, slots).map_err(kv_err)?;
+                (f, positions.end.saturating_sub(slots - 1)..positions.end)
+            }
+        };
+        let mut failed = None;
+        cache
+            .read_slots(positions.clone(), |pos, data, state| {
+                if failed.is_none()
+                    && let Err(e) = file.write(pos, data, state == SlotState::Complete)
+                {
+                    failed = Some(e);
+                }
+            })
+            .map_err(|e| HistoryError::Store(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(kv_err(e));
+        }
+        file.sync().map_err(kv_err)?;
+        match globals {
+            Some(g) => self.db.execute(
+                "UPDATE sessions SET kv_upto = ?2, kv_globals = ?3 WHERE id = ?1",
+                params![self.id, positions.end as i64, g],
+            ),
+            None => self.db.execute(
+                "UPDATE sessions SET kv_upto = ?2 WHERE id = ?1",
+                params![self.id, positions.end as i64],
+            ),
+        }
+        .map_err(sql)?;
+        // A format-1 snapshot served its one resume.
+        self.db
+            .execute(
+                "DELETE FROM legacy_snapshots WHERE session_id = ?1",
+                [self.id],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
+
+    fn load_kv(
+        &self,
+        params: LambdaParams,
+        layers: Vec<LayerGeometry>,
+        device: &Device,
+    ) -> Result<SavedKv, HistoryError> {
+        let head = self
+            .head()?
+            .unwrap_or_else(|| SessionHead::new(params, None));
+        let row: Option<(i64, Option<Vec<u8>>)> = self
+            .db
+            .query_row(
+                "SELECT kv_upto, kv_globals FROM sessions WHERE id = ?1",
+                [self.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql)?;
+        let (upto, globals) = row.unwrap_or((0, None));
+        let legacy: Option<(i64, Vec<u8>)> = self
+            .db
+            .query_row(
+                "SELECT tokens, data FROM legacy_snapshots WHERE session_id = ?1",
+                [self.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql)?;
+        if let Some((tokens, data)) = legacy {
+            return Ok(
+                match KvCache::from_snapshot(&data, params, layers, device) {
+                    Ok(cache) if tokens as u64 == head.tokens_fed => {
+                        SavedKv::Cache(tokens as u64, cache)
+                    }
+                    Ok(_) => SavedKv::Nothing("the snapshot is older than the messages".into()),
+                    Err(e) => SavedKv::Nothing(e.to_string()),
+                },
+            );
+        }
+        let (Some(globals), true) = (globals, upto > 0) else {
+            return Ok(SavedKv::Nothing("no saved cache".into()));
+        };
+        let host = KvCache::Host(crate::attention::HostCache::new(params, layers.clone()));
+        let slots = params.n_local as u64 + 1;
+        let Some(file) = KvFile::open(&kv_path(&self.path, self.id), host.slot_floats(), slots)
+            .map_err(kv_err)?
+        else {
+            return Ok(SavedKv::Nothing("the saved cache's file is missing".into()));
+        };
+        let widest = layers.iter().map(|g| g.window as u64).max().unwrap_or(0);
+        let narrowest = layers.iter().map(|g| g.window as u64).min().unwrap_or(0);
+        let upto = upto as u64;
+        let Some(end) = file.best_end(upto, head.tokens_fed.max(upto), widest, narrowest) else {
+            return Ok(SavedKv::Nothing(
+                "the saved cache's window is incomplete".into(),
+            ));
+        };
+        match KvCache::from_parts(&globals, params, layers, device, end, |p| file.read(p)) {
+            Ok(cache) => Ok(SavedKv::Cache(end, cache)),
+            Err(e) => Ok(SavedKv::Nothing(e.to_string())),
+        }
+    }
+
+    fn messages(&self, range: Range<usize>) -> Result<Vec<MessageRecord>, HistoryError> {
+        let mut stmt = self
+            .db
+            .prepare_cached(
+                "SELECT idx, role, content, token_start, token_end, span_start, span_end,
+                    code_before FROM messages WHERE session_id = ?1 AND idx >= ?2 AND idx < ?3
+                 ORDER BY idx",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map(
+                params![self.id, range.start as i64, range.end as i64],
+                |r| {
+                    Ok(MessageRecord {
+                        index: r.get::<_, i64>(0)? as usize,
+                        role: role_of(&r.get::<_, String>(1)?),
+                        content: r.get(2)?,
+                        tokens: r.get::<_, i64>(3)? as u64..r.get::<_, i64>(4)? as u64,
+                        span: r.get::<_, i64>(5)? as u64..r.get::<_, i64>(6)? as u64,
+                        code_before: r.get::<_, i64>(7)? as usize,
+                    })
+                },
+            )
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    fn places(&self, positions: Range<u64>) -> Result<Vec<MessagePlace>, HistoryError> {
+        // From the last message starting at or before the range's start (messages' tokens come
+        // in order) to the last one starting before its end: an index range, whatever the
+        // conversation's length.
+        let mut stmt = self
+            .db
+            .prepare_cached(
+                "SELECT idx, token_start, token_end, span_start, span_end FROM messages
+                 WHERE session_id = ?1 AND token_start < ?3 AND token_start >= COALESCE(
+                     (SELECT MAX(token_start) FROM messages
+                      WHERE session_id = ?1 AND token_start <= ?2), 0)
+                 ORDER BY idx",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map(
+                params![self.id, positions.start as i64, positions.end as i64],
+                |r| {
+                    Ok(MessagePlace {
+                        index: r.get::<_, i64>(0)? as usize,
+                        tokens: (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+                        span: (r.get::<_, i64>(3)? as u64, r.get::<_, i64>(4)? as u64),
+                    })
+                },
+            )
+            .map_err(sql)?;
+        let places: Vec<MessagePlace> = rows.collect::<Result<_, _>>().map_err(sql)?;
+        Ok(places
+            .into_iter()
+            .filter(|p| p.tokens.0 < positions.end && positions.start < p.tokens.1)
+            .collect())
+    }
+
+    fn tokens(&self, positions: Range<u64>) -> Result<TokenRun, HistoryError> {
+        let mut stmt = self
+            .db
+            .prepare_cached(
+                "SELECT first, ids, offsets FROM tokens
+                 WHERE session_id = ?1 AND first < ?3 AND first >= COALESCE(
+                     (SELECT MAX(first) FROM tokens WHERE session_id = ?1 AND first <= ?2), 0)
+                 ORDER BY first",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map(
+                params![self.id, positions.start as i64, positions.end as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                },
+            )
+            .map_err(sql)?;
+        let mut out = TokenRun::starting_at(positions.start);
+        for row in rows {
+            let (first, ids, offsets) = row.map_err(sql)?;
+            let run = TokenRun {
+                first: first as u64,
+                ids: bytemuck::pod_collect_to_vec(&ids),
+                offsets: bytemuck::pod_collect_to_vec(&offsets),
+            };
+            let part = run.slice(positions.clone());
+            if out.ids.is_empty() {
+                out = part;
+            } else if part.first == out.end() {
+                out.extend(&part);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,244 @@
+//! A conversation's cache on disk, written in place: one slot per token position for the last
+//! `n_local + 1` positions (slot = position mod slots), each slot every layer's keys and values
+//! of its token. A save writes the slots of the tokens fed since the last one — bytes in
+//! proportion to the new tokens, never the whole window — and the file never grows.
+//!
+//! Layout: a 4 KiB header (magic, the slot size and count), a table of one 16-byte entry per
+//! slot (the position it holds, a CRC-32 of its data, whether every layer had it), then the
+//! slots. Each position is written data first, entry second: a process killed at any moment
+//! leaves a whole window ending at the last position written (the slot being written held a
+//! position one past the oldest that window needs: hence `n_local + 1` slots).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"LCKVRNG1";
+const HEADER: u64 = 4096;
+const ENTRY: u64 = 16;
+const EMPTY: u64 = u64::MAX;
+
+/// The table entry of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub position: u64,
+    pub crc: u32,
+    /// Every layer held the token when it was written.
+    pub complete: bool,
+}
+
+/// An open KV file.
+pub struct KvFile {
+    file: File,
+    path: PathBuf,
+    slot_floats: u64,
+    slots: u64,
+    table: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvFileError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+impl KvFile {
+    fn data_offset(&self) -> u64 {
+        (HEADER + self.slots * ENTRY).div_ceil(4096) * 4096
+    }
+
+    fn slot_bytes(&self) -> u64 {
+        self.slot_floats * 4
+    }
+
+    /// Creates (or empties) the file for slots of `slot_floats` floats, `slots` of them.
+    pub fn create(path: &Path, slot_floats: usize, slots: u64) -> Result<Self, KvFileError> {
+        let err = |e| KvFileError::Io(path.to_path_buf(), e);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(err)?;
+        let mut header = vec![0u8; HEADER as usize];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&(slot_floats as u64).to_le_bytes());
+        header[16..24].copy_from_slice(&slots.to_le_bytes());
+        file.write_all(&header).map_err(err)?;
+        let empty = Entry {
+            position: EMPTY,
+            crc: 0,
+            complete: false,
+        };
+        let table: Vec<u8> = (0..slots).flat_map(|_| encode(empty)).collect();
+        file.write_all(&table).map_err(err)?;
+        file.sync_all().map_err(err)?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            slot_floats: slot_floats as u64,
+            slots,
+            table: vec![empty; slots as usize],
+        })
+    }
+
+    /// Opens the file when it has this layout; `None` when it is missing or another layout.
+    pub fn open(path: &Path, slot_floats: usize, slots: u64) -> Result<Option<Self>, KvFileError> {
+        let err = |e| KvFileError::Io(path.to_path_buf(), e);
+        let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        let mut header = vec![0u8; HEADER as usize];
+        if file.read_exact(&mut header).is_err() {
+            return Ok(None);
+        }
+        let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+        if &header[..8] != MAGIC || word(8) != slot_floats as u64 || word(16) != slots {
+            return Ok(None);
+        }
+        let mut table = vec![0u8; (slots * ENTRY) as usize];
+        file.seek(SeekFrom::Start(HEADER)).map_err(err)?;
+        if file.read_exact(&mut table).is_err() {
+            return Ok(None);
+        }
+        let table = table.chunks_exact(ENTRY as usize).map(decode).collect();
+        Ok(Some(Self {
+            file,
+            path: path.to_path_buf(),
+            slot_floats: slot_floats as u64,
+            slots,
+            table,
+        }))
+    }
+
+    /// What slot `position` would sit in holds now.
+    pub fn entry(&self, position: u64) -> Entry {
+        self.table[(position % self.slots) as usize]
+    }
+
+    /// Writes position `position`'s slot: data first, then its entry.
+    pub fn write(
+        &mut self,
+        position: u64,
+        data: &[f32],
+        complete: bool,
+    ) -> Result<(), KvFileError> {
+        let err = |e| KvFileError::Io(self.path.clone(), e);
+        let slot = position % self.slots;
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        debug_assert_eq!(bytes.len() as u64, self.slot_bytes());
+        self.file
+            .write_all_at(bytes, self.data_offset() + slot * self.slot_bytes())
+            .map_err(err)?;
+        let entry = Entry {
+            position,
+            crc: crc32fast::hash(bytes),
+            complete,
+        };
+        self.file
+            .write_all_at(&encode(entry), HEADER + slot * ENTRY)
+            .map_err(err)?;
+        self.table[slot as usize] = entry;
+        Ok(())
+    }
+
+    /// Makes what was written durable.
+    pub fn sync(&self) -> Result<(), KvFileError> {
+        self.file
+            .sync_data()
+            .map_err(|e| KvFileError::Io(self.path.clone(), e))
+    }
+
+    /// Position `position`'s slot, when the table says the file holds it and its data checks.
+    pub fn read(&self, position: u64) -> Option<Vec<f32>> {
+        let entry = self.entry(position);
+        if entry.position != position {
+            return None;
+        }
+        let slot = position % self.slots;
+        let mut bytes = vec![0u8; self.slot_bytes() as usize];
+        self.file
+            .read_exact_at(&mut bytes, self.data_offset() + slot * self.slot_bytes())
+            .ok()?;
+        (crc32fast::hash(&bytes) == entry.crc).then(|| bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// The latest window end in `from..=to` the table vouches for: every position of the
+    /// `widest` before it present, the last `narrowest` of them complete.
+    pub fn best_end(&self, from: u64, to: u64, widest: u64, narrowest: u64) -> Option<u64> {
+        (from..=to).rev().find(|&end| {
+            (end.saturating_sub(widest)..end).all(|p| {
+                let e = self.entry(p);
+                e.position == p && (e.complete || p + narrowest < end)
+            })
+        })
+    }
+}
+
+fn encode(e: Entry) -> [u8; ENTRY as usize] {
+    let mut b = [0u8; ENTRY as usize];
+    b[..8].copy_from_slice(&e.position.to_le_bytes());
+    b[8..12].copy_from_slice(&e.crc.to_le_bytes());
+    b[12] = e.complete as u8;
+    b
+}
+
+fn decode(b: &[u8]) -> Entry {
+    Entry {
+        position: u64::from_le_bytes(b[..8].try_into().unwrap_or([0xff; 8])),
+        crc: u32::from_le_bytes(b[8..12].try_into().unwrap_or([0; 4])),
+        complete: b[12] == 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_wrap_and_a_window_survives_a_torn_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kv");
+        let mut f = KvFile::create(&path, 4, 5).unwrap();
+        let slot = |p: u64| vec![p as f32; 4];
+        for p in 0..7 {
+            f.write(p, &slot(p), true).unwrap();
+        }
+        // Five slots hold 2..7: a window of four ends at 6 or 7.
+        assert_eq!(f.best_end(0, 7, 4, 4), Some(7));
+        assert_eq!(f.read(6), Some(slot(6)));
+        assert_eq!(f.read(1), None, "overwritten by 6");
+        // Position 7's data written, its entry not (killed in between): 7's slot still says 2,
+        // whose data no longer checks, but the window ending at 7 does not need 2.
+        let torn = slot(7);
+        let bytes: &[u8] = bytemuck::cast_slice(&torn);
+        f.file
+            .write_all_at(bytes, f.data_offset() + 2 * 16)
+            .unwrap();
+        let reopened = KvFile::open(&path, 4, 5).unwrap().unwrap();
+        assert_eq!(reopened.entry(6).position, 6);
+        assert_eq!(reopened.read(2), None, "torn");
+        assert_eq!(reopened.best_end(0, 8, 4, 4), Some(7));
+        assert!(
+            KvFile::open(&path, 8, 5).unwrap().is_none(),
+            "another layout"
+        );
+        assert!(
+            KvFile::open(&dir.path().join("none"), 4, 5)
+                .unwrap()
+                .is_none()
+        );
+        // Partial slots serve only windows they are older than.
+        f.write(7, &slot(7), false).unwrap();
+        assert_eq!(
+            f.best_end(0, 8, 4, 1),
+            Some(7),
+            "7 is not needed complete for 7"
+        );
+        assert_eq!(f.best_end(8, 8, 4, 1), None);
+    }
+}
