@@ -125,6 +125,10 @@ pub enum Event {
     Inspect(InspectView),
     Sessions(Vec<SessionSummary>),
     Settings(Settings),
+    /// The conversation was saved (after a turn, a resume or on request), in `seconds`.
+    Saved {
+        seconds: f64,
+    },
     /// Something worth telling the user; the front end words it.
     Notice(Notice),
     Error(String),

@@ -593,7 +593,12 @@ impl Worker<'_> {
         }
         let start = Instant::now();
         match self.session.save() {
-            Ok(()) => tracing::info!(elapsed = ?start.elapsed(), "session saved"),
+            Ok(()) => {
+                tracing::info!(elapsed = ?start.elapsed(), "session saved");
+                self.emit.send(Event::Saved {
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+            }
             Err(e) => {
                 tracing::error!("saving the session: {e}");
                 return self.emit.send(Event::Error(format!("saving failed: {e}")));

@@ -92,6 +92,34 @@ fn a_resumed_session_continues_exactly() {
     );
 }
 
+/// A regenerated reply is saved in place of the old one: resumed, the conversation continues
+/// from the new reply, with none of the old one's keys and values in its cache.
+#[test]
+fn a_regenerated_reply_is_saved_and_resumed_exactly() {
+    let params = small();
+    let (dir, id, mut original) =
+        saved_session(params, &["List three fruits.", "And three vegetables?"]);
+    let old = original.message(3).unwrap().unwrap().content;
+    // The repeat penalty keeps the rejected reply's tokens: greedy draws another reply.
+    let never = AtomicBool::new(false);
+    let new = Device::Cpu
+        .with_context(|| original.regenerate(Some(12), &never, &mut |_| {}))
+        .unwrap()
+        .unwrap()
+        .reply;
+    assert_ne!(new, old, "the test should draw another reply");
+    original.save().unwrap();
+    original.attach_history(Box::new(MemoryHistory::default()));
+    let (mut resumed, how) = resume(&dir, id);
+    assert_eq!(how, Resumed::Saved { refeed: 0 });
+    assert_eq!(resumed.message(3).unwrap().unwrap().content, new);
+    assert_eq!(resumed.stats(), original.stats());
+    let a = turn(&mut original, "Which of them is green?");
+    let b = turn(&mut resumed, "Which of them is green?");
+    assert_eq!(a, b);
+    assert_eq!(resumed.stats(), original.stats());
+}
+
 /// Without its saved cache the conversation reads its sinks and window again, once — never the
 /// whole history — and the next turn feeds only its own message.
 #[test]

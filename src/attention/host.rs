@@ -866,11 +866,12 @@ impl HostCache {
     /// Hands the pins to every layer. The global stores change under a rewind point, so the
     /// point is dropped (a regeneration after a pin continues from the pinned cache instead).
     fn apply_pins(&mut self) {
+        let before = self.globals_version();
         self.forget_mark();
-        self.globals_changes += 1;
         for layer in &mut self.layers {
             layer.set_pinned(&self.pinned);
         }
+        self.advance_globals_version_past(before);
     }
 
     /// Whether the next token attends to position `pos` (in the reference layer).

@@ -131,6 +131,13 @@ impl HostCache {
         lengths + self.globals_changes
     }
 
+    /// Makes [`Self::globals_version`] larger than `version`, which the global stores had
+    /// before they shrank (a rewind, an unpin): the version never comes back to a value a save
+    /// has seen with other contents.
+    pub(super) fn advance_globals_version_past(&mut self, version: u64) {
+        self.globals_changes += version + 1 - self.globals_version().min(version + 1);
+    }
+
     /// The global store of every layer, the Λ parameters, the pins and the position, in the
     /// snapshot format with empty rings: what [`Self::from_parts`] takes beside the slots.
     pub fn globals_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
@@ -154,6 +161,14 @@ impl HostCache {
         mut slot: impl FnMut(u64) -> Option<Vec<f32>>,
     ) -> Result<Self, SnapshotError> {
         let mut cache = Self::from_snapshot(globals, params, layers)?;
+        // The sinks the global stores hold must be the ones a cache at `next_position` holds.
+        let sinks = params.n_global as u64;
+        if cache.next_position.min(sinks) != next_position.min(sinks) {
+            return Err(SnapshotError::Mismatch(format!(
+                "the saved sinks were taken at token {}, the window ends at {next_position}",
+                cache.next_position
+            )));
+        }
         let widest = cache
             .layers
             .iter()
@@ -215,10 +230,11 @@ impl HostCache {
         let Some(next) = self.mark_position.take() else {
             return false;
         };
+        let before = self.globals_version();
         self.layers.iter_mut().for_each(HostLayerCache::rewind);
         self.next_position = next;
         // The global stores went back: the next save writes them again.
-        self.globals_changes += 1;
+        self.advance_globals_version_past(before);
         true
     }
 
@@ -330,6 +346,14 @@ mod tests {
             (p != 24).then(|| saved[&p].clone())
         });
         assert!(matches!(err, Err(SnapshotError::Mismatch(_))));
+        // Global stores saved before the sinks filled do not serve a later window.
+        let mut young = HostCache::new(params, geometry(params));
+        feed(&mut young, &all[..4]);
+        let early = young.globals_snapshot().unwrap();
+        let err = HostCache::from_parts(&early, params, geometry(params), 27, |p| {
+            saved.get(&p).cloned()
+        });
+        assert!(matches!(err, Err(SnapshotError::Mismatch(_))));
     }
 
     #[test]
@@ -343,12 +367,14 @@ mod tests {
             let version = cache.globals_version();
             cache.mark();
             feed(&mut cache, &all[4 * start..4 * (start + 9)]);
+            let replied = cache.globals_version();
             assert!(cache.rewind());
             assert!(!cache.rewind(), "a mark is used once");
-            assert_ne!(
-                cache.globals_version(),
-                version,
-                "the next save rewrites globals"
+            // Never a version a save has seen with other global stores: the next save
+            // rewrites them.
+            assert!(
+                cache.globals_version() > replied.max(version),
+                "start {start}"
             );
             let mut twin = copy.clone();
             // Everything but the allocation, which keeps what the passes grew (up to the window).
@@ -375,7 +401,13 @@ mod tests {
         feed(&mut cache, &tokens(3));
         let version = cache.globals_version();
         cache.pin(4..6);
-        assert_ne!(cache.globals_version(), version);
+        let pinned = cache.globals_version();
+        assert!(pinned > version);
         assert!(!cache.rewind());
+        cache.unpin(4..6);
+        assert!(
+            cache.globals_version() > pinned,
+            "an unpin shrinks the stores"
+        );
     }
 }

@@ -186,18 +186,20 @@ impl TensorCache {
             .clone()
             .filter(|&p| p < self.next_position && !self.holds(p))
             .count() as u64;
+        let before = self.globals_version();
         add_range(&mut self.pinned, range);
         self.schedule_pin_copies();
-        self.globals_changes += 1;
+        self.advance_globals_version_past(before);
         lost
     }
 
     /// Stops pinning `range`; its tokens outside the window are evicted at once.
     pub fn unpin(&mut self, range: Range<u64>) -> Result<()> {
+        let before = self.globals_version();
         remove_range(&mut self.pinned, range);
         self.drop_unpinned()?;
         self.schedule_pin_copies();
-        self.globals_changes += 1;
+        self.advance_globals_version_past(before);
         Ok(())
     }
 

@@ -19,6 +19,9 @@ pub enum BenchCommand {
     Prefill(PrefillArgs),
     /// Time the chat screen: frames of a long conversation, keys while the model generates.
     Ui(super::bench_ui::UiArgs),
+    /// Chat N tokens through the worker, the store and the screen: memory, time to first
+    /// token, save time, database size and bytes written at checkpoints.
+    Soak(super::bench_soak::SoakArgs),
 }
 
 #[derive(Args)]
@@ -71,6 +74,7 @@ pub fn run(cmd: BenchCommand, config: &Config) -> Result<i32> {
         BenchCommand::Decode(a) => decode(a, config),
         BenchCommand::Prefill(a) => prefill(a, config),
         BenchCommand::Ui(a) => super::bench_ui::run(a, config),
+        BenchCommand::Soak(a) => super::bench_soak::run(a, config),
     }
 }
 

@@ -191,9 +191,10 @@ pub trait History: Send {
     /// Appends a batch in one transaction: after a crash the history holds all of it or none.
     fn append(&mut self, batch: &Batch<'_>) -> Result<(), HistoryError>;
 
-    /// Saves the cache's slots of `positions` (in order) and, when given, its global stores;
+    /// Saves the cache's slots of `positions` (in order), with any earlier position of the
+    /// window ending there that the store does not hold, and, when given, its global stores;
     /// the KV store is then whole at `positions.end`. With `restart`, everything saved before
-    /// is dropped first (new Λ parameters, or a regenerated reply).
+    /// is dropped first (new Λ parameters).
     fn save_kv(
         &mut self,
         cache: &KvCache,
@@ -201,6 +202,11 @@ pub trait History: Send {
         globals: Option<&[u8]>,
         restart: bool,
     ) -> Result<(), HistoryError>;
+
+    /// Forgets, durably, the cache's slots from `position` on: called before a batch that
+    /// truncates the conversation there is appended, so that no crash pairs the new tokens
+    /// with the old ones' keys and values.
+    fn forget_kv_from(&mut self, position: u64) -> Result<(), HistoryError>;
 
     /// The saved cache, rebuilt for `layers` under `params` on `device`.
     fn load_kv(
@@ -252,6 +258,10 @@ impl History for MemoryHistory {
         _: Option<&[u8]>,
         _: bool,
     ) -> Result<(), HistoryError> {
+        Ok(())
+    }
+
+    fn forget_kv_from(&mut self, _: u64) -> Result<(), HistoryError> {
         Ok(())
     }
 

@@ -137,8 +137,11 @@ struct KvSaved {
     upto: u64,
     /// The global stores' version saved last.
     globals: Option<u64>,
-    /// The next save writes the whole window again (new parameters, a regenerated reply).
+    /// The next save writes the whole window again (new parameters).
     restart: bool,
+    /// The next save first makes the KV store forget the slots from here on (a regenerated
+    /// reply takes their positions).
+    forget_from: Option<u64>,
 }
 
 impl KvSaved {
@@ -147,6 +150,7 @@ impl KvSaved {
             upto: 0,
             globals: None,
             restart: true,
+            forget_from: None,
         }
     }
 }
@@ -267,6 +271,7 @@ impl Session {
                     upto: at,
                     globals: Some(cache.globals_version()),
                     restart: false,
+                    forget_from: None,
                 };
                 session.cache = cache;
                 Resumed::Saved {
@@ -309,11 +314,6 @@ impl Session {
     pub fn set_sampling(&mut self, params: SamplingParams) -> Result<(), SessionError> {
         self.sampler = Sampler::new(params)?;
         Ok(())
-    }
-
-    /// The cache as a safetensors snapshot (see [`crate::attention::HostCache::to_snapshot`]).
-    pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        self.cache.to_snapshot()
     }
 
     /// Makes the cache record attention shares of each decoded token (for the inspect view).
@@ -974,8 +974,12 @@ impl Session {
             (m.min(messages), t.min(tokens))
         });
         self.unsaved.truncate = Some(truncate);
-        // The KV store held the old reply: the next save writes the window again.
-        self.kv = KvSaved::none();
+        // The KV store may hold the old reply: the next save forgets it before the new one
+        // takes its positions, and writes from there (with any slot of the window the old
+        // reply's overwrote in the file).
+        let mark = self.cache.next_position();
+        self.kv.forget_from = Some(self.kv.forget_from.map_or(mark, |f| f.min(mark)));
+        self.kv.upto = self.kv.upto.min(mark);
         self.regen = Some(Regen {
             point: self.cache.mark(),
             head: r.head,
@@ -1071,6 +1075,9 @@ impl Session {
             return Ok(()); // nothing fed: nothing to keep
         }
         self.head.pinned = self.pins();
+        if let Some(position) = self.kv.forget_from {
+            self.history.forget_kv_from(position)?;
+        }
         let batch = Batch {
             truncate: self.unsaved.truncate,
             messages: &self.unsaved.messages,
@@ -1098,6 +1105,7 @@ impl Session {
             upto: next,
             globals: Some(version),
             restart: false,
+            forget_from: None,
         };
         Ok(())
     }

@@ -177,12 +177,6 @@ impl History for StoreHistory {
                 run.truncate(tokens);
                 insert_tokens(&tx, self.id, run.first, &run.ids, &run.offsets).map_err(sql)?;
             }
-            // What the KV file holds past the cut is another reply's.
-            tx.execute(
-                "UPDATE sessions SET kv_upto = 0 WHERE id = ?1 AND kv_upto > ?2",
-                params![self.id, tokens as i64],
-            )
-            .map_err(sql)?;
         }
         for m in batch.messages {
             insert_message(&tx, self.id, m).map_err(sql)?;
@@ -225,21 +219,32 @@ impl History for StoreHistory {
         } else {
             KvFile::open(&path, floats, slots).map_err(kv_err)?
         };
+        let window = positions.end.saturating_sub(slots - 1);
+        let created = existing.is_none();
         let (mut file, positions) = match existing {
-            Some(f) => (f, positions),
+            Some(f) => {
+                // Positions of the window the file lacks (a regenerated reply's predecessor
+                // overwrote their slots) go with the new ones.
+                let start = (window..positions.start)
+                    .find(|&p| f.entry(p).position != p)
+                    .unwrap_or(positions.start);
+                (f, start..positions.end)
+            }
             None => {
                 // A new file (or another layout): it is whole only once the window is in it.
                 self.db
-                    .execute("UPDATE sessions SET kv_upto = 0 WHERE id = ?1", [self.id])
+                    .execute("UPDATE sessions SET kv_whole = 0 WHERE id = ?1", [self.id])
                     .map_err(sql)?;
                 let f = KvFile::create(&path, floats, slots).map_err(kv_err)?;
-                (f, positions.end.saturating_sub(slots - 1)..positions.end)
+                (f, window..positions.end)
             }
         };
         let mut failed = None;
         cache
             .read_slots(positions.clone(), |pos, data, state| {
-                if failed.is_none()
+                // A turn longer than the window: its first tokens are gone already.
+                if state != SlotState::Missing
+                    && failed.is_none()
                     && let Err(e) = file.write(pos, data, state == SlotState::Complete)
                 {
                     failed = Some(e);
@@ -250,25 +255,35 @@ impl History for StoreHistory {
             return Err(kv_err(e));
         }
         file.sync().map_err(kv_err)?;
-        match globals {
-            Some(g) => self.db.execute(
-                "UPDATE sessions SET kv_upto = ?2, kv_globals = ?3 WHERE id = ?1",
-                params![self.id, positions.end as i64, g],
-            ),
-            None => self.db.execute(
-                "UPDATE sessions SET kv_upto = ?2 WHERE id = ?1",
-                params![self.id, positions.end as i64],
-            ),
+        // The usual save ends here: the file's table says which window it holds, and the
+        // database is not written again.
+        if globals.is_none() && !created {
+            return Ok(());
         }
-        .map_err(sql)?;
-        // A format-1 snapshot served its one resume.
-        self.db
-            .execute(
+        let tx = self.db.transaction().map_err(sql)?;
+        if let Some(g) = globals {
+            tx.execute(
+                "INSERT OR REPLACE INTO kv_globals (session_id, data) VALUES (?1, ?2)",
+                params![self.id, g],
+            )
+            .map_err(sql)?;
+        }
+        if created {
+            // From here on the file's table is to be trusted.
+            tx.execute("UPDATE sessions SET kv_whole = 1 WHERE id = ?1", [self.id])
+                .map_err(sql)?;
+            // A format-1 snapshot served its one resume.
+            tx.execute(
                 "DELETE FROM legacy_snapshots WHERE session_id = ?1",
                 [self.id],
             )
             .map_err(sql)?;
-        Ok(())
+        }
+        tx.commit().map_err(sql)
+    }
+
+    fn forget_kv_from(&mut self, position: u64) -> Result<(), HistoryError> {
+        KvFile::forget_from(&kv_path(&self.path, self.id), position).map_err(kv_err)
     }
 
     fn load_kv(
@@ -283,13 +298,14 @@ impl History for StoreHistory {
         let row: Option<(i64, Option<Vec<u8>>)> = self
             .db
             .query_row(
-                "SELECT kv_upto, kv_globals FROM sessions WHERE id = ?1",
+                "SELECT kv_whole, (SELECT data FROM kv_globals WHERE session_id = ?1)
+                 FROM sessions WHERE id = ?1",
                 [self.id],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(sql)?;
-        let (upto, globals) = row.unwrap_or((0, None));
+        let (whole, globals) = row.unwrap_or((0, None));
         let legacy: Option<(i64, Vec<u8>)> = self
             .db
             .query_row(
@@ -310,7 +326,7 @@ impl History for StoreHistory {
                 },
             );
         }
-        let (Some(globals), true) = (globals, upto > 0) else {
+        let (Some(globals), true) = (globals, whole == 1) else {
             return Ok(SavedKv::Nothing("no saved cache".into()));
         };
         let host = KvCache::Host(crate::attention::HostCache::new(params, layers.clone()));
@@ -322,8 +338,7 @@ impl History for StoreHistory {
         };
         let widest = layers.iter().map(|g| g.window as u64).max().unwrap_or(0);
         let narrowest = layers.iter().map(|g| g.window as u64).min().unwrap_or(0);
-        let upto = upto as u64;
-        let Some(end) = file.best_end(upto, head.tokens_fed.max(upto), widest, narrowest) else {
+        let Some(end) = file.best_end(0, head.tokens_fed, widest, narrowest) else {
             return Ok(SavedKv::Nothing(
                 "the saved cache's window is incomplete".into(),
             ));

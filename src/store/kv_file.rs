@@ -86,6 +86,12 @@ impl KvFile {
 
     /// Opens the file when it has this layout; `None` when it is missing or another layout.
     pub fn open(path: &Path, slot_floats: usize, slots: u64) -> Result<Option<Self>, KvFileError> {
+        Ok(Self::open_any(path)?
+            .filter(|f| f.slot_floats == slot_floats as u64 && f.slots == slots))
+    }
+
+    /// Opens the file whatever its layout; `None` when it is missing or not a KV file.
+    fn open_any(path: &Path) -> Result<Option<Self>, KvFileError> {
         let err = |e| KvFileError::Io(path.to_path_buf(), e);
         let mut file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
@@ -97,7 +103,8 @@ impl KvFile {
             return Ok(None);
         }
         let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
-        if &header[..8] != MAGIC || word(8) != slot_floats as u64 || word(16) != slots {
+        let (slot_floats, slots) = (word(8), word(16));
+        if &header[..8] != MAGIC || slot_floats == 0 || slots == 0 || slots > 1 << 24 {
             return Ok(None);
         }
         let mut table = vec![0u8; (slots * ENTRY) as usize];
@@ -109,10 +116,47 @@ impl KvFile {
         Ok(Some(Self {
             file,
             path: path.to_path_buf(),
-            slot_floats: slot_floats as u64,
+            slot_floats,
             slots,
             table,
         }))
+    }
+
+    /// Forgets, durably, every position from `position` on in the file at `path` (when there is
+    /// one): a regenerated reply's tokens will take those positions with other keys and values.
+    pub fn forget_from(path: &Path, position: u64) -> Result<(), KvFileError> {
+        let Some(mut file) = Self::open_any(path)? else {
+            return Ok(());
+        };
+        let empty = Entry {
+            position: EMPTY,
+            crc: 0,
+            complete: false,
+        };
+        let mut changed = false;
+        for slot in 0..file.slots {
+            let held = file.table[slot as usize].position;
+            if held != EMPTY && held >= position {
+                file.file
+                    .write_all_at(&encode(empty), HEADER + slot * ENTRY)
+                    .map_err(|e| KvFileError::Io(file.path.clone(), e))?;
+                file.table[slot as usize] = empty;
+                changed = true;
+            }
+        }
+        if changed {
+            file.sync()?;
+        }
+        Ok(())
+    }
+
+    /// The bytes one token takes in the file at `path` (every layer's keys and values), from its
+    /// header; `None` when it is not a KV file.
+    pub fn token_bytes(path: &Path) -> Option<u64> {
+        let mut header = [0u8; 24];
+        File::open(path).ok()?.read_exact(&mut header).ok()?;
+        let floats = u64::from_le_bytes(header[8..16].try_into().ok()?);
+        (&header[..8] == MAGIC).then_some(floats * 4)
     }
 
     /// What slot `position` would sit in holds now.
@@ -170,6 +214,16 @@ impl KvFile {
     /// The latest window end in `from..=to` the table vouches for: every position of the
     /// `widest` before it present, the last `narrowest` of them complete.
     pub fn best_end(&self, from: u64, to: u64, widest: u64, narrowest: u64) -> Option<u64> {
+        // An end is at most one past the newest position held, and no further back than the
+        // file's slots reach: a few candidates, however far apart `from` and `to` are.
+        let newest = self
+            .table
+            .iter()
+            .map(|e| e.position)
+            .filter(|&p| p != EMPTY)
+            .max()?;
+        let to = to.min(newest + 1);
+        let from = from.max(to.saturating_sub(self.slots));
         (from..=to).rev().find(|&end| {
             (end.saturating_sub(widest)..end).all(|p| {
                 let e = self.entry(p);
@@ -240,5 +294,27 @@ mod tests {
             "7 is not needed complete for 7"
         );
         assert_eq!(f.best_end(8, 8, 4, 1), None);
+    }
+
+    #[test]
+    fn forgotten_positions_serve_no_window_and_the_search_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kv");
+        let mut f = KvFile::create(&path, 4, 5).unwrap();
+        for p in 0..7 {
+            f.write(p, &[p as f32; 4], true).unwrap();
+        }
+        KvFile::forget_from(&path, 5).unwrap();
+        KvFile::forget_from(&dir.path().join("none.kv"), 5).unwrap();
+        let f = KvFile::open(&path, 4, 5).unwrap().unwrap();
+        assert_eq!(f.read(5), None);
+        assert_eq!(f.read(4), Some(vec![4.0; 4]));
+        // Held: 2, 3, 4. A conversation a billion tokens long asks in no time.
+        assert_eq!(f.best_end(0, 1_000_000_000, 3, 3), Some(5));
+        assert_eq!(
+            f.best_end(0, 1_000_000_000, 4, 4),
+            Some(0),
+            "only the empty window"
+        );
     }
 }

@@ -90,8 +90,14 @@ const SCHEMA: &str = "
         message_count INTEGER NOT NULL,
         token_count INTEGER NOT NULL,
         head TEXT NOT NULL,
-        kv_upto INTEGER NOT NULL DEFAULT 0,
-        kv_globals BLOB
+        -- 1 once the conversation's KV file holds a whole window and its table can be trusted.
+        kv_whole INTEGER NOT NULL DEFAULT 0
+    );
+    -- Apart from the session's row, which every save updates: SQLite rewrites a whole row,
+    -- and the global stores (a megabyte or more) change only while the sinks fill and on pins.
+    CREATE TABLE kv_globals (
+        session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+        data BLOB NOT NULL
     );
     CREATE TABLE messages (
         session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -155,13 +161,6 @@ impl Store {
     /// Where the KV files live.
     fn kv_dir(&self) -> PathBuf {
         kv_dir(&self.path)
-    }
-
-    /// Bytes of the database and its WAL on disk.
-    pub fn disk_bytes(&self) -> u64 {
-        let size = |p: PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
-        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
-        size(self.path.clone()) + size(wal)
     }
 
     /// Creates an empty session and returns its id.
@@ -299,10 +298,10 @@ impl Store {
             let Ok(lock) = history::lock(&self.path, id) else {
                 continue; // open elsewhere
             };
-            self.db.execute(
-                "UPDATE sessions SET kv_upto = 0, kv_globals = NULL WHERE id = ?1",
-                [id],
-            )?;
+            self.db
+                .execute("UPDATE sessions SET kv_whole = 0 WHERE id = ?1", [id])?;
+            self.db
+                .execute("DELETE FROM kv_globals WHERE session_id = ?1", [id])?;
             let _ = std::fs::remove_file(history::kv_path(&self.path, id));
             drop(lock);
             total -= bytes;
@@ -310,6 +309,30 @@ impl Store {
         }
         Ok(freed)
     }
+}
+
+/// Bytes of the database at `db` and its WAL on disk.
+pub fn disk_bytes(db: &Path) -> u64 {
+    let size = |p: PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
+    size(db.to_path_buf()) + size(PathBuf::from(format!("{}-wal", db.display())))
+}
+
+/// Bytes of the KV files beside the database at `db`.
+pub fn kv_bytes(db: &Path) -> u64 {
+    std::fs::read_dir(kv_dir(db)).map_or(0, |dir| {
+        dir.filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// The most bytes one token takes in the KV files beside the database at `db` (0 when none).
+pub fn kv_token_bytes(db: &Path) -> u64 {
+    std::fs::read_dir(kv_dir(db)).map_or(0, |dir| {
+        dir.filter_map(|e| kv_file::KvFile::token_bytes(&e.ok()?.path()))
+            .max()
+            .unwrap_or(0)
+    })
 }
 
 fn kv_dir(db: &Path) -> PathBuf {
@@ -544,10 +567,15 @@ mod tests {
 
     /// Feeds positions `from..to` of a fixed token stream.
     fn feed(cache: &mut HostCache, from: u64, to: u64) {
+        feed_stream(cache, from, to, 7);
+    }
+
+    /// Feeds positions `from..to` of the token stream `stream` (another stream: another reply).
+    fn feed_stream(cache: &mut HostCache, from: u64, to: u64, stream: u64) {
         let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
         for t in from..to {
             let x: Vec<f32> = (0..4)
-                .map(|i| ((t * 7 + i) % 13) as f32 / 6.0 - 1.0)
+                .map(|i| ((t * stream + i) % 13) as f32 / 6.0 - 1.0)
                 .collect();
             let input = AttentionInput {
                 q: &x,
@@ -688,17 +716,81 @@ mod tests {
         };
         assert_eq!(at, 17);
         assert_eq!(back.stats(), KvCache::Host(cache.clone()).stats());
-        let slots = |c: &KvCache| {
-            let mut all = Vec::new();
-            c.read_slots(0..17, |p, s, _| all.push((p, s.to_vec())))
-                .unwrap();
-            all
-        };
-        assert_eq!(slots(&back), slots(&KvCache::Host(cache.clone())));
+        assert_eq!(slots(&back, 17), slots(&KvCache::Host(cache.clone()), 17));
         // The file holds the window and one slot more (9 slots of 2 layers' 4 keys and 4 values),
         // after 4 KiB of header and a page of slot table, whatever the conversation's length.
         let kv = std::fs::metadata(dir.path().join("kv").join(format!("{id}.kv"))).unwrap();
         assert_eq!(kv.len(), 8192 + 9 * 2 * 8 * 4);
+    }
+
+    /// The slots of `c` for positions `0..end`.
+    fn slots(c: &KvCache, end: u64) -> Vec<(u64, Vec<f32>)> {
+        let mut all = Vec::new();
+        c.read_slots(0..end, |p, s, _| all.push((p, s.to_vec())))
+            .unwrap();
+        all
+    }
+
+    #[test]
+    fn a_regenerated_reply_never_pairs_with_the_old_slots() {
+        // The last reply (19..22) drawn again: the cache as it was at 19, then `n` tokens of
+        // another reply. With 2, a window ending at 21 would find the old reply's 19 and 20 in
+        // the file; with 1, the window 12..20 needs position 12, whose slot the old 21 took.
+        for n in [2, 1] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s.db")).unwrap();
+            let id = store.create("regen", "m", params()).unwrap();
+            let mut history = store.history(id).unwrap();
+            let mut head = SessionHead::new(params(), None);
+            let mut cache = HostCache::new(params(), geometry());
+            let mut saved = 0;
+            for n in [6, 6, 7, 3] {
+                turn(&mut history, &mut head, n);
+                feed(&mut cache, saved, head.token_count);
+                let kv = KvCache::Host(cache.clone());
+                let globals = kv.globals_snapshot().unwrap();
+                history
+                    .save_kv(&kv, saved..head.token_count, Some(&globals), saved == 0)
+                    .unwrap();
+                saved = head.token_count;
+            }
+            let end = 19 + n;
+            let mut regen = HostCache::new(params(), geometry());
+            feed(&mut regen, 0, 19);
+            feed_stream(&mut regen, 19, end, 5);
+            let regen = KvCache::Host(regen);
+            let resume = |history: &StoreHistory| {
+                history
+                    .load_kv(params(), geometry(), &candle_core::Device::Cpu)
+                    .unwrap()
+            };
+            let mut new_head = head.clone();
+            new_head.token_count = end;
+            new_head.tokens_fed = end;
+            history.forget_kv_from(19).unwrap();
+            history
+                .append(&Batch {
+                    truncate: Some((3, 19)),
+                    messages: &[message(3, Role::Assistant, "again", 19..end)],
+                    tokens: &run(19, n),
+                    head: &new_head,
+                })
+                .unwrap();
+            // Killed here, before the slots: what comes back holds none of the old reply.
+            if let SavedKv::Cache(at, back) = resume(&history) {
+                assert!(at <= 19, "a window ending at {at} (n = {n})");
+                assert_eq!(slots(&back, at), slots(&regen, at));
+            }
+            // The save goes through: the new reply's slots, and those of the window the old
+            // reply overwrote in the file.
+            history.save_kv(&regen, 19..end, None, false).unwrap();
+            let SavedKv::Cache(at, back) = resume(&history) else {
+                panic!("a whole window was saved (n = {n})");
+            };
+            assert_eq!(at, end);
+            assert_eq!(back.stats(), regen.stats());
+            assert_eq!(slots(&back, end), slots(&regen, end));
+        }
     }
 
     #[test]

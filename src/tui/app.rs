@@ -609,6 +609,16 @@ impl App {
                 }
             },
             Event::Settings(s) => self.settings = Some(s),
+            Event::Saved { .. } => {
+                // A save that works again clears the note that one failed.
+                if self
+                    .notice
+                    .as_ref()
+                    .is_some_and(|n| n.text.starts_with("saving failed"))
+                {
+                    self.notice = None;
+                }
+            }
             Event::Notice(n) => self.note(super::words::notice(&n)),
             Event::Error(e) => {
                 self.error(e);
