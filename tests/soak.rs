@@ -10,7 +10,7 @@ use common::tiny::write_gguf;
 use serde_json::Value;
 
 const TOKENS: u64 = 1_000_000;
-const TURN_TOKENS: u64 = 2_000;
+const TURN_TOKENS: u64 = 200;
 const EVERY: u64 = 50_000;
 
 struct Checkpoint {

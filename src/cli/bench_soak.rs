@@ -8,20 +8,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use crossterm::event::{KeyCode, KeyEvent};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use super::RunArgs;
 use crate::config::Config;
 use crate::eval::rss_bytes;
-use crate::protocol::{Backend, Command, Event};
+use crate::protocol::{Backend, Command, Event, Notice};
 use crate::store;
-use crate::tui::app::{App, Msg};
+use crate::tui::app::{App, Effect, Msg};
 use crate::tui::keymap::Keymap;
 use crate::tui::theme::Theme;
 use crate::tui::view;
-use crate::worker::{self, WorkerOptions};
+use crate::worker::{self, WorkerHandle, WorkerOptions};
 
 #[derive(Args)]
 pub struct SoakArgs {
@@ -45,6 +46,28 @@ pub struct SoakArgs {
     /// Where the session database goes [default: a temporary directory, removed after]
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Then this many rounds of one turn of the long conversation and one of a young one
+    /// (10 turns old), alternating: their mean times to first token side by side
+    #[arg(long, default_value_t = 0)]
+    pub alternate: usize,
+}
+
+/// Turns the young conversation of `--alternate` has before the rounds start.
+const YOUNG_TURNS: u64 = 10;
+
+/// What `--alternate` measured.
+#[derive(serde::Serialize)]
+struct AlternateFigures {
+    rounds: usize,
+    /// The turn number the long conversation's rounds start at.
+    long_turn: u64,
+    young_turn: u64,
+    long_ttft_ms: f64,
+    young_ttft_ms: f64,
+    /// Long over young.
+    ratio: f64,
+    long_range_ms: (f64, f64),
+    young_range_ms: (f64, f64),
 }
 
 /// Bytes this process has had written to storage (`/proc/self/io`), 0 where unknown.
@@ -89,6 +112,106 @@ fn message(turn: u64, chars: usize) -> String {
     text
 }
 
+/// The chat under test: the worker, the chat screen it feeds, and what the last turns showed.
+struct Soak {
+    worker: WorkerHandle,
+    rx: UnboundedReceiver<Event>,
+    app: App,
+    term: Terminal<TestBackend>,
+    /// Characters per prompt token, from the last turn (sizes the next message).
+    chars_per_token: f64,
+    /// Tokens fed in the open conversation.
+    tokens: u64,
+    /// The open conversation's database id.
+    id: Option<i64>,
+}
+
+/// One turn's times.
+struct Turn {
+    ttft_ms: f64,
+    save_ms: f64,
+}
+
+impl Soak {
+    /// The next event, shown to the chat screen as the event loop would.
+    fn next_event(&mut self) -> Result<Event> {
+        let e = self.rx.blocking_recv().context("the worker stopped")?;
+        self.app.update(Msg::Worker(e.clone()));
+        Ok(e)
+    }
+
+    /// Sends a message of about `prompt_tokens` tokens, typed as a user would (pasted into
+    /// the message box and sent with Enter, so the screen's side — the input history, the
+    /// conversation — counts too), and waits until the reply is saved.
+    fn turn(&mut self, number: u64, prompt_tokens: u64) -> Result<Turn> {
+        let text = message(
+            number,
+            (prompt_tokens as f64 * self.chars_per_token) as usize,
+        );
+        let sent = Instant::now();
+        self.app.update(Msg::Paste(text.clone()));
+        for effect in self.app.update(Msg::Key(KeyEvent::from(KeyCode::Enter))) {
+            match effect {
+                Effect::Worker(c) => self.worker.send(c),
+                other => bail!("turn {number}: the chat screen asked for {other:?}"),
+            }
+        }
+        let mut first: Option<Duration> = None;
+        let save_ms = loop {
+            match self.next_event()? {
+                Event::Text(_) => {
+                    first.get_or_insert(sent.elapsed());
+                }
+                Event::Finished { prompt_tokens, .. } => {
+                    first.get_or_insert(sent.elapsed());
+                    if prompt_tokens > 0 {
+                        self.chars_per_token = text.len() as f64 / prompt_tokens as f64;
+                    }
+                }
+                Event::Titled { id, .. } => self.id = Some(id),
+                Event::Timeline(t) => self.tokens = t.stats.tokens_seen,
+                Event::Saved { seconds } => break seconds * 1e3,
+                Event::Error(e) => bail!("turn {number}: {e}"),
+                _ => {}
+            }
+        };
+        // The screen as a user would see it (its memory counts).
+        self.term.draw(|f| view::draw(f, &self.app))?;
+        Ok(Turn {
+            ttft_ms: first.unwrap_or_default().as_secs_f64() * 1e3,
+            save_ms,
+        })
+    }
+
+    /// Opens saved conversation `id` and waits until it is ready from its saved cache.
+    fn open(&mut self, id: i64) -> Result<()> {
+        self.worker.send(Command::OpenSession(id));
+        loop {
+            match self.next_event()? {
+                Event::Timeline(t) => self.tokens = t.stats.tokens_seen,
+                Event::Notice(Notice::Resumed { from_snapshot, .. }) => {
+                    if !from_snapshot {
+                        bail!("conversation {id} did not resume from its saved cache");
+                    }
+                    self.id = Some(id);
+                    return Ok(());
+                }
+                Event::Error(e) => bail!("opening conversation {id}: {e}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts a new conversation.
+    fn new_conversation(&mut self) -> Result<()> {
+        self.worker.send(Command::NewSession);
+        while !matches!(self.next_event()?, Event::Opened { .. }) {}
+        self.id = None;
+        self.tokens = 0;
+        Ok(())
+    }
+}
+
 pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
     if args.turn_tokens == 0 || args.tokens == 0 {
         bail!("--tokens and --turn-tokens must be at least 1");
@@ -101,7 +224,7 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let db = dir.join("sessions.db");
-    let (tx, mut rx) = unbounded_channel();
+    let (tx, rx) = unbounded_channel();
     let sampling = settings.sampling.clone();
     let worker = worker::spawn(
         WorkerOptions {
@@ -116,15 +239,17 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
         tx,
     )?;
     let (cols, rows) = (120, 40);
-    let mut app = App::new(Keymap::default(), Theme::default(), (cols, rows));
-    let mut term = Terminal::new(TestBackend::new(cols, rows))?;
-    let mut next_event = |app: &mut App| -> Result<Event> {
-        let e = rx.blocking_recv().context("the worker stopped")?;
-        app.update(Msg::Worker(e.clone()));
-        Ok(e)
+    let mut soak = Soak {
+        worker,
+        rx,
+        app: App::new(Keymap::default(), Theme::default(), (cols, rows)),
+        term: Terminal::new(TestBackend::new(cols, rows))?,
+        chars_per_token: 4.0,
+        tokens: 0,
+        id: None,
     };
     loop {
-        match next_event(&mut app)? {
+        match soak.next_event()? {
             Event::Ready { .. } => break,
             Event::LoadFailed { reason, .. } => bail!("the model did not load: {reason}"),
             _ => {}
@@ -132,8 +257,7 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
     }
     let every = args.every.unwrap_or(args.tokens / 10).max(1);
     let written_at_start = written_bytes();
-    let mut chars_per_token = 4.0f64;
-    let (mut tokens, mut turns, mut mark) = (0u64, 0u64, every);
+    let (mut turns, mut mark) = (0u64, every);
     let (mut ttft, mut saves) = (Vec::new(), Vec::new());
     if !args.json {
         println!(
@@ -148,75 +272,118 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
             "tokens", "turns", "RSS MiB", "TTFT ms", "save ms", "DB MiB", "KV MiB", "written MiB"
         );
     }
-    while tokens < args.tokens {
-        let chars = (args.turn_tokens as f64 * chars_per_token) as usize;
-        let text = message(turns, chars);
-        let sent = Instant::now();
-        worker.send(Command::Send(text.clone()));
-        let mut first: Option<Duration> = None;
-        loop {
-            match next_event(&mut app)? {
-                Event::Text(_) => {
-                    first.get_or_insert(sent.elapsed());
-                }
-                Event::Finished { prompt_tokens, .. } => {
-                    first.get_or_insert(sent.elapsed());
-                    if prompt_tokens > 0 {
-                        chars_per_token = text.len() as f64 / prompt_tokens as f64;
-                    }
-                }
-                Event::Timeline(t) => tokens = t.stats.tokens_seen,
-                Event::Saved { seconds } => {
-                    saves.push(seconds * 1e3);
-                    break;
-                }
-                Event::Error(e) => bail!("turn {turns}: {e}"),
-                _ => {}
-            }
-        }
-        ttft.push(first.unwrap_or_default().as_secs_f64() * 1e3);
+    while soak.tokens < args.tokens {
+        let t = soak.turn(turns, args.turn_tokens)?;
+        ttft.push(t.ttft_ms);
+        saves.push(t.save_ms);
         turns += 1;
-        // The screen as a user would see it (its memory counts).
-        term.draw(|f| view::draw(f, &app))?;
-        if tokens >= mark || tokens >= args.tokens {
-            mark = (tokens / every + 1) * every;
-            let mean = |v: &mut Vec<f64>| {
-                let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
-                v.clear();
-                m
-            };
+        if soak.tokens >= mark || soak.tokens >= args.tokens {
+            mark = (soak.tokens / every + 1) * every;
             let c = Checkpoint {
-                tokens,
+                tokens: soak.tokens,
                 turns,
                 rss_bytes: rss_bytes(),
-                ttft_ms: mean(&mut ttft),
-                save_ms: mean(&mut saves),
+                ttft_ms: mean(&std::mem::take(&mut ttft)),
+                save_ms: mean(&std::mem::take(&mut saves)),
                 db_bytes: store::disk_bytes(&db),
                 kv_bytes: store::kv_bytes(&db),
                 kv_token_bytes: store::kv_token_bytes(&db),
                 written_bytes: written_bytes().saturating_sub(written_at_start),
             };
-            let mib = |b: u64| b as f64 / (1 << 20) as f64;
-            if args.json {
-                println!("{}", serde_json::to_string(&c)?);
-            } else {
-                println!(
-                    "{:>10} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>11.1}",
-                    c.tokens,
-                    c.turns,
-                    mib(c.rss_bytes),
-                    c.ttft_ms,
-                    c.save_ms,
-                    mib(c.db_bytes),
-                    mib(c.kv_bytes),
-                    mib(c.written_bytes)
-                );
-            }
+            print_checkpoint(&c, args.json)?;
         }
     }
-    worker.send(Command::Shutdown);
-    while !matches!(next_event(&mut app)?, Event::Stopped) {}
+    if args.alternate > 0 {
+        alternate(&mut soak, &args, turns)?;
+    }
+    soak.worker.send(Command::Shutdown);
+    while !matches!(soak.next_event()?, Event::Stopped) {}
     Ok(0)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn print_checkpoint(c: &Checkpoint, json: bool) -> Result<()> {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if json {
+        println!("{}", serde_json::to_string(c)?);
+    } else {
+        println!(
+            "{:>10} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>11.1}",
+            c.tokens,
+            c.turns,
+            mib(c.rss_bytes),
+            c.ttft_ms,
+            c.save_ms,
+            mib(c.db_bytes),
+            mib(c.kv_bytes),
+            mib(c.written_bytes)
+        );
+    }
+    Ok(())
+}
+
+/// The long conversation's time to first token against a young one's (past its window, at
+/// turn 10 or so), turn for turn in alternation, so that the machine's moods fall on both.
+fn alternate(soak: &mut Soak, args: &SoakArgs, long_turns: u64) -> Result<()> {
+    let long = soak.id.context("the long conversation was not saved")?;
+    soak.new_conversation()?;
+    let mut young_turns = 0;
+    while young_turns < YOUNG_TURNS {
+        soak.turn(young_turns, args.turn_tokens)?;
+        young_turns += 1;
+    }
+    let young = soak.id.context("the young conversation was not saved")?;
+    let (mut old_ttft, mut young_ttft) = (Vec::new(), Vec::new());
+    for round in 0..args.alternate {
+        soak.open(long)?;
+        old_ttft.push(
+            soak.turn(long_turns + round as u64, args.turn_tokens)?
+                .ttft_ms,
+        );
+        soak.open(young)?;
+        young_ttft.push(
+            soak.turn(young_turns + round as u64, args.turn_tokens)?
+                .ttft_ms,
+        );
+    }
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        (lo, hi)
+    };
+    let c = AlternateFigures {
+        rounds: args.alternate,
+        long_turn: long_turns,
+        young_turn: young_turns,
+        long_ttft_ms: mean(&old_ttft),
+        young_ttft_ms: mean(&young_ttft),
+        ratio: mean(&old_ttft) / mean(&young_ttft).max(1e-9),
+        long_range_ms: spread(&old_ttft),
+        young_range_ms: spread(&young_ttft),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!(
+            "time to first token, {} rounds alternating: turn {}+ {:.1} ms (min {:.1}, max {:.1}) \
+             against a young conversation's turn {}+ {:.1} ms (min {:.1}, max {:.1}): {:.3}×",
+            c.rounds,
+            c.long_turn,
+            c.long_ttft_ms,
+            c.long_range_ms.0,
+            c.long_range_ms.1,
+            c.young_turn,
+            c.young_ttft_ms,
+            c.young_range_ms.0,
+            c.young_range_ms.1,
+            c.ratio
+        );
+    }
+    Ok(())
 }
 
 /// A fresh directory under the system's temporary one, removed when dropped (also when the

@@ -9,6 +9,7 @@ use candle_core::Device;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::kv_file::{KvFile, KvFileError};
+use super::token_rows;
 use super::{StoreError, connect, kv_dir, now, role_name, role_of};
 use crate::attention::{KvCache, LambdaParams, LayerGeometry, SlotState};
 use crate::session::{
@@ -67,17 +68,25 @@ pub(super) fn insert_tokens(
     offsets: &[u64],
 ) -> rusqlite::Result<()> {
     tx.execute(
-        "INSERT OR REPLACE INTO tokens (session_id, first, last, ids, offsets)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR REPLACE INTO tokens (session_id, first, last, data) VALUES (?1, ?2, ?3, ?4)",
         params![
             id,
             first as i64,
             (first + ids.len() as u64) as i64,
-            bytemuck::cast_slice::<u32, u8>(ids),
-            bytemuck::cast_slice::<u64, u8>(offsets)
+            token_rows::encode(ids, offsets)
         ],
     )?;
     Ok(())
+}
+
+/// A token row's run, or the conversation is damaged.
+fn decode_run(id: i64, first: i64, data: &[u8]) -> Result<TokenRun, HistoryError> {
+    token_rows::decode(first as u64, data).ok_or_else(|| {
+        HistoryError::Store(
+            StoreError::Damaged(id, format!("the token run at {first} does not decode"))
+                .to_string(),
+        )
+    })
 }
 
 pub struct StoreHistory {
@@ -154,12 +163,12 @@ impl History for StoreHistory {
             )
             .map_err(sql)?;
             // A run that straddles the cut keeps its part before it.
-            let straddling: Option<(i64, Vec<u8>, Vec<u8>)> = tx
+            let straddling: Option<(i64, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT first, ids, offsets FROM tokens
+                    "SELECT first, data FROM tokens
                      WHERE session_id = ?1 AND first < ?2 AND last > ?2",
                     params![self.id, tokens as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(sql)?;
@@ -168,12 +177,8 @@ impl History for StoreHistory {
                 params![self.id, tokens as i64],
             )
             .map_err(sql)?;
-            if let Some((first, ids, offsets)) = straddling {
-                let mut run = TokenRun {
-                    first: first as u64,
-                    ids: bytemuck::pod_collect_to_vec(&ids),
-                    offsets: bytemuck::pod_collect_to_vec(&offsets),
-                };
+            if let Some((first, data)) = straddling {
+                let mut run = decode_run(self.id, first, &data)?;
                 run.truncate(tokens);
                 insert_tokens(&tx, self.id, run.first, &run.ids, &run.offsets).map_err(sql)?;
             }
@@ -413,7 +418,7 @@ impl History for StoreHistory {
         let mut stmt = self
             .db
             .prepare_cached(
-                "SELECT first, ids, offsets FROM tokens
+                "SELECT first, data FROM tokens
                  WHERE session_id = ?1 AND first < ?3 AND first >= COALESCE(
                      (SELECT MAX(first) FROM tokens WHERE session_id = ?1 AND first <= ?2), 0)
                  ORDER BY first",
@@ -422,23 +427,13 @@ impl History for StoreHistory {
         let rows = stmt
             .query_map(
                 params![self.id, positions.start as i64, positions.end as i64],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                    ))
-                },
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)),
             )
             .map_err(sql)?;
         let mut out = TokenRun::starting_at(positions.start);
         for row in rows {
-            let (first, ids, offsets) = row.map_err(sql)?;
-            let run = TokenRun {
-                first: first as u64,
-                ids: bytemuck::pod_collect_to_vec(&ids),
-                offsets: bytemuck::pod_collect_to_vec(&offsets),
-            };
+            let (first, data) = row.map_err(sql)?;
+            let run = decode_run(self.id, first, &data)?;
             let part = run.slice(positions.clone());
             if out.ids.is_empty() {
                 out = part;

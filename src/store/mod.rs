@@ -15,6 +15,7 @@
 
 mod history;
 mod kv_file;
+mod token_rows;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -99,6 +100,8 @@ const SCHEMA: &str = "
         session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
         data BLOB NOT NULL
     );
+    -- Keyed by what they are looked up by, without a rowid: one b-tree each (with a rowid, the
+    -- primary key would be a second one), so a save touches as few pages as it can.
     CREATE TABLE messages (
         session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
         idx INTEGER NOT NULL,
@@ -110,16 +113,16 @@ const SCHEMA: &str = "
         span_end INTEGER NOT NULL,
         code_before INTEGER NOT NULL,
         PRIMARY KEY (session_id, idx)
-    );
+    ) WITHOUT ROWID;
     CREATE INDEX messages_by_token ON messages(session_id, token_start);
     CREATE TABLE tokens (
         session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
         first INTEGER NOT NULL,
         last INTEGER NOT NULL,
-        ids BLOB NOT NULL,
-        offsets BLOB NOT NULL,
+        -- The ids and byte offsets of tokens first..last (token_rows.rs).
+        data BLOB NOT NULL,
         PRIMARY KEY (session_id, first)
-    );
+    ) WITHOUT ROWID;
     CREATE TABLE legacy_snapshots (
         session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
         tokens INTEGER NOT NULL,

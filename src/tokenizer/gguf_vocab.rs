@@ -126,7 +126,9 @@ impl GgufVocab {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let mut builder = BPE::builder().vocab_and_merges(vocab, merges);
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .cache_capacity(super::BPE_CACHE_WORDS);
         if spm {
             builder = builder.byte_fallback(true).fuse_unk(true);
             if let Some(unk) = self.unk.and_then(|u| self.tokens.get(u as usize)) {

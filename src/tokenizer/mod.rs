@@ -12,6 +12,8 @@ mod stream;
 
 use std::path::Path;
 
+use tokenizers::models::ModelWrapper;
+
 pub use hf_files::HfTokenizerFiles;
 pub use stream::TextStream;
 
@@ -153,7 +155,18 @@ impl Tokenizer {
     }
 }
 
+/// Words whose merges a BPE model remembers (per thread). The library's default, 10,000 words
+/// of up to 256 bytes, lets the new words of an endless chat (names, numbers, identifiers) pile
+/// up to megabytes that are never let go; a thousand keeps the common ones.
+pub(crate) const BPE_CACHE_WORDS: usize = 1_000;
+
 fn load_json_file(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
-    tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| TokenizerError::Build(format!("{}: {e}", path.display())))?;
+    if let ModelWrapper::BPE(_) = tokenizer.get_model() {
+        let mut model = tokenizer.get_model().clone();
+        model.resize_cache(BPE_CACHE_WORDS);
+        tokenizer.with_model(model);
+    }
+    Ok(tokenizer)
 }

@@ -5,19 +5,26 @@
 //! [`LONG_LINE_WINDOW`] bytes of a very long line), so a 1 MB paste costs one insertion, not a
 //! re-layout of the whole text at every frame.
 
+use std::collections::VecDeque;
+
 use unicode_width::UnicodeWidthChar;
 
 use super::keymap::Action;
 
 /// Bytes of a long line laid out on each side of the cursor.
 const LONG_LINE_WINDOW: usize = 16 * 1024;
+/// Bytes of sent messages kept for recall: the oldest go first (the last one always stays), so
+/// an endless chat's input history does not grow with it.
+const HISTORY_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, Default)]
 pub struct Editor {
     text: String,
     /// Byte index into `text`, always on a char boundary.
     cursor: usize,
-    history: Vec<String>,
+    history: VecDeque<String>,
+    /// Bytes of text in `history`.
+    history_bytes: usize,
     /// Index into `history` while browsing it.
     browsing: Option<usize>,
     /// What was being typed before browsing started.
@@ -215,8 +222,13 @@ impl Editor {
         let text = std::mem::take(&mut self.text);
         self.cursor = 0;
         self.browsing = None;
-        if !text.trim().is_empty() && self.history.last() != Some(&text) {
-            self.history.push(text.clone());
+        if !text.trim().is_empty() && self.history.back() != Some(&text) {
+            self.history_bytes += text.len();
+            self.history.push_back(text.clone());
+            while self.history_bytes > HISTORY_BYTES && self.history.len() > 1 {
+                let oldest = self.history.pop_front().unwrap_or_default();
+                self.history_bytes -= oldest.len();
+            }
         }
         text
     }
@@ -366,6 +378,29 @@ mod tests {
         e.home();
         e.delete_to_line_start();
         assert_eq!(e.cursor(), 7);
+    }
+
+    #[test]
+    fn history_keeps_a_bounded_tail() {
+        let mut e = Editor::default();
+        let long = "x".repeat(HISTORY_BYTES / 4);
+        for i in 0..10 {
+            e.insert_str(&format!("{i}{long}"));
+            e.take();
+        }
+        assert!(e.history_bytes <= HISTORY_BYTES);
+        assert_eq!(e.history.len(), 3);
+        e.history_prev();
+        assert!(e.text().starts_with('9'));
+        let mut e = Editor::default();
+        e.insert_str(&"y".repeat(2 * HISTORY_BYTES));
+        e.take();
+        e.history_prev();
+        assert_eq!(
+            e.text().len(),
+            2 * HISTORY_BYTES,
+            "the last one always stays"
+        );
     }
 
     #[test]

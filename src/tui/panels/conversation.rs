@@ -165,12 +165,14 @@ fn capitalized(key: &str) -> String {
         .map_or(String::new(), |c| c.to_uppercase().chain(chars).collect())
 }
 
-/// Messages kept loaded while the view follows the bottom; older ones are loaded again when
-/// the user scrolls up to them, and let go once the view is back at the bottom.
+/// Messages kept loaded while the view follows the bottom, and the most text they may hold
+/// (the last two messages stay whatever their size); older ones are loaded again when the user
+/// scrolls up to them, and let go once the view is back at the bottom.
 pub const LOADED_MESSAGES: usize = 400;
-/// Rendered rows kept cached over all messages; past it, the caches of messages off the
-/// screen are dropped.
-pub const CACHED_ROWS: usize = 20_000;
+pub const LOADED_BYTES: usize = 512 << 10;
+/// Rendered rows kept cached over all messages (a few hundred KiB); past it, the caches of
+/// messages off the screen are dropped.
+pub const CACHED_ROWS: usize = 5_000;
 
 /// The conversation as the screen has it: a window of its messages (the newest last, older ones
 /// loaded on demand), scrolled from the bottom.
@@ -219,8 +221,17 @@ impl Conversation {
             .push(ChatMessage::new(self.total, role, content, first));
         self.total += 1;
         // Following the stream: what scrolled off the top is let go.
-        if self.scroll == 0 && self.messages.len() > LOADED_MESSAGES {
-            let extra = self.messages.len() - LOADED_MESSAGES;
+        if self.scroll == 0 {
+            let mut bytes: usize = self.messages.iter().map(|m| m.content.len()).sum();
+            let mut extra = self.messages.len().saturating_sub(LOADED_MESSAGES);
+            bytes -= self.messages[..extra]
+                .iter()
+                .map(|m| m.content.len())
+                .sum::<usize>();
+            while bytes > LOADED_BYTES && self.messages.len() - extra > 2 {
+                bytes -= self.messages[extra].content.len();
+                extra += 1;
+            }
             self.messages.drain(..extra);
         }
     }
@@ -500,6 +511,30 @@ mod tests {
         c.append(" more", 20, &theme);
         let rows = text(&c.visible(20, 5, &theme));
         assert!(rows.iter().any(|r| r.contains("more")), "{rows:?}");
+    }
+
+    #[test]
+    fn following_keeps_a_bounded_tail_of_messages() {
+        let mut c = conversation(LOADED_MESSAGES + 50);
+        assert_eq!(c.messages.len(), LOADED_MESSAGES);
+        assert_eq!(c.total, LOADED_MESSAGES + 50);
+        assert_eq!(c.first(), 50);
+        let big = "x".repeat(LOADED_BYTES / 4);
+        for _ in 0..10 {
+            c.push(Role::User, big.clone());
+        }
+        let bytes: usize = c.messages.iter().map(|m| m.content.len()).sum();
+        assert!(bytes <= LOADED_BYTES, "{bytes} bytes loaded");
+        assert_eq!(c.total, LOADED_MESSAGES + 60);
+        assert_eq!(c.first() + c.messages.len(), c.total, "the newest stay");
+        // Messages larger than the budget: the last two stay all the same.
+        c.push(Role::User, "y".repeat(LOADED_BYTES));
+        c.push(Role::Assistant, "z".repeat(LOADED_BYTES));
+        assert_eq!(c.messages.len(), 2);
+        // Scrolled up, nothing is let go.
+        c.scroll = 3;
+        c.push(Role::User, big.clone());
+        assert_eq!(c.messages.len(), 3);
     }
 
     #[test]
