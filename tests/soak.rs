@@ -1,7 +1,8 @@
 //! A million-token chat on a tiny synthetic model, through the real binary's `bench soak`
-//! (worker, store and chat screen): once the window is full, memory, time to first token and
-//! the database's growth per token stay flat, and each turn writes no more than its new tokens'
-//! keys and values plus 64 KiB.
+//! (worker, store and chat screen), in 5,000 turns: once the window is full, memory, time to
+//! first token and the database's growth per token stay flat, each turn writes no more than its
+//! new tokens' keys and values plus 64 KiB, and turn 5,000 answers as fast as turn 10 of a
+//! young conversation, measured turn for turn in alternation.
 
 mod common;
 
@@ -24,7 +25,14 @@ struct Checkpoint {
     written: f64,
 }
 
-fn soak(dir: &std::path::Path) -> Vec<Checkpoint> {
+/// The last line: the long conversation's mean time to first token over a young one's.
+struct Alternation {
+    ratio: f64,
+    long_turn: f64,
+    young_turn: f64,
+}
+
+fn soak(dir: &std::path::Path) -> (Vec<Checkpoint>, Alternation) {
     let model = dir.join("tiny-qwen2.gguf");
     write_gguf(&model, "qwen2");
     let out = lambdachat()
@@ -43,6 +51,8 @@ fn soak(dir: &std::path::Path) -> Vec<Checkpoint> {
             "8",
             "--n-global",
             "8",
+            "--alternate",
+            "20",
         ])
         .output()
         .unwrap();
@@ -52,14 +62,24 @@ fn soak(dir: &std::path::Path) -> Vec<Checkpoint> {
         "soak failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
+    let lines: Vec<Value> = stdout
         .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            let f = |k: &str| {
-                v[k].as_f64()
-                    .unwrap_or_else(|| panic!("no number {k} in {l}"))
-            };
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let number = |v: &Value, k: &str| {
+        v[k].as_f64()
+            .unwrap_or_else(|| panic!("no number {k} in {v}"))
+    };
+    let (last, checkpoints) = lines.split_last().expect("no output");
+    let alternation = Alternation {
+        ratio: number(last, "ratio"),
+        long_turn: number(last, "long_turn"),
+        young_turn: number(last, "young_turn"),
+    };
+    let checkpoints = checkpoints
+        .iter()
+        .map(|v| {
+            let f = |k: &str| number(v, k);
             Checkpoint {
                 tokens: f("tokens"),
                 turns: f("turns"),
@@ -71,7 +91,8 @@ fn soak(dir: &std::path::Path) -> Vec<Checkpoint> {
                 written: f("written_bytes"),
             }
         })
-        .collect()
+        .collect();
+    (checkpoints, alternation)
 }
 
 #[test]
@@ -79,7 +100,7 @@ fn a_million_token_chat_stays_flat() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("soak");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let points = soak(&dir);
+    let (points, alternation) = soak(&dir);
     for p in &points {
         eprintln!(
             "{:>8} tokens {:>4} turns: RSS {:.1} MiB, TTFT {:.2} ms, DB {:.2} MiB, KV {:.2} MiB, \
@@ -117,6 +138,20 @@ fn a_million_token_chat_stays_flat() {
     assert!(
         late < early * 1.5 + 2.0,
         "time to first token grew from {early:.2} ms to {late:.2} ms"
+    );
+
+    // The same, turn for turn: the long conversation against a young one, alternating.
+    eprintln!(
+        "turn {} against turn {}: {:.3}× the time to first token",
+        alternation.long_turn, alternation.young_turn, alternation.ratio
+    );
+    assert!(alternation.long_turn >= 4_500.0 && alternation.young_turn <= 20.0);
+    assert!(
+        alternation.ratio < 1.35,
+        "turn {} took {:.2}× as long to answer as turn {}",
+        alternation.long_turn,
+        alternation.ratio,
+        alternation.young_turn
     );
 
     // Bytes written per turn: the new tokens' keys and values and 64 KiB, no more.

@@ -26,6 +26,13 @@ const SPLIT_MIN_KEYS: usize = 256;
 /// Query tokens per block task: with Qwen2.5-0.5B's 7 heads per group, 112 rows.
 const BLOCK_TOKENS: usize = 16;
 
+/// Threads of candle's pool, asked once: `candle_core::utils::get_num_threads` reads and parses
+/// /proc/cpuinfo on every call (0.1 ms here), and a decoded token asks once per layer.
+fn pool_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// A block task's reused buffers.
 #[derive(Default)]
 struct BlockTaskScratch {
@@ -636,7 +643,7 @@ impl HostLayerCache {
     /// cores, or `None` to keep rows whole: when the cores would have work enough, the ring is
     /// short, or the attention probe or entropy (which read whole rows) is on.
     fn split_parts(&self, n_tasks: usize) -> Option<usize> {
-        let threads = candle_core::utils::get_num_threads();
+        let threads = pool_threads();
         let split =
             n_tasks < threads && self.ring_len() >= SPLIT_MIN_KEYS && !self.probe && !self.entropy;
         split.then(|| threads.div_ceil(n_tasks))
@@ -1139,7 +1146,7 @@ mod tests {
             scale: 1.0,
         };
         cache.attend(&input).unwrap();
-        let cores = candle_core::utils::get_num_threads();
+        let cores = pool_threads();
         assert_eq!(cache.split_parts(1), (cores > 1).then_some(cores));
     }
 

@@ -70,16 +70,28 @@ struct AlternateFigures {
     young_range_ms: (f64, f64),
 }
 
-/// Bytes this process has had written to storage (`/proc/self/io`), 0 where unknown.
-fn written_bytes() -> u64 {
+/// A counter of `/proc/self/io`, 0 where unknown.
+fn io_counter(name: &str) -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Bytes this process has had written to storage: `write_bytes`, counted by the page cache's
+/// pages (or folios: a kernel with large folios counts a whole folio for a byte written).
+fn written_bytes() -> u64 {
+    io_counter("write_bytes")
+}
+
+/// Bytes this process handed to write calls (`wchar`): the files' bytes before the page cache
+/// rounds them.
+fn handed_bytes() -> u64 {
+    io_counter("wchar")
 }
 
 /// One checkpoint: the state after `turns` turns.
@@ -98,6 +110,8 @@ struct Checkpoint {
     kv_token_bytes: u64,
     /// Since the soak started (the model's load excluded).
     written_bytes: u64,
+    /// Bytes handed to write calls since the soak started.
+    handed_bytes: u64,
 }
 
 /// A user message of about `chars` characters, different each turn.
@@ -159,6 +173,13 @@ impl Soak {
         let mut first: Option<Duration> = None;
         let save_ms = loop {
             match self.next_event()? {
+                // The prompt is read: the first token is drawn from these logits. (Its text may
+                // come later: a token that ends inside a UTF-8 character shows nothing, and a
+                // random tiny model emits such bytes for several tokens, more or fewer with
+                // each conversation's history.)
+                Event::Prefill { done, total } if done == total => {
+                    first.get_or_insert(sent.elapsed());
+                }
                 Event::Text(_) => {
                     first.get_or_insert(sent.elapsed());
                 }
@@ -256,7 +277,7 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
         }
     }
     let every = args.every.unwrap_or(args.tokens / 10).max(1);
-    let written_at_start = written_bytes();
+    let (written_at_start, handed_at_start) = (written_bytes(), handed_bytes());
     let (mut turns, mut mark) = (0u64, every);
     let (mut ttft, mut saves) = (Vec::new(), Vec::new());
     if !args.json {
@@ -289,6 +310,7 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
                 kv_bytes: store::kv_bytes(&db),
                 kv_token_bytes: store::kv_token_bytes(&db),
                 written_bytes: written_bytes().saturating_sub(written_at_start),
+                handed_bytes: handed_bytes().saturating_sub(handed_at_start),
             };
             print_checkpoint(&c, args.json)?;
         }

@@ -24,6 +24,98 @@ pub(super) fn lock_path(db: &Path, id: i64) -> PathBuf {
     kv_dir(db).join(format!("{id}.lock"))
 }
 
+/// A session's head as its row keeps it. The system prompt (message 0) and the last exchange
+/// are rows of `messages`, written in the same transaction, so the row names them instead of
+/// copying their text into every save (a 500-token prompt's 2.6 KB twice — as a message and
+/// at the start of the fed text —, a long system prompt). A head written before this form
+/// carries them inline and reads as it is.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredHead {
+    #[serde(flatten)]
+    head: SessionHead,
+    /// The last exchange: messages `tail_messages.0..tail_messages.1`, when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tail_messages: Option<(usize, usize)>,
+    /// The system prompt is message 0's text, left out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    system_is_message_0: bool,
+    /// The fed tail begins with the last exchange's first message, left out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fed_tail_after_first: bool,
+}
+
+/// `head` as its row keeps it (see [`StoredHead`]).
+pub(super) fn head_json(head: &SessionHead) -> serde_json::Result<String> {
+    let mut head = head.clone();
+    let tail = std::mem::take(&mut head.tail);
+    let contiguous = tail.windows(2).all(|w| w[0].index + 1 == w[1].index);
+    let fed_tail_after_first = contiguous
+        && tail.first().is_some_and(|first| {
+            head.fed_tail_start == first.span.start && head.fed_tail.starts_with(&first.content)
+        });
+    if fed_tail_after_first {
+        head.fed_tail.drain(..tail[0].content.len());
+    }
+    let stored = StoredHead {
+        tail_messages: match (tail.first(), tail.last()) {
+            (Some(first), Some(last)) if contiguous => Some((first.index, last.index + 1)),
+            _ => {
+                head.tail = tail;
+                None
+            }
+        },
+        system_is_message_0: head.system.take().is_some(),
+        fed_tail_after_first,
+        head,
+    };
+    serde_json::to_string(&stored)
+}
+
+/// Reads a head row back, taking the system prompt and the last exchange it names from
+/// `messages`.
+fn parse_head(history: &StoreHistory, json: &str) -> Result<SessionHead, HistoryError> {
+    let damaged = |what: String| HistoryError::Store(format!("session {}: {what}", history.id));
+    let stored: StoredHead = serde_json::from_str(json).map_err(|e| damaged(e.to_string()))?;
+    let mut head = stored.head;
+    if let Some((from, to)) = stored.tail_messages {
+        head.tail = history.messages(from..to)?;
+        if head.tail.len() != to - from {
+            return Err(damaged(format!(
+                "messages {from}..{to} of its last exchange are missing"
+            )));
+        }
+        if stored.fed_tail_after_first {
+            head.fed_tail.insert_str(0, &head.tail[0].content);
+        }
+    }
+    if stored.system_is_message_0 {
+        match history.messages(0..1)?.pop() {
+            Some(m) if m.role == crate::protocol::Role::System => head.system = Some(m.content),
+            _ => return Err(damaged("its system prompt (message 0) is missing".into())),
+        }
+    }
+    Ok(head)
+}
+
+/// The messages holding token positions `?2..?3` of session `?1`: from the last message
+/// starting at or before `?2` (messages' tokens come in order) to the last one starting before
+/// `?3` — a range of `messages_by_token`, whatever the conversation's length. The index is
+/// named and the order is its own, so the plan does not hang on SQLite's version: ordered by
+/// `idx`, SQLite 3.40 walks every message of the session instead (3.54, bundled, sorts).
+pub(super) const PLACES_SQL: &str = "
+    SELECT idx, token_start, token_end, span_start, span_end
+    FROM messages INDEXED BY messages_by_token
+    WHERE session_id = ?1 AND token_start < ?3 AND token_start >= COALESCE(
+        (SELECT MAX(token_start) FROM messages WHERE session_id = ?1 AND token_start <= ?2), 0)
+    ORDER BY token_start, idx";
+
+/// The token runs covering positions `?2..?3` of session `?1`: a range of the primary key.
+pub(super) const TOKENS_SQL: &str = "
+    SELECT first, data FROM tokens
+    WHERE session_id = ?1 AND first < ?3 AND first >= COALESCE(
+        (SELECT MAX(first) FROM tokens WHERE session_id = ?1 AND first <= ?2), 0)
+    ORDER BY first";
+
 /// Takes session `id`'s lock, or says another process holds it.
 pub(super) fn lock(db: &Path, id: i64) -> Result<File, StoreError> {
     let dir = kv_dir(db);
@@ -147,14 +239,12 @@ impl History for StoreHistory {
         let Some(json) = json else {
             return Err(HistoryError::Missing(format!("session {}", self.id)));
         };
-        let head: SessionHead = serde_json::from_str(&json)
-            .map_err(|e| HistoryError::Store(format!("session {}: {e}", self.id)))?;
+        let head = parse_head(self, &json)?;
         Ok((head.token_count > 0 || head.message_count > 0).then_some(head))
     }
 
     fn append(&mut self, batch: &Batch<'_>) -> Result<(), HistoryError> {
-        let head =
-            serde_json::to_string(batch.head).map_err(|e| HistoryError::Store(e.to_string()))?;
+        let head = head_json(batch.head).map_err(|e| HistoryError::Store(e.to_string()))?;
         let tx = self.db.transaction().map_err(sql)?;
         if let Some((messages, tokens)) = batch.truncate {
             tx.execute(
@@ -382,19 +472,7 @@ impl History for StoreHistory {
     }
 
     fn places(&self, positions: Range<u64>) -> Result<Vec<MessagePlace>, HistoryError> {
-        // From the last message starting at or before the range's start (messages' tokens come
-        // in order) to the last one starting before its end: an index range, whatever the
-        // conversation's length.
-        let mut stmt = self
-            .db
-            .prepare_cached(
-                "SELECT idx, token_start, token_end, span_start, span_end FROM messages
-                 WHERE session_id = ?1 AND token_start < ?3 AND token_start >= COALESCE(
-                     (SELECT MAX(token_start) FROM messages
-                      WHERE session_id = ?1 AND token_start <= ?2), 0)
-                 ORDER BY idx",
-            )
-            .map_err(sql)?;
+        let mut stmt = self.db.prepare_cached(PLACES_SQL).map_err(sql)?;
         let rows = stmt
             .query_map(
                 params![self.id, positions.start as i64, positions.end as i64],
@@ -415,15 +493,7 @@ impl History for StoreHistory {
     }
 
     fn tokens(&self, positions: Range<u64>) -> Result<TokenRun, HistoryError> {
-        let mut stmt = self
-            .db
-            .prepare_cached(
-                "SELECT first, data FROM tokens
-                 WHERE session_id = ?1 AND first < ?3 AND first >= COALESCE(
-                     (SELECT MAX(first) FROM tokens WHERE session_id = ?1 AND first <= ?2), 0)
-                 ORDER BY first",
-            )
-            .map_err(sql)?;
+        let mut stmt = self.db.prepare_cached(TOKENS_SQL).map_err(sql)?;
         let rows = stmt
             .query_map(
                 params![self.id, positions.start as i64, positions.end as i64],

@@ -30,10 +30,16 @@ use crate::chat::{Role, code_blocks};
 use crate::protocol::SessionSummary;
 use crate::session::{MessageRecord, SessionHead};
 
-/// The database format this build writes (`PRAGMA user_version`).
-const FORMAT: i32 = 2;
+/// The database format this build writes (`PRAGMA user_version`). Format 3 heads name the
+/// system prompt and the last exchange by message (format 2's copied them, and still read).
+const FORMAT: i32 = 3;
 /// The WAL is truncated to this after a checkpoint (SQLite checkpoints every 1,000 pages).
 const WAL_LIMIT: i64 = 64 << 20;
+/// Pages of 1 KiB, not SQLite's 4 KiB: a save changes a score of pages, most of them only in
+/// part (page 1, the session's row, the last leaf of each table and index, the new text and
+/// token run), so smaller pages write fewer bytes per turn: 21 KiB of WAL rather than 50
+/// (docs/PERFORMANCE.md). Takes effect when a database is created.
+const PAGE_SIZE: i64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -74,6 +80,7 @@ fn now() -> i64 {
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let db = Connection::open(path)?;
     db.busy_timeout(std::time::Duration::from_secs(5))?;
+    db.pragma_update(None, "page_size", PAGE_SIZE)?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
     db.pragma_update(None, "foreign_keys", "ON")?;
@@ -147,10 +154,12 @@ impl Store {
                 )
                 .unwrap_or(false);
             let tx = db.transaction()?;
-            if old {
-                migrate_v1(&tx).map_err(|e| StoreError::Migration(path.to_path_buf(), e))?;
-            } else {
-                tx.execute_batch(SCHEMA)?;
+            match version {
+                2 => {}
+                _ if old => {
+                    migrate_v1(&tx).map_err(|e| StoreError::Migration(path.to_path_buf(), e))?
+                }
+                _ => tx.execute_batch(SCHEMA)?,
             }
             tx.pragma_update(None, "user_version", FORMAT)?;
             tx.commit()?;
@@ -169,7 +178,7 @@ impl Store {
     /// Creates an empty session and returns its id.
     pub fn create(&self, title: &str, model: &str, p: LambdaParams) -> Result<i64, StoreError> {
         let t = now();
-        let head = serde_json::to_string(&SessionHead::new(p, None))
+        let head = history::head_json(&SessionHead::new(p, None))
             .map_err(|e| StoreError::Damaged(0, e.to_string()))?;
         self.db.execute(
             "INSERT INTO sessions (title, model, created, updated, message_count, token_count,
@@ -248,26 +257,22 @@ impl Store {
         }
     }
 
-    /// Writes session `id` as Markdown to `out`, reading its messages a page at a time (a
-    /// million-token conversation in constant memory).
+    /// Writes session `id` as Markdown to `out`, streaming its messages from the database (a
+    /// million-token conversation in the memory of its longest message).
     pub fn export(&self, id: i64, out: &mut dyn Write) -> Result<(), StoreError> {
         let title = self.summary(id)?.title;
         let io = |e| StoreError::Io(PathBuf::from("export"), e);
         markdown_title(out, &title).map_err(io)?;
-        let mut stmt = self.db.prepare(
-            "SELECT idx, role, content FROM messages WHERE session_id = ?1 AND idx >= ?2
-             ORDER BY idx LIMIT 256",
-        )?;
-        let mut next = 0i64;
-        loop {
-            let page: Vec<(i64, String, String)> = stmt
-                .query_map(params![id, next], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            let Some(last) = page.last() else { break };
-            next = last.0 + 1;
-            for (_, role, content) in &page {
-                markdown_message(out, role_of(role), content).map_err(io)?;
-            }
+        // One message at a time, as SQLite reads them: memory holds the longest message,
+        // whatever the conversation's length (a page of many messages would hold them all).
+        let mut stmt = self
+            .db
+            .prepare("SELECT role, content FROM messages WHERE session_id = ?1 ORDER BY idx")?;
+        let mut rows = stmt.query(params![id])?;
+        while let Some(row) = rows.next()? {
+            let role: String = row.get(0)?;
+            let content: String = row.get(1)?;
+            markdown_message(out, role_of(&role), &content).map_err(io)?;
         }
         Ok(())
     }
@@ -486,7 +491,7 @@ fn migrate_v1(tx: &rusqlite::Transaction<'_>) -> Result<(), String> {
             head.fed_tail = state.fed_text.get(start..).unwrap_or("").to_string();
             head.fed_tail_start = start as u64;
         }
-        let head_json = serde_json::to_string(&head).map_err(|e| e.to_string())?;
+        let head_json = history::head_json(&head).map_err(|e| e.to_string())?;
         tx.execute(
             "INSERT INTO sessions (id, title, model, created, updated, message_count,
                 token_count, head) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -827,6 +832,172 @@ mod tests {
         history.limit_pages(1 << 20);
         history.append(&batch).unwrap();
         assert_eq!(history.messages(0..9).unwrap().len(), 2);
+    }
+
+    /// A head row names its system prompt and last exchange (a save does not copy their text
+    /// again), reads back whole, and a format-2 database's heads, which copied them, still read.
+    #[test]
+    fn heads_name_the_last_exchange_and_format_2_heads_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        let id = store.create("named", "m", params()).unwrap();
+        let mut history = store.history(id).unwrap();
+        let long = "a long prompt ".repeat(200);
+        let system = MessageRecord {
+            role: Role::System,
+            ..message(0, Role::System, "be brief", 0..0)
+        };
+        let messages = [
+            system,
+            message(1, Role::User, &long, 0..6),
+            message(2, Role::Assistant, "ok", 6..8),
+        ];
+        let mut head = SessionHead::new(params(), Some("be brief".into()));
+        head.message_count = 3;
+        head.token_count = 8;
+        head.tokens_fed = 8;
+        head.tail = messages[1..].to_vec();
+        head.fed_tail = format!("{long}<|im_end|>\nok");
+        head.fed_tail_start = messages[1].span.start;
+        history
+            .append(&Batch {
+                truncate: None,
+                messages: &messages,
+                tokens: &run(0, 8),
+                head: &head,
+            })
+            .unwrap();
+        assert_eq!(history.head().unwrap().as_ref(), Some(&head));
+        let row = |db: &Connection| -> String {
+            db.query_row("SELECT head FROM sessions WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        let json = row(&store.db);
+        assert!(
+            json.len() < 1000 && !json.contains("a long prompt") && !json.contains("be brief"),
+            "{json}"
+        );
+        drop(history);
+        drop(store);
+
+        // A format-2 database: the same rows, the head with its copies.
+        let db = Connection::open(&path).unwrap();
+        let old = serde_json::to_string(&head).unwrap();
+        assert!(old.contains("a long prompt"));
+        db.execute(
+            "UPDATE sessions SET head = ?2 WHERE id = ?1",
+            params![id, old],
+        )
+        .unwrap();
+        db.pragma_update(None, "user_version", 2).unwrap();
+        drop(db);
+        let store = Store::open(&path).unwrap();
+        let version: i32 = store
+            .db
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, FORMAT);
+        let history = store.history(id).unwrap();
+        assert_eq!(history.head().unwrap().as_ref(), Some(&head));
+
+        // A head naming messages that are gone is refused, not read short.
+        store
+            .db
+            .execute("DELETE FROM messages WHERE idx = 2", [])
+            .unwrap();
+        store
+            .db
+            .execute(
+                "UPDATE sessions SET head = ?2 WHERE id = ?1",
+                params![id, json],
+            )
+            .unwrap();
+        let err = history.head().unwrap_err().to_string();
+        assert!(err.contains("last exchange"), "{err}");
+    }
+
+    /// The lookups a turn makes by token position read a range of an index, never every
+    /// message of the conversation (SQLite's plan, asked of SQLite).
+    #[test]
+    fn lookups_by_position_read_an_index_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        for (sql, range) in [
+            (
+                history::PLACES_SQL,
+                "messages_by_token (session_id=? AND token_start>? AND token_start<?)",
+            ),
+            (
+                history::TOKENS_SQL,
+                "PRIMARY KEY (session_id=? AND first>? AND first<?)",
+            ),
+        ] {
+            let mut stmt = store
+                .db
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(params![1, 10, 20], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(plan.iter().any(|l| l.ends_with(range)), "{plan:?}");
+            assert!(!plan.iter().any(|l| l.starts_with("SCAN")), "{plan:?}");
+        }
+    }
+
+    /// A turn of a real chat's size — a 500-token message of 2,600 bytes, its token run, the
+    /// session's head — adds about 12.5 KiB to the WAL (39 KiB with SQLite's 4 KiB pages and
+    /// the last exchange copied into the head). The checkpoint later copies the
+    /// new pages once more; docs/PERFORMANCE.md has the whole turn's bytes.
+    #[test]
+    fn a_save_adds_little_to_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        let id = store.create("sized", "m", params()).unwrap();
+        let mut history = store.history(id).unwrap();
+        let mut head = SessionHead::new(params(), None);
+        let wal = || std::fs::metadata(path.with_extension("db-wal")).map_or(0, |m| m.len());
+        let text: String = (0..520).map(|i| format!("w{:03} ", i % 997)).collect();
+        let (turns, mut grown) = (24u64, 0);
+        for t in 0..turns {
+            let first = head.token_count;
+            let m = message(head.message_count, Role::User, &text, first..first + 500);
+            head.message_count += 1;
+            head.token_count += 500;
+            head.tokens_fed = head.token_count;
+            head.tail = vec![m.clone()];
+            head.fed_tail = text.clone();
+            let tokens = TokenRun {
+                first,
+                ids: (0..500)
+                    .map(|i| 100_000 + (i * 7919 + t as u32) % 50_000)
+                    .collect(),
+                offsets: (0..500).map(|i| first * 5 + i * 5).collect(),
+            };
+            let before = wal();
+            let batch = Batch {
+                truncate: None,
+                messages: std::slice::from_ref(&m),
+                tokens: &tokens,
+                head: &head,
+            };
+            history.append(&batch).unwrap();
+            // The first turns build the tables' first pages; count the steady state.
+            if t >= 4 {
+                grown += wal() - before;
+            }
+        }
+        let per_save = grown / (turns - 4);
+        assert!(
+            per_save > 0,
+            "the WAL did not grow: were the saves checkpointed?"
+        );
+        assert!(per_save <= 20 << 10, "{per_save} bytes of WAL per save");
     }
 
     #[test]

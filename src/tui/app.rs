@@ -504,6 +504,8 @@ impl App {
             Event::Messages(older) => {
                 self.conversation.prepend(older);
                 self.loading_older = false;
+                // Older messages are dimmed by the map already held, like those loaded first.
+                self.mark_messages();
             }
             Event::Titled { id, title } => {
                 self.session_id = Some(id);
@@ -638,9 +640,16 @@ impl App {
         Vec::new()
     }
 
-    /// Takes the engine's map of the Λ: dims evicted text, marks pinned messages. A loaded
-    /// message the map does not list is wholly evicted (when the engine knows it).
+    /// Takes the engine's map of the Λ: dims evicted text, marks pinned messages.
     fn apply_timeline(&mut self, t: Timeline) {
+        self.timeline = t;
+        self.mark_messages();
+    }
+
+    /// Marks the loaded messages by the map held: a message it does not list is wholly evicted
+    /// (when the engine knows it).
+    fn mark_messages(&mut self) {
+        let t = &self.timeline;
         for m in &mut self.conversation.messages {
             let (segments, pinned) = match t.messages.binary_search_by_key(&m.index, |x| x.index) {
                 Ok(i) => {
@@ -662,7 +671,6 @@ impl App {
                 m.touch();
             }
         }
-        self.timeline = t;
     }
 
     /// After a scroll up: when the view reached the first loaded message and older ones exist,
@@ -684,7 +692,7 @@ mod tests {
     use super::*;
     use crate::protocol::{
         CacheStats, InspectView, LambdaParams, MessageMap, SamplingParams, SessionSummary,
-        TokenInfo, TokenState,
+        ShownMessage, TokenInfo, TokenState,
     };
 
     fn settings() -> Settings {
@@ -887,6 +895,47 @@ mod tests {
             send(&mut app, "/unpin"),
             [Effect::Worker(Command::Unpin(0))]
         );
+    }
+
+    #[test]
+    fn older_messages_loaded_on_scroll_are_dimmed_as_evicted() {
+        let mut app = app();
+        let shown = |index| ShownMessage {
+            index,
+            role: if index % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            },
+            content: format!("message {index}"),
+            code_before: 0,
+        };
+        app.update(Msg::Worker(Event::Opened {
+            id: Some(1),
+            title: "long".into(),
+            total: 10,
+            messages: (8..10).map(shown).collect(),
+        }));
+        app.update(Msg::Worker(Event::Timeline(Timeline {
+            stats: CacheStats::default(),
+            n_global: 4,
+            n_local: 64,
+            pinned: Vec::new(),
+            message_count: 10,
+            messages: vec![MessageMap {
+                index: 9,
+                tokens: 90..100,
+                segments: vec![(0..9, TokenState::Window)],
+            }],
+        })));
+        app.update(Msg::Worker(Event::Messages((5..8).map(shown).collect())));
+        let evicted: Vec<bool> = app
+            .conversation
+            .messages
+            .iter()
+            .map(|m| m.fully_evicted())
+            .collect();
+        assert_eq!(evicted, [true, true, true, true, false]);
     }
 
     #[test]
