@@ -705,17 +705,7 @@ mod tests {
         let mut history = store.history(id).unwrap();
         let mut head = SessionHead::new(params(), None);
         let mut cache = HostCache::new(params(), geometry());
-        let mut saved = 0;
-        for n in [3, 9, 4, 1] {
-            turn(&mut history, &mut head, n);
-            feed(&mut cache, saved, head.token_count);
-            let kv = KvCache::Host(cache.clone());
-            let globals = kv.globals_snapshot().unwrap();
-            history
-                .save_kv(&kv, saved..head.token_count, Some(&globals), saved == 0)
-                .unwrap();
-            saved = head.token_count;
-        }
+        chat_and_save(&mut history, &mut head, &mut cache, &[3, 9, 4, 1]);
         let SavedKv::Cache(at, back) = history
             .load_kv(params(), geometry(), &candle_core::Device::Cpu)
             .unwrap()
@@ -729,6 +719,25 @@ mod tests {
         // after 4 KiB of header and a page of slot table, whatever the conversation's length.
         let kv = std::fs::metadata(dir.path().join("kv").join(format!("{id}.kv"))).unwrap();
         assert_eq!(kv.len(), 8192 + 9 * 2 * 8 * 4);
+    }
+
+    /// Turns of `sizes` tokens, each fed to `cache` and saved (rows and KV) as the session does.
+    fn chat_and_save(
+        history: &mut StoreHistory,
+        head: &mut SessionHead,
+        cache: &mut HostCache,
+        sizes: &[u64],
+    ) {
+        for &n in sizes {
+            let saved = head.token_count;
+            turn(history, head, n);
+            feed(cache, saved, head.token_count);
+            let kv = KvCache::Host(cache.clone());
+            let globals = kv.globals_snapshot().unwrap();
+            history
+                .save_kv(&kv, saved..head.token_count, Some(&globals), saved == 0)
+                .unwrap();
+        }
     }
 
     /// The slots of `c` for positions `0..end`.
@@ -751,17 +760,7 @@ mod tests {
             let mut history = store.history(id).unwrap();
             let mut head = SessionHead::new(params(), None);
             let mut cache = HostCache::new(params(), geometry());
-            let mut saved = 0;
-            for n in [6, 6, 7, 3] {
-                turn(&mut history, &mut head, n);
-                feed(&mut cache, saved, head.token_count);
-                let kv = KvCache::Host(cache.clone());
-                let globals = kv.globals_snapshot().unwrap();
-                history
-                    .save_kv(&kv, saved..head.token_count, Some(&globals), saved == 0)
-                    .unwrap();
-                saved = head.token_count;
-            }
+            chat_and_save(&mut history, &mut head, &mut cache, &[6, 6, 7, 3]);
             let end = 19 + n;
             let mut regen = HostCache::new(params(), geometry());
             feed(&mut regen, 0, 19);
