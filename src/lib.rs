@@ -10,9 +10,12 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod device;
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "faults")]
+pub mod faults;
 pub mod fetch;
 pub mod hub;
 pub mod kernels;

@@ -1,11 +1,14 @@
 fn main() {
     let cli = lambdachat::cli::parse();
     lambdachat::logging::init();
-    match lambdachat::cli::run(cli) {
-        Ok(code) => std::process::exit(code),
+    let code = match lambdachat::cli::run(cli) {
+        Ok(code) => code,
         Err(e) => {
+            tracing::error!("exiting: {e:#}");
             eprintln!("lambdachat: error: {e:#}");
-            std::process::exit(1);
+            1
         }
-    }
+    };
+    lambdachat::logging::finish();
+    std::process::exit(code);
 }

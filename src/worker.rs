@@ -81,7 +81,12 @@ pub fn spawn(options: WorkerOptions, events: EventSender) -> std::io::Result<Wor
         .spawn(move || {
             let emit = Emitter(events);
             let work = std::panic::AssertUnwindSafe(|| {
-                Device::Cpu.with_context(|| run(options, inbox, flag, &emit))
+                // Generation runs on candle's compute pool, a thread of which runs this.
+                Device::Cpu.with_context(|| {
+                    #[cfg(feature = "faults")]
+                    crate::faults::arm_from_env();
+                    run(options, inbox, flag, &emit)
+                })
             });
             match std::panic::catch_unwind(work) {
                 Ok(Ok(())) => {}
@@ -221,9 +226,23 @@ fn run(
             w.save();
             break;
         }
-        w.handle(command);
+        // A panic in a command (a bug, on this thread or a compute pool's) ends that command,
+        // not the worker: the conversation is opened again from its last save.
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.handle(command)));
+        if let Err(panic) = handled {
+            w.recover(&panic_text(panic.as_ref()));
+        }
     }
     Ok(())
+}
+
+/// A panic's message, when it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 /// A message as the UI shows it.
@@ -348,6 +367,24 @@ impl Worker<'_> {
             }
             Command::Shutdown => {}
         }
+    }
+
+    /// After a panic in a command: the session may have stopped halfway through a forward, so
+    /// it is dropped and the conversation opened again from the store, where every finished
+    /// turn was saved (a conversation not saved yet starts again empty).
+    fn recover(&mut self, what: &str) {
+        tracing::error!("a command panicked: {what}");
+        let id = self.id;
+        self.fresh_session(self.settings.params);
+        match id {
+            Some(id) => self.open(id),
+            None => self.opened(),
+        }
+        // Last, so that the reopening's own notes do not hide it.
+        self.emit.send(Event::Error(format!(
+            "generation failed unexpectedly ({what}); the conversation was reopened from its \
+             last save — the log file has the details"
+        )));
     }
 
     /// The chat's settings on the session: probing for inspect mode, small prefill chunks.

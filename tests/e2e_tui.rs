@@ -21,6 +21,30 @@ struct Screen {
 
 impl Screen {
     fn start(args: &[&str], data_dir: &std::path::Path) -> Self {
+        Self::spawn(env!("CARGO_BIN_EXE_lambdachat"), args, data_dir, &[])
+    }
+
+    /// The chat run by this test binary (see [`app_with_faults`]), with `env`.
+    fn start_with_faults(args: &[&str], data_dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let harness = [
+            "--exact",
+            "app_with_faults",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let mut env = env.to_vec();
+        let joined = args.join("\u{1f}");
+        env.push(("LAMBDACHAT_E2E_ARGS", &joined));
+        Self::spawn(exe.to_str().unwrap(), &harness, data_dir, &env)
+    }
+
+    fn spawn(
+        program: &str,
+        args: &[&str],
+        data_dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let pty = native_pty_system()
             .openpty(PtySize {
                 rows: ROWS,
@@ -29,12 +53,15 @@ impl Screen {
                 pixel_height: 0,
             })
             .unwrap();
-        let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_lambdachat"));
+        let mut cmd = CommandBuilder::new(program);
         cmd.args(args);
         cmd.env("LAMBDACHAT_DATA_DIR", data_dir);
         // An empty config file: the user's own config must not change what this test sees.
         cmd.env("LAMBDACHAT_CONFIG", "/dev/null");
         cmd.env("TERM", "xterm-256color");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let child = pty.slave.spawn_command(cmd).unwrap();
         drop(pty.slave);
         let parser = Arc::new(Mutex::new(vt100::Parser::new(
@@ -171,4 +198,70 @@ fn chat_quit_and_resume() {
     });
     assert!(shown.contains("And of Italy?"));
     assert!(screen.quit());
+}
+
+/// Not a test of its own: the chat, run inside this test binary when a test starts it in a
+/// pseudo-terminal with `LAMBDACHAT_E2E_ARGS` (its arguments, separated by U+001F). This
+/// binary's library has the test-only `faults` feature; the `lambdachat` binary never has.
+#[test]
+fn app_with_faults() {
+    let Ok(args) = std::env::var("LAMBDACHAT_E2E_ARGS") else {
+        return;
+    };
+    let args = std::iter::once("lambdachat".to_string())
+        .chain(args.split('\u{1f}').map(String::from))
+        .map(std::ffi::OsString::from);
+    lambdachat::logging::init();
+    let code = lambdachat::cli::run(lambdachat::cli::parse_from(args)).unwrap_or(1);
+    lambdachat::logging::finish();
+    std::process::exit(code);
+}
+
+/// A panic in generation — on the worker's thread or in a compute pool's task (injected through
+/// the test-only `faults` feature) — ends that turn only: the terminal stays as it was, the
+/// chat says what happened and goes on, and the turns before are in the database.
+#[test]
+fn a_panic_in_generation_keeps_the_terminal_and_the_saved_turns() {
+    let model = common::default_model_path();
+    let model = model.to_str().unwrap();
+    let minute = Duration::from_secs(60);
+    for fault in ["turn-panic:2", "pool-panic:2"] {
+        let data = tempfile::tempdir().unwrap();
+        let args = ["-m", model, "--temperature", "0", "--max-tokens", "8"];
+        let mut screen =
+            Screen::start_with_faults(&args, data.path(), &[("LAMBDACHAT_FAULT", fault)]);
+        screen.wait_for("the model to load", minute, |t| {
+            t.contains("Qwen2.5") && t.contains("ready")
+        });
+        screen.type_text("Say hello.");
+        screen.send(b"\r");
+        screen.wait_for("the first reply", minute, |t| t.contains("ready · last"));
+        screen.type_text("Say goodbye.");
+        screen.send(b"\r");
+        let shown = screen.wait_for("the panic's report", minute, |t| {
+            t.contains("failed unexpectedly")
+        });
+        assert!(
+            shown.contains("Say hello."),
+            "{fault}: the chat is still drawn:\n{shown}"
+        );
+        // The chat goes on.
+        screen.type_text("What is 2 + 2?");
+        screen.send(b"\r");
+        screen.wait_for("a reply after the panic", minute, |t| {
+            t.split("What is 2 + 2?")
+                .nth(1)
+                .is_some_and(|after| after.contains("Assistant"))
+                && t.contains("ready · last")
+        });
+        assert!(screen.quit(), "{fault}: a clean exit");
+        let mut resume = args.to_vec();
+        resume.push("--resume");
+        let screen = Screen::start(&resume, data.path());
+        let shown = screen.wait_for("the saved turns", minute, |t| {
+            t.contains("resumed") && t.contains("What is 2 + 2?")
+        });
+        assert!(shown.contains("Say hello."), "{fault}:\n{shown}");
+        assert!(screen.quit());
+    }
 }

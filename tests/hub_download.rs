@@ -148,9 +148,16 @@ fn a_sharded_repo_downloads_once_then_opens_offline() {
     let mut two_ggufs = HashMap::new();
     two_ggufs.insert("a.gguf".to_string(), b"x".to_vec());
     two_ggufs.insert("b.gguf".to_string(), b"y".to_vec());
+    // A repository whose index sends a shard outside the cache.
+    let mut evil = files_of(&model);
+    evil.insert(
+        "model.safetensors.index.json".to_string(),
+        br#"{"weight_map": {"w": "../../../../escaped.safetensors"}}"#.to_vec(),
+    );
     let repos = HashMap::from([
         ("org/tiny".to_string(), files_of(&model)),
         ("org/two".to_string(), two_ggufs),
+        ("org/evil".to_string(), evil),
     ]);
     let (port, bodies) = serve(repos);
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -200,4 +207,43 @@ fn a_sharded_repo_downloads_once_then_opens_offline() {
         &run(&home, &endpoint, &["inspect", "--model", "hf:org/nowhere"]),
         "(no such repo, revision or file)",
     );
+    assert_clean_error(
+        &run(&home, &endpoint, &["inspect", "--model", "hf:org/evil"]),
+        "hf:org/evil: '../../../../escaped.safetensors' is not a file name inside the repository",
+    );
+    assert!(!tmp.path().join("escaped.safetensors").exists());
+    assert_clean_error(
+        &run(
+            &home,
+            &endpoint,
+            &["inspect", "--model", "hf:org/tiny:../../escaped.gguf"],
+        ),
+        "is not a model reference",
+    );
+}
+
+/// A Hub that accepts the connection and then sends nothing: the download gives up after the
+/// stall limit with a clear error, instead of hanging forever.
+#[test]
+fn a_stalled_download_gives_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream); // never answered
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let out = lambdachat()
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env("HF_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("LAMBDACHAT_DATA_DIR", tmp.path().join("data"))
+        .env("LAMBDACHAT_HUB_STALL_SECS", "2")
+        .args(["inspect", "--model", "hf:org/slow:model.gguf"])
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "the download stalled (no data for 2 s");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
 }

@@ -77,6 +77,15 @@ fn sentencepiece_tokenizer_from_gguf_scores() {
         tok.decode(&tok.encode("hello world").unwrap()).unwrap(),
         "hello world"
     );
-    // Control tokens in text are recognised whole (as rendered templates need).
-    assert_eq!(tok.encode("<s>hello").unwrap()[0], 1);
+    // Control tokens in a template's scaffolding are recognised whole; in what people wrote,
+    // or in plain text, they are text.
+    let scaffold = tok.encode_with_offsets("<s>hello", &[]).unwrap().0;
+    assert_eq!(scaffold[0], 1);
+    let typed = tok
+        .encode_with_offsets("<s>hello", std::slice::from_ref(&(0..8)))
+        .unwrap()
+        .0;
+    assert!(!typed.iter().any(|&id| tok.is_control(id)), "{typed:?}");
+    assert_eq!(typed, tok.encode("<s>hello").unwrap());
+    assert_eq!(tok.decode(&typed).unwrap(), "<s>hello");
 }

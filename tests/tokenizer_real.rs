@@ -77,7 +77,9 @@ fn round_trip_and_stream(tok: &Tokenizer) {
         assert_eq!(&tok.decode(&ids).unwrap(), text, "round trip of {text:?}");
         // The offsets the chat maps tokens to characters with: same ids, and each token's text
         // starts where its offset says.
-        let (with_offsets, starts) = tok.encode_with_offsets(text).unwrap();
+        let (with_offsets, starts) = tok
+            .encode_with_offsets(text, std::slice::from_ref(&(0..text.len())))
+            .unwrap();
         assert_eq!(with_offsets, ids);
         assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
         let mut ends = starts[1..].to_vec();

@@ -14,7 +14,7 @@ use std::ops::Range;
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
 use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts};
 use super::persist::Undo;
-use crate::kernels::DisjointRows;
+use crate::kernels::{DisjointRows, pool_execute_chunked};
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
 /// (decoding) take the per-row kernel.
@@ -293,7 +293,11 @@ impl HostLayerCache {
         if n >= BLOCK_MIN_TOKENS {
             self.attend_blocks(&chunk, &mut out, &mut entropies);
         } else if let Some(parts) = self.split_parts(n_tasks) {
-            self.attend_split(&chunk, parts, &mut out);
+            let probe = self.probe && n == 1;
+            let probes = self.attend_split(&chunk, parts, probe, &mut out);
+            if probe {
+                self.record_attention(&probes, chunk.pos0);
+            }
         } else {
             let probe = self.probe && n == 1;
             let probes = self.attend_rows(&chunk, probe, &mut out, &mut entropies);
@@ -386,7 +390,9 @@ impl HostLayerCache {
         let outs = DisjointRows::new(out, c.width(&self.geometry));
         let probe_slots = DisjointRows::new(&mut probes, 1);
         let entropy_slots = DisjointRows::new(entropies, 1);
-        pool().execute_chunked(n_tasks, |range| {
+        pool_execute_chunked(n_tasks, |range| {
+            #[cfg(feature = "faults")]
+            crate::faults::on_pool_task();
             let mut scratch = Vec::new();
             for task in range {
                 // SAFETY: every task index is run once, and task `task` owns these rows.
@@ -414,15 +420,24 @@ impl HostLayerCache {
 
     /// Step 3 when a step has fewer rows than cores (a decode step of a model with one KV
     /// head): each row's keys in `parts` ranges, one per core, merged into one softmax
-    /// afterwards.
-    fn attend_split(&self, c: &RotatedChunk<'_>, parts: usize, out: &mut [f32]) {
+    /// afterwards. With `probe`, also each row's key probabilities (as [`Self::attend_rows`]
+    /// gives them): each part's softmax numerators, rescaled to the merged softmax.
+    fn attend_split(
+        &self,
+        c: &RotatedChunk<'_>,
+        parts: usize,
+        probe: bool,
+        out: &mut [f32],
+    ) -> Vec<Option<Vec<f32>>> {
         let n_tasks = c.input.n_tokens * self.geometry.n_kv_heads;
         let width = c.width(&self.geometry);
         let each = width + 2 * c.group;
         let mut partials = vec![0f32; n_tasks * parts * each];
         let pieces = DisjointRows::new(&mut partials, each);
+        let mut numerators = vec![Vec::new(); if probe { n_tasks * parts } else { 0 }];
+        let kept = DisjointRows::new(&mut numerators, 1);
         let ring_len = self.ring_len();
-        pool().execute_chunked(n_tasks * parts, |range| {
+        pool_execute_chunked(n_tasks * parts, |range| {
             let mut scratch = Vec::new();
             for item in range {
                 let (task, p) = (item / parts, item % parts);
@@ -434,15 +449,26 @@ impl HostLayerCache {
                 // SAFETY: every item index is run once and owns its piece.
                 let (out, stats) = unsafe { pieces.row(item) }.split_at_mut(width);
                 self.attend_part(c, task, part, out, &mut scratch, Some(stats));
+                if probe {
+                    // SAFETY: as above.
+                    let slot = unsafe { kept.row(item) };
+                    slot[0] = std::mem::take(&mut scratch);
+                }
             }
         });
+        let mut probes = vec![None; if probe { n_tasks } else { 0 }];
         for (task, out) in out.chunks_exact_mut(width).enumerate() {
             let task_parts = partials[task * parts * each..(task + 1) * parts * each]
                 .chunks_exact(each)
                 .map(|piece| piece.split_at(width));
             let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = task_parts.unzip();
             merge_parts(&outs, &stats, self.geometry.head_dim, out);
+            if probe {
+                let scratches = &numerators[task * parts..(task + 1) * parts];
+                probes[task] = Some(merged_probabilities(scratches, &stats, c.group));
+            }
         }
+        probes
     }
 
     /// One part of a row (task = token × KV group) against the keys the rule lets it see.
@@ -613,7 +639,7 @@ impl HostLayerCache {
                 }
             }
         };
-        pool().execute_chunked(blocks * n_kv_heads, |range| {
+        pool_execute_chunked(blocks * n_kv_heads, |range| {
             let mut scratch = BlockTaskScratch::default();
             for task in range {
                 block_task(task, &mut scratch);
@@ -641,11 +667,10 @@ impl HostLayerCache {
 
     /// Into how many parts each row's keys are split when there are fewer rows (`n_tasks`) than
     /// cores, or `None` to keep rows whole: when the cores would have work enough, the ring is
-    /// short, or the attention probe or entropy (which read whole rows) is on.
+    /// short, or the entropy (which reads whole rows) is measured.
     fn split_parts(&self, n_tasks: usize) -> Option<usize> {
         let threads = pool_threads();
-        let split =
-            n_tasks < threads && self.ring_len() >= SPLIT_MIN_KEYS && !self.probe && !self.entropy;
+        let split = n_tasks < threads && self.ring_len() >= SPLIT_MIN_KEYS && !self.entropy;
         split.then(|| threads.div_ceil(n_tasks))
     }
 
@@ -670,6 +695,40 @@ impl HostLayerCache {
             .map(|(pos, p)| (*pos, p))
             .collect();
     }
+}
+
+/// The probability each key of a split row got in the merged softmax, averaged over the group's
+/// heads: part `p`'s numerators `e` (of its own maximum `m_p`, `scratches[p]` laid out as
+/// [`attend_group`] leaves them) count `e · exp(m_p − M) / L`, where `M` is the largest part
+/// maximum and `L = Σ_p l_p · exp(m_p − M)` (`stats[p]` holds `m_p, l_p` for each head).
+/// Keys come out in part order, which is segment order: sinks, ring, the token itself.
+fn merged_probabilities(scratches: &[Vec<f32>], stats: &[&[f32]], group: usize) -> Vec<f32> {
+    let keys = |s: &Vec<f32>| (s.len() - group) / group;
+    let mut mean = vec![0f32; scratches.iter().map(keys).sum()];
+    for g in 0..group {
+        let max = stats.iter().fold(f32::NEG_INFINITY, |m, s| m.max(s[2 * g]));
+        if max == f32::NEG_INFINITY {
+            continue;
+        }
+        let total: f32 = stats
+            .iter()
+            .map(|s| s[2 * g + 1] * (s[2 * g] - max).exp())
+            .sum();
+        let mut at = 0;
+        for (scratch, s) in scratches.iter().zip(stats) {
+            let n = keys(scratch);
+            if s[2 * g] > f32::NEG_INFINITY {
+                let w = (s[2 * g] - max).exp() / (total * group as f32);
+                let e = &scratch[g * n..(g + 1) * n];
+                mean[at..at + n]
+                    .iter_mut()
+                    .zip(e)
+                    .for_each(|(m, e)| *m += e * w);
+            }
+            at += n;
+        }
+    }
+    mean
 }
 
 /// One `attend` call's chunk after rotation: what every task of the call reads.
@@ -701,13 +760,6 @@ struct Part {
     ring: Range<usize>,
     first: bool,
     last: bool,
-}
-
-/// The pool the attention tasks run on: candle's, as the matrix kernels' (a second pool's
-/// threads would compete with its spinning workers for the cores; measured: attention at half
-/// speed).
-fn pool() -> &'static candle_core::utils::BarrierPool {
-    candle_core::utils::barrier_pool()
 }
 
 /// Whether `pos` falls in one of the sorted, disjoint `ranges`.
@@ -1290,6 +1342,48 @@ mod tests {
         }
         cache.set_entropy(false);
         assert!(cache.entropies().iter().all(|e| e.is_empty()));
+    }
+
+    /// The probe no longer costs one-KV-head models their split decode: a split row reports
+    /// the same probabilities as a whole one.
+    #[test]
+    fn a_split_row_reports_the_probabilities_of_a_whole_one() {
+        let params = LambdaParams::new(3, 400, Some(200)).unwrap();
+        let geometry = vec![LayerGeometry::full(params, 1, 16)];
+        let mut rng = StdRng::seed_from_u64(11);
+        let steps: Vec<Vec<f32>> = (0..520).map(|_| random(&mut rng, 16)).collect();
+        let shares = |split: bool| {
+            let mut cache = HostCache::new(params, geometry.clone());
+            cache.set_probe(true);
+            let rope = Rope::new(16, 10_000.0, RopeStyle::Neox);
+            for x in &steps {
+                // Entropy keeps rows whole: the reference.
+                cache.layers[0].entropy = !split;
+                let input = AttentionInput {
+                    q: &x[..],
+                    k: x,
+                    v: x,
+                    n_tokens: 1,
+                    n_heads: 1,
+                    rope: &rope,
+                    scale: 0.25,
+                };
+                cache.layers[0].attend(&input).unwrap();
+            }
+            if split {
+                let cores = pool_threads();
+                assert_eq!(cache.layers[0].split_parts(1), (cores > 1).then_some(cores));
+            }
+            cache.attention_shares()
+        };
+        let (whole, split) = (shares(false), shares(true));
+        assert_eq!(whole.len(), split.len());
+        for (w, s) in whole.iter().zip(&split) {
+            assert_eq!(w.0, s.0);
+            assert!((w.1 - s.1).abs() < 1e-5, "{w:?} {s:?}");
+        }
+        let total: f32 = split.iter().map(|s| s.1).sum();
+        assert!((total - 1.0).abs() < 1e-4, "{total}");
     }
 
     #[test]

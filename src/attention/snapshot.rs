@@ -125,10 +125,12 @@ impl HostCache {
                 layers.len()
             )));
         }
+        check_counters(&header)?;
         let tensors = SafeTensors::deserialize(bytes)?;
         let mut cache = HostCache::new(params, layers);
         for (i, layer) in cache.layers.iter_mut().enumerate() {
             load_layer(&tensors, i, layer, header.seen[i])?;
+            check_positions(i, layer, params)?;
         }
         cache.next_position = header.next_position;
         let pinned: Vec<Range<u64>> = header.pinned.iter().map(|&(s, e)| s..e).collect();
@@ -142,6 +144,63 @@ impl HostCache {
         }
         Ok(cache)
     }
+}
+
+/// The counters of a snapshot must describe a cache that can exist: every layer has seen the
+/// same tokens as the cache or fewer, pinned ranges are sorted, disjoint and non-empty. A stored
+/// value is never trusted to index or subtract with.
+fn check_counters(header: &Header) -> Result<(), SnapshotError> {
+    let bad = |what: String| Err(SnapshotError::Format(what));
+    if let Some(s) = header.seen.iter().find(|&&s| s > header.next_position) {
+        return bad(format!(
+            "a layer has seen {s} tokens, the cache {}",
+            header.next_position
+        ));
+    }
+    // Pins may name tokens still to come (a pin made before they arrive).
+    let mut end = 0;
+    for &(start, stop) in &header.pinned {
+        if start < end || stop <= start {
+            return bad(format!(
+                "pinned range {start}..{stop} is empty or out of order"
+            ));
+        }
+        end = stop;
+    }
+    Ok(())
+}
+
+/// A layer's stored positions must be where the layer would have put them: global slots
+/// distinct and behind what it has seen, ring slot `s` empty or holding a position `p` with
+/// `p mod window = s` among the last `window` it has seen.
+fn check_positions(
+    i: usize,
+    layer: &HostLayerCache,
+    params: LambdaParams,
+) -> Result<(), SnapshotError> {
+    let bad = |what: String| Err(SnapshotError::Format(format!("layer {i}: {what}")));
+    let seen = layer.seen;
+    let mut global = layer.global_pos.clone();
+    global.sort_unstable();
+    if global.windows(2).any(|w| w[0] == w[1]) || global.last().is_some_and(|&p| p >= seen) {
+        return bad("global positions repeated or not seen yet".into());
+    }
+    let sinks = layer
+        .global_pos
+        .iter()
+        .filter(|&&p| p < params.n_global as u64)
+        .count();
+    if sinks > params.n_global {
+        return bad(format!("{sinks} sinks for {} places", params.n_global));
+    }
+    let window = layer.geometry.window as u64;
+    for (slot, &p) in layer.ring_pos.iter().enumerate() {
+        let fits = p == u64::MAX || (p % window == slot as u64 && p < seen && seen - p <= window);
+        if !fits {
+            return bad(format!("ring slot {slot} holds position {p} (seen {seen})"));
+        }
+    }
+    Ok(())
 }
 
 fn load_layer(
@@ -239,5 +298,37 @@ mod tests {
         assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
         let err = HostCache::from_snapshot(b"garbage", params, vec![]).unwrap_err();
         assert!(matches!(err, SnapshotError::Format(_)), "{err}");
+    }
+
+    /// Counters and positions a cache could not have are refused, not trusted: a ring position
+    /// in the wrong slot or ahead of what was seen, a layer ahead of the cache, pins out of
+    /// order or past the end.
+    #[test]
+    fn impossible_counters_and_positions_are_refused() {
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let geometry = vec![LayerGeometry::full(params, 1, 4); 2];
+        let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
+        let tokens: Vec<f32> = (0..4 * 20).map(|i| (i % 7) as f32 / 7.0).collect();
+        let mut original = HostCache::new(params, geometry.clone());
+        feed(&mut original, &rope, &tokens);
+        original.pin(10..12);
+        let tamper = |f: &dyn Fn(&mut HostCache)| {
+            let mut c = original.clone();
+            f(&mut c);
+            HostCache::from_snapshot(&c.to_snapshot().unwrap(), params, geometry.clone())
+        };
+        assert!(tamper(&|_| {}).is_ok());
+        let cases: [&dyn Fn(&mut HostCache); 6] = [
+            &|c| c.layers[0].ring_pos[3] = 4,
+            &|c| c.layers[0].ring_pos[3] = 3 + 8 * 100,
+            &|c| c.layers[1].seen = c.next_position + 1,
+            &|c| c.layers[0].global_pos[1] = c.layers[0].global_pos[0],
+            &|c| c.pinned = vec![12..14, 10..12],
+            &|c| c.pinned = std::iter::once(14..14).collect(),
+        ];
+        for (n, case) in cases.iter().enumerate() {
+            let err = tamper(case).unwrap_err();
+            assert!(matches!(err, SnapshotError::Format(_)), "case {n}: {err}");
+        }
     }
 }

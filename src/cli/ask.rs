@@ -1,6 +1,6 @@
 //! `lambdachat ask`: one prompt in, the reply streamed to stdout.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -78,11 +78,10 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
         args.system.clone().or_else(|| config.system.clone()),
     )?;
     let report = Device::Cpu.with_context(|| {
-        let mut out = std::io::stdout().lock();
+        let mut out = super::terminal_text::ReplyOut::stdout();
         session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |e| {
             if let TurnEvent::Text(text) = e {
-                let _ = out.write_all(text.as_bytes());
-                let _ = out.flush();
+                out.write(text);
             }
         })
     })?;

@@ -1,7 +1,7 @@
 //! `lambdachat chat` (the default command): the full-screen chat, or with `--plain` (or without
 //! a terminal) a line-based conversation on stdin/stdout.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -75,6 +75,7 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
     let app = App::new(keymap, theme, size);
     let store = crate::fetch::data_dir().ok().map(|d| {
         let _ = std::fs::create_dir_all(&d);
+        crate::durable::restrict_dir(&d);
         d.join("sessions.db")
     });
     let options = WorkerOptions {
@@ -110,6 +111,7 @@ fn plain(settings: RunSettings, system: Option<String>, max_tokens: usize) -> Re
                 cancel.store(true, Ordering::Relaxed);
             } else {
                 eprintln!();
+                crate::logging::finish();
                 std::process::exit(130);
             }
         })
@@ -134,11 +136,10 @@ fn plain(settings: RunSettings, system: Option<String>, max_tokens: usize) -> Re
         cancel.store(false, Ordering::Relaxed);
         generating.store(true, Ordering::Relaxed);
         let report = Device::Cpu.with_context(|| {
-            let mut out = std::io::stdout().lock();
+            let mut out = super::terminal_text::ReplyOut::stdout();
             session.turn(&message, Some(max_tokens), &cancel, &mut |e| {
                 if let TurnEvent::Text(t) = e {
-                    let _ = out.write_all(t.as_bytes());
-                    let _ = out.flush();
+                    out.write(t);
                 }
             })
         });

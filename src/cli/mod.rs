@@ -10,6 +10,7 @@ mod eval;
 mod inspect;
 mod models;
 mod sessions;
+mod terminal_text;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -260,7 +261,12 @@ fn cap_to_training_length(p: LambdaParams, train_len: usize) -> Result<LambdaPar
 /// Parses the command line; with no command (`lambdachat`, `lambdachat --model x.gguf`) the
 /// chat starts.
 pub fn parse() -> Cli {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] of `args` (the program's name first).
+pub fn parse_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> Cli {
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().collect();
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let is_meta = matches!(first, "-h" | "--help" | "-V" | "--version" | "help");
     if !is_meta && (args.len() == 1 || first.starts_with('-')) {

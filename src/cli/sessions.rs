@@ -23,6 +23,7 @@ pub enum SessionsCommand {
 fn open() -> Result<Store> {
     let dir = crate::fetch::data_dir()?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::durable::restrict_dir(&dir);
     Ok(Store::open(&dir.join("sessions.db"))?)
 }
 
@@ -50,7 +51,11 @@ pub fn run(command: Option<SessionsCommand>) -> Result<i32> {
             // Written aside and renamed into place: an interrupted export leaves no half file.
             Some(path) => {
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                let tmp = path.with_file_name(format!(".{}.partial", name.unwrap_or_default()));
+                let tmp = path.with_file_name(format!(
+                    ".{}.{}.partial",
+                    name.unwrap_or_default(),
+                    std::process::id()
+                ));
                 let mut out = std::io::BufWriter::new(
                     std::fs::File::create(&tmp)
                         .with_context(|| format!("writing {}", tmp.display()))?,
@@ -59,7 +64,7 @@ pub fn run(command: Option<SessionsCommand>) -> Result<i32> {
                 out.into_inner()
                     .map_err(|e| e.into_error())
                     .and_then(|f| f.sync_all())
-                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .and_then(|()| crate::durable::rename(&tmp, &path))
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             None => store.export(id, &mut std::io::stdout().lock())?,

@@ -19,6 +19,7 @@ impl OutDir {
     /// Creates `dir` if needed and proves it writable with a probe file.
     pub fn prepare(dir: &Path) -> Result<Self, EvalError> {
         std::fs::create_dir_all(dir).map_err(|e| EvalError::Write(dir.to_path_buf(), e))?;
+        crate::durable::remove_abandoned(dir);
         let probe = dir.join(format!(".lambdachat-probe-{}", std::process::id()));
         std::fs::write(&probe, b"").map_err(|e| EvalError::Write(dir.to_path_buf(), e))?;
         let _ = std::fs::remove_file(&probe);
@@ -31,15 +32,11 @@ impl OutDir {
         self.dir.join(file)
     }
 
-    /// Writes `contents` to `file` atomically.
+    /// Writes `contents` to `file` atomically and durably (see [`crate::durable`]).
     pub fn write(&self, file: &str, contents: &str) -> Result<PathBuf, EvalError> {
         let path = self.path(file);
-        let tmp = self.path(&format!(".{file}.tmp"));
-        let result = std::fs::write(&tmp, contents).and_then(|()| std::fs::rename(&tmp, &path));
-        result.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            EvalError::Write(path.clone(), e)
-        })?;
+        crate::durable::write(&path, contents.as_bytes())
+            .map_err(|e| EvalError::Write(path.clone(), e))?;
         Ok(path)
     }
 

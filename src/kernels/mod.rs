@@ -48,6 +48,9 @@ const ROWS_PER_ITEM: usize = 6;
 pub(crate) struct DisjointRows<T = f32> {
     ptr: *mut T,
     n: usize,
+    /// Elements in the buffer: every place handed out is checked against it, so a wrong row
+    /// count (a hostile model's shape) panics instead of writing past the buffer.
+    len: usize,
 }
 // A pointer and a length: copyable whatever `T` is (a derive would ask `T: Copy`).
 impl<T> Clone for DisjointRows<T> {
@@ -66,24 +69,38 @@ impl<T> DisjointRows<T> {
         Self {
             ptr: y.as_mut_ptr(),
             n,
+            len: y.len(),
         }
     }
 
     /// Row `r`, whole.
     ///
     /// # Safety
-    /// Row `r` must be inside the buffer, and no other worker may touch it meanwhile.
+    /// No other worker may touch row `r` meanwhile. (A row outside the buffer panics.)
     pub(crate) unsafe fn row<'a>(self, r: usize) -> &'a mut [T] {
-        // SAFETY: the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.at(r, 0), self.n) }
+        let end = r.checked_add(1).and_then(|e| e.checked_mul(self.n));
+        assert!(
+            end.is_some_and(|e| e <= self.len),
+            "row {r} of {} outside a buffer of {}",
+            self.n,
+            self.len
+        );
+        // SAFETY: inside the buffer (checked), and the caller's promise of exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.n), self.n) }
     }
 
     /// Where `y[r][j]` lives.
     ///
     /// # Safety
-    /// `(r, j)` must be inside the output.
+    /// The caller writes only inside the output from here. (A place outside it panics.)
     unsafe fn at(self, r: usize, j: usize) -> *mut T {
-        // SAFETY: the caller's promise.
+        let at = r.checked_mul(self.n).and_then(|o| o.checked_add(j));
+        assert!(
+            at.is_some_and(|a| a < self.len),
+            "place ({r}, {j}) outside a buffer of {}",
+            self.len
+        );
+        // SAFETY: inside the buffer (checked).
         unsafe { self.ptr.add(r * self.n + j) }
     }
 
@@ -94,6 +111,28 @@ impl<T> DisjointRows<T> {
     unsafe fn write(self, r: usize, j: usize, value: T) {
         // SAFETY: the caller's promise.
         unsafe { *self.at(r, j) = value }
+    }
+}
+
+/// Runs `f` over `0..n_items`, in chunks, on candle's compute pool: the one its own kernels use
+/// (a second pool's threads would compete with its spinning workers for the cores; measured:
+/// attention at half speed).
+///
+/// A task's panic is caught here and raised again once the pool is done: candle's pool re-raises
+/// it while holding its call lock, which poisons the lock and breaks the pool for good — every
+/// later call would panic, and the chat could not go on after a bug in one task.
+pub(crate) fn pool_execute_chunked<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, f: F) {
+    let caught: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>> =
+        std::sync::Mutex::new(None);
+    candle_core::utils::barrier_pool().execute_chunked(n_items, |range| {
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(range))) {
+            let mut first = caught.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert(payload);
+        }
+    });
+    let payload = caught.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(payload) = payload {
+        std::panic::resume_unwind(payload);
     }
 }
 
@@ -140,7 +179,7 @@ impl Kernel {
     fn matmul(self, m: &PackedMatrix, x: &Q8Rows, out: DisjointRows) {
         let n_tiles = m.rows().div_ceil(TILE_ROWS);
         let row_items = x.rows.div_ceil(ROWS_PER_ITEM);
-        candle_core::utils::barrier_pool().execute_chunked(n_tiles * row_items, |items| {
+        pool_execute_chunked(n_tiles * row_items, |items| {
             for item in items {
                 let t = item / row_items;
                 let r0 = (item % row_items) * ROWS_PER_ITEM;
@@ -174,5 +213,29 @@ impl Kernel {
                 Self::Avx512Vnni => x86::unit_avx512(m, x, t, rows, out),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_execute_chunked;
+
+    /// A task that panics makes the call panic, and the pool still works afterwards (candle's
+    /// own re-raise poisons its call lock: every later call panicked).
+    #[test]
+    fn a_panicking_task_leaves_the_pool_usable() {
+        let failed = std::panic::catch_unwind(|| {
+            pool_execute_chunked(64, |range| {
+                if range.contains(&5) {
+                    panic!("a task's bug");
+                }
+            })
+        });
+        assert!(failed.is_err());
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        pool_execute_chunked(64, |range| {
+            done.fetch_add(range.len(), std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(done.into_inner(), 64);
     }
 }

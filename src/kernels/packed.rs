@@ -82,23 +82,31 @@ impl PackedMatrix {
         }
         let blocks = cols / BLOCK;
         let bb = format.block_bytes();
-        let expected = rows * blocks * bb;
+        let size_error = |expected| KernelError::Size {
+            got: gguf.len(),
+            expected,
+            rows,
+            cols,
+        };
+        // Checked: a crafted shape must not wrap to the size of a small buffer.
+        let expected = rows
+            .checked_mul(blocks)
+            .and_then(|n| n.checked_mul(bb))
+            .ok_or(size_error(usize::MAX))?;
         if gguf.len() != expected {
-            return Err(KernelError::Size {
-                got: gguf.len(),
-                expected,
-                rows,
-                cols,
-            });
+            return Err(size_error(expected));
         }
         let n_tiles = rows.div_ceil(TILE_ROWS);
         let tb = format.tile_bytes();
         let row_bytes = blocks * tb;
-        let mut tiles = vec![0u8; n_tiles * row_bytes];
+        let tiles_len = n_tiles
+            .checked_mul(row_bytes)
+            .ok_or(size_error(usize::MAX))?;
+        let mut tiles = vec![0u8; tiles_len];
         let dst = DisjointRows::new(&mut tiles, row_bytes);
         // In parallel: packing is memory-bound, and the 151,936-row token table alone would
         // add a tenth of a second to the model's load on one core.
-        candle_core::utils::barrier_pool().execute_chunked(n_tiles, |ts| {
+        super::pool_execute_chunked(n_tiles, |ts| {
             for t in ts {
                 // SAFETY: tile rows are disjoint, `t < n_tiles`.
                 let tile_row = unsafe { dst.row(t) };

@@ -27,6 +27,30 @@ pub enum Source {
     Hf(HfModel),
 }
 
+/// Bytes of each tensor a fingerprint reads.
+pub(crate) const FINGERPRINT_SAMPLE: usize = 256;
+
+/// A model's fingerprint being computed: a sha256 over what is added.
+#[derive(Default)]
+pub(crate) struct Fingerprint(sha2::Sha256);
+
+impl Fingerprint {
+    pub(crate) fn add(&mut self, bytes: &[u8]) {
+        use sha2::Digest;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// The first 16 bytes of the hash, in hex: enough to tell models apart.
+    pub(crate) fn finish(self) -> String {
+        use sha2::Digest;
+        self.0.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// How to load a checkpoint.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -73,6 +97,15 @@ fn is_hf_path(path: &Path) -> bool {
 }
 
 impl Checkpoint {
+    /// The model's fingerprint (see [`GgufFile::fingerprint`]): saved caches name the model
+    /// that made them, and another model never resumes from them.
+    pub fn fingerprint(&mut self) -> Result<String, ModelError> {
+        match &mut self.source {
+            Source::Gguf(g) => g.fingerprint(),
+            Source::Hf(h) => h.fingerprint(),
+        }
+    }
+
     /// Opens a GGUF file, or an HF directory (also when given one of its files).
     pub fn open(path: &Path, options: &LoadOptions) -> Result<Self, ModelError> {
         if !path.exists() {

@@ -13,6 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 
 use super::ModelError;
+use super::checkpoint::{FINGERPRINT_SAMPLE, Fingerprint};
 use super::metadata::Metadata;
 
 /// An opened GGUF file: parsed header plus a reader for its tensors.
@@ -41,6 +42,12 @@ pub fn gguf_files_in(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Limits on tensor shapes, far above any real model's (the largest vocabularies have about
+/// 260,000 rows, the widest layers under 100,000 values) and far below where sizes overflow.
+const MAX_RANK: usize = 4;
+const MAX_DIM: usize = 1 << 24;
+const MAX_ELEMENTS: usize = 1 << 40;
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
@@ -74,22 +81,53 @@ impl GgufFile {
         Ok(gguf)
     }
 
-    /// Every tensor's bytes must lie inside the file: a truncated download fails here, not
-    /// halfway through loading.
+    /// Every tensor's shape must be sane and its bytes inside the file: a truncated download
+    /// fails here, not halfway through loading, and a crafted shape (dimensions whose product
+    /// wraps around, a table of 2^63 rows) never reaches the code that sizes buffers by it.
+    /// All arithmetic is checked.
     fn check_tensor_data(&self) -> Result<(), ModelError> {
         for (name, info) in &self.content.tensor_infos {
+            let bad = |why: String| ModelError::BadTensor(self.path.clone(), name.clone(), why);
+            let dims = info.shape.dims();
+            if dims.is_empty() || dims.len() > MAX_RANK {
+                return Err(bad(format!("{} dimensions", dims.len())));
+            }
+            if let Some(d) = dims.iter().find(|&&d| d == 0 || d > MAX_DIM) {
+                return Err(bad(format!("a dimension of {d} (at most {MAX_DIM})")));
+            }
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n <= MAX_ELEMENTS)
+                .ok_or_else(|| bad(format!("{dims:?} is too many values")))?;
             let dtype = info.ggml_dtype;
-            let elems = info.shape.elem_count();
-            let bytes = elems / dtype.block_size() * dtype.type_size();
-            let end = self.content.tensor_data_offset + info.offset + bytes as u64;
-            if end > self.file_len {
-                return Err(ModelError::Truncated(
-                    self.path.clone(),
-                    format!(
-                        "tensor '{name}' ends at byte {end} but the file has {} bytes",
-                        self.file_len
-                    ),
-                ));
+            let block = dtype.block_size();
+            if !dims[dims.len() - 1].is_multiple_of(block) {
+                return Err(bad(format!(
+                    "rows of {} values, not whole blocks of {block} ({dtype:?})",
+                    dims[dims.len() - 1]
+                )));
+            }
+            let bytes = (elems / block)
+                .checked_mul(dtype.type_size())
+                .ok_or_else(|| bad("its size overflows".into()))?;
+            let end = self
+                .content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|o| o.checked_add(bytes as u64));
+            match end {
+                Some(end) if end <= self.file_len => {}
+                _ => {
+                    return Err(ModelError::Truncated(
+                        self.path.clone(),
+                        format!(
+                            "tensor '{name}' ends at byte {} but the file has {} bytes",
+                            end.map_or("beyond 2^64".to_string(), |e| e.to_string()),
+                            self.file_len
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -129,6 +167,34 @@ impl GgufFile {
         let q = self.qtensor(name)?;
         q.dequantize(&self.device)
             .map_err(|e| ModelError::Tensor(name.to_string(), candle_msg(&e)))
+    }
+
+    /// What tells this model's weights from another's of the same shape (another quantization,
+    /// a fine-tune): the tensor table (names, shapes, types, offsets) and the first bytes of
+    /// every tensor, hashed. Reads a few hundred kilobytes.
+    pub fn fingerprint(&mut self) -> Result<String, ModelError> {
+        let io = |e: std::io::Error| ModelError::Io(self.path.clone(), e);
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by(|a, b| a.0.cmp(b.0));
+        let mut hash = Fingerprint::default();
+        let mut sample = vec![0u8; FINGERPRINT_SAMPLE];
+        for (name, info) in infos {
+            hash.add(
+                format!(
+                    "{name} {:?} {:?} {}",
+                    info.shape.dims(),
+                    info.ggml_dtype,
+                    info.offset
+                )
+                .as_bytes(),
+            );
+            let at = self.content.tensor_data_offset + info.offset;
+            let n = (self.file_len.saturating_sub(at) as usize).min(sample.len());
+            self.reader.seek(std::io::SeekFrom::Start(at)).map_err(io)?;
+            self.reader.read_exact(&mut sample[..n]).map_err(io)?;
+            hash.add(&sample[..n]);
+        }
+        Ok(hash.finish())
     }
 
     /// Quantization types and how many tensors use each, most common first.

@@ -167,6 +167,23 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 impl HfModel {
+    /// What tells this model's weights from another's of the same shape: its configuration,
+    /// the tensor table and the first bytes of every tensor, hashed (see
+    /// [`super::GgufFile::fingerprint`]).
+    pub fn fingerprint(&self) -> Result<String, ModelError> {
+        let mut hash = super::checkpoint::Fingerprint::default();
+        let config = self.dir.join("config.json");
+        hash.add(&std::fs::read(&config).map_err(|e| ModelError::Io(config.clone(), e))?);
+        let mut tensors = self.weights.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in tensors {
+            hash.add(format!("{name} {:?} {:?}", view.shape(), view.dtype()).as_bytes());
+            let data = view.data();
+            hash.add(&data[..data.len().min(super::checkpoint::FINGERPRINT_SAMPLE)]);
+        }
+        Ok(hash.finish())
+    }
+
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {

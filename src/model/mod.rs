@@ -36,6 +36,8 @@ pub enum ModelError {
     NotGguf(PathBuf),
     #[error("{0} is truncated or corrupt: {1}")]
     Truncated(PathBuf, String),
+    #[error("{0} is corrupt: tensor '{1}' has {2}")]
+    BadTensor(PathBuf, String, String),
     #[error("{0} uses a quantization type this build cannot run: {1}")]
     UnsupportedQuant(PathBuf, String),
     #[error("unsupported architecture '{0}' (supported: {list})", list = arch::gguf_names().join(", "))]

@@ -128,6 +128,10 @@ pub struct SessionHead {
     pub fed_tail_start: u64,
     /// Pinned token ranges, sorted and disjoint.
     pub pinned: Vec<(u64, u64)>,
+    /// The fingerprint of the model whose cache was saved with this head (see
+    /// `Engine::fingerprint`): another model's resume reads the window again instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl SessionHead {
@@ -148,6 +152,7 @@ impl SessionHead {
             fed_tail: String::new(),
             fed_tail_start: 0,
             pinned: Vec::new(),
+            model: None,
         }
     }
 

@@ -163,6 +163,28 @@ struct Regen {
     logits: Tensor,
 }
 
+/// What a turn renders: see [`Session::rendered_messages`].
+struct Rendered {
+    render: Vec<Message>,
+    located: Vec<Message>,
+    anchor: Option<usize>,
+}
+
+/// How a turn's prompt went.
+enum Prefilled {
+    /// Fed whole: the last token's logits and the prompt's length.
+    Ready(Tensor, usize),
+    /// Stopped after this many tokens.
+    Stopped(usize),
+}
+
+/// What a failed turn puts back.
+struct Checkpoint {
+    head: SessionHead,
+    messages: usize,
+    tokens: u64,
+}
+
 pub struct Session {
     engine: Arc<Engine>,
     cache: KvCache,
@@ -260,10 +282,21 @@ impl Session {
             history,
             engine,
         };
-        let resumed = match session
-            .history
-            .load_kv(params, layers, &session.engine.device)?
-        {
+        let saved_by = session.head.model.clone();
+        let loaded = match saved_by {
+            Some(m) if m == session.engine.fingerprint => {
+                session
+                    .history
+                    .load_kv(params, layers, &session.engine.device)?
+            }
+            Some(_) => SavedKv::Nothing(
+                "the saved cache was made by another model file (other weights of the same \
+                 shape)"
+                    .into(),
+            ),
+            None => SavedKv::Nothing("the saved cache does not name the model that made it".into()),
+        };
+        let resumed = match loaded {
             SavedKv::Cache(at, cache)
                 if params == saved && at <= session.head.tokens_fed && at > 0 =>
             {
@@ -642,6 +675,9 @@ impl Session {
                     .model
                     .forward(piece, &mut self.cache, Logits::Last)?,
             );
+            // After the cache took the chunk: a fault here is one in the middle of a forward.
+            #[cfg(feature = "faults")]
+            crate::faults::on_forward().map_err(SessionError::Logits)?;
             done += piece.len();
             on_event(TurnEvent::Prefill {
                 done,
@@ -690,9 +726,16 @@ impl Session {
         self.unsaved.messages.push(record);
     }
 
-    /// The messages a turn renders, and which of them is the anchor (the last exchange's
-    /// first message, whose content the fed text is matched from).
-    fn rendered_messages(&self, user: &str) -> Result<(Vec<Message>, Option<usize>), SessionError> {
+    /// The messages a turn renders, the messages its anchor is found by (the same, before
+    /// consecutive user messages were merged), and which of them is the anchor (the last
+    /// exchange's first message, whose content the fed text is matched from).
+    ///
+    /// Templates such as Gemma's refuse two user messages in a row, which a turn stopped during
+    /// its prompt leaves: the conversation goes on with one user message holding both (a stopped
+    /// prompt keeps nothing fed after its message's content, so the merged text follows on).
+    /// A conversation saved before that rule, whose stopped turn fed the reply's opening, reads
+    /// as an empty reply instead.
+    fn rendered_messages(&self, user: &str) -> Result<Rendered, SessionError> {
         let as_message = |m: &MessageRecord| Message::new(m.role, m.content.clone());
         let mut messages = Vec::new();
         let anchor;
@@ -706,6 +749,12 @@ impl Session {
                 );
                 anchor = (!self.head.tail.is_empty()).then_some(messages.len());
                 messages.extend(self.head.tail.iter().map(as_message));
+                let unanswered = self.head.tail.last().filter(|m| m.role == Role::User);
+                if let Some(last) = unanswered
+                    && !self.fed_after(last).is_empty()
+                {
+                    messages.push(Message::new(Role::Assistant, ""));
+                }
             }
             TemplateMode::Full => {
                 let all = self.messages(0..self.head.message_count)?;
@@ -714,19 +763,36 @@ impl Session {
             }
         }
         messages.push(Message::new(Role::User, user));
-        Ok((messages, anchor))
+        Ok(Rendered {
+            render: render::merge_user_runs(&messages),
+            located: messages,
+            anchor,
+        })
+    }
+
+    /// The text fed after message `m`'s content (`m` in the tail).
+    fn fed_after(&self, m: &MessageRecord) -> &str {
+        let from = m.span.end.saturating_sub(self.head.fed_tail_start) as usize;
+        let fed_after = self.head.fed_tail.get(from..).unwrap_or("");
+        if m.span.is_empty() {
+            // Not found in its rendering: whatever followed it counts as fed.
+            return self.head.fed_tail.as_str();
+        }
+        fed_after
     }
 
     /// Renders the turn of `user`, tokenizes the new text and records it: returns the ids to
     /// feed (pending ones first) and the user message's record.
     fn prompt(&mut self, user: &str) -> Result<(Vec<u32>, MessageRecord), SessionError> {
-        let (messages, anchor) = self.rendered_messages(user)?;
-        let rendered = self.engine.template.render(&messages, true)?;
+        let Rendered {
+            render,
+            located,
+            anchor,
+        } = self.rendered_messages(user)?;
+        let rendered = self.engine.template.render(&render, true)?;
         let anchored = anchor.and_then(|a| {
-            let first = &self.head.tail[0];
-            let from = (first.span.end - self.head.fed_tail_start) as usize;
-            let fed_after = self.head.fed_tail.get(from..).unwrap_or("");
-            render::delta_start(&rendered, &messages, a, fed_after)
+            let fed_after = self.fed_after(&self.head.tail[0]);
+            render::delta_start(&rendered, &located, a, fed_after)
         });
         // Without an anchor (the first turn), or when the anchor is not in the rendering (a
         // template that re-renders history differently), the text after what it shares with the
@@ -747,13 +813,9 @@ impl Session {
                 self.record(b, base);
             }
         }
-        let first_new = self.head.token_count;
-        let (new_ids, starts) = tok.encode_with_offsets(delta)?;
-        for (&id, &s) in new_ids.iter().zip(&starts) {
-            self.record(id, base + s as u64);
-        }
-        ids.extend(&new_ids);
         // The contents this text places: the system prompt (first turn) and the new message.
+        // What people wrote is tokenized as plain text, the scaffolding around it with its
+        // special tokens.
         let system = self
             .unsaved
             .messages
@@ -763,6 +825,13 @@ impl Session {
         let mut contents: Vec<&str> = system.iter().map(String::as_str).collect();
         contents.push(user);
         let places = locate(delta, &contents);
+        let typed: Vec<Range<usize>> = places.iter().flatten().cloned().collect();
+        let first_new = self.head.token_count;
+        let (new_ids, starts) = tok.encode_with_offsets(delta, &typed)?;
+        for (&id, &s) in new_ids.iter().zip(&starts) {
+            self.record(id, base + s as u64);
+        }
+        ids.extend(&new_ids);
         let token_range = |span: &Range<u64>| {
             let first = starts.partition_point(|&s| base + (s as u64) < span.start);
             let end = starts.partition_point(|&s| base + (s as u64) < span.end);
@@ -803,6 +872,10 @@ impl Session {
     /// One exchange: adds the user's message, streams the reply through `on_event`, and records
     /// it. `cancel` is checked between prefill chunks and between tokens; what was generated is
     /// kept, and a prompt cut short is finished by the next turn.
+    ///
+    /// A turn is a transaction: when the prompt fails, the conversation and the cache are put
+    /// back as they were before it; when the reply fails, as they were after the prompt, with an
+    /// empty reply (which can be regenerated).
     pub fn turn(
         &mut self,
         user: &str,
@@ -810,34 +883,137 @@ impl Session {
         cancel: &AtomicBool,
         on_event: &mut dyn FnMut(TurnEvent<'_>),
     ) -> Result<TurnReport, SessionError> {
+        #[cfg(feature = "faults")]
+        crate::faults::on_turn();
         self.drop_regen();
-        let (prompt, record) = self.prompt(user)?;
-        self.add_message(record);
+        let before = self.checkpoint();
+        let point = self.cache.mark();
         let start = Instant::now();
-        let (logits, done) =
-            self.feed_cancellable(&prompt, self.prefill_chunk, cancel, on_event)?;
-        self.head.tokens_fed = self.cache.next_position();
+        let prefilled = match self.prompt_and_prefill(user, cancel, on_event) {
+            Ok(p) => p,
+            Err(e) => {
+                self.cache.rewind(point);
+                self.restore(before);
+                return Err(e);
+            }
+        };
+        self.cache.forget(point);
         let prefill_time = start.elapsed();
-        let Some(logits) = logits else {
-            self.head.pending = prompt[done..].to_vec();
-            return Ok(TurnReport {
-                prompt_tokens: done,
-                generated_tokens: 0,
-                prefill_time,
-                decode_time: Duration::ZERO,
-                stop: StopReason::Cancelled,
-                reply: String::new(),
-            });
+        let (logits, prompt_tokens) = match prefilled {
+            Prefilled::Ready(logits, n) => (logits, n),
+            Prefilled::Stopped(done) => {
+                return Ok(TurnReport {
+                    prompt_tokens: done,
+                    generated_tokens: 0,
+                    prefill_time,
+                    decode_time: Duration::ZERO,
+                    stop: StopReason::Cancelled,
+                    reply: String::new(),
+                });
+            }
         };
         self.regen = Some(Regen {
             point: self.cache.mark(),
             head: self.head.clone(),
             logits: logits.clone(),
         });
-        let mut report = self.generate(logits, max_tokens, cancel, on_event)?;
-        report.prompt_tokens = prompt.len();
+        let mut report = self.generate_or_undo(logits, max_tokens, cancel, on_event)?;
+        report.prompt_tokens = prompt_tokens;
         report.prefill_time = prefill_time;
         Ok(report)
+    }
+
+    /// Records the user's message and feeds its prompt: the text up to the end of the message's
+    /// content can be stopped between chunks, the template's few tokens after it (the end of
+    /// the turn, the reply's opening) are fed with it or not at all. A stopped prompt forgets
+    /// those — never fed, they are the last tokens recorded, so no position moves — and keeps
+    /// the unread part of the message pending, so the fed text ends with the message and the
+    /// next turn can merge its own message into it.
+    fn prompt_and_prefill(
+        &mut self,
+        user: &str,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(TurnEvent<'_>),
+    ) -> Result<Prefilled, SessionError> {
+        let (prompt, record) = self.prompt(user)?;
+        self.add_message(record.clone());
+        let first = self.head.token_count - prompt.len() as u64;
+        let content_end = if record.span.is_empty() {
+            prompt.len()
+        } else {
+            (record.tokens.end.saturating_sub(first) as usize).min(prompt.len())
+        };
+        let total = prompt.len();
+        let (message, closing) = prompt.split_at(content_end);
+        let mut logits = None;
+        if !message.is_empty() {
+            let (l, done) = self.feed_cancellable(message, self.prefill_chunk, cancel, on_event)?;
+            self.head.tokens_fed = self.cache.next_position();
+            if l.is_none() {
+                self.unsaved.tokens.truncate(first + content_end as u64);
+                self.head.token_count = first + content_end as u64;
+                self.head.pending = message[done..].to_vec();
+                if !record.span.is_empty() {
+                    self.head.fed_len = record.span.end;
+                    let keep = (record.span.end - self.head.fed_tail_start) as usize;
+                    self.head.fed_tail.truncate(keep);
+                }
+                return Ok(Prefilled::Stopped(done));
+            }
+            logits = l;
+        }
+        if !closing.is_empty() {
+            let never = AtomicBool::new(false);
+            let mut progress = |e: TurnEvent<'_>| match e {
+                TurnEvent::Prefill { done, .. } => on_event(TurnEvent::Prefill {
+                    done: content_end + done,
+                    total,
+                }),
+                other => on_event(other),
+            };
+            logits = self
+                .feed_cancellable(closing, self.prefill_chunk, &never, &mut progress)?
+                .0;
+            self.head.tokens_fed = self.cache.next_position();
+        }
+        let logits = logits.ok_or_else(|| SessionError::Logits("nothing to feed".into()))?;
+        Ok(Prefilled::Ready(logits, total))
+    }
+
+    /// The conversation's state in memory, to put back when a turn fails.
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            head: self.head.clone(),
+            messages: self.unsaved.messages.len(),
+            tokens: self.unsaved.tokens.end(),
+        }
+    }
+
+    fn restore(&mut self, c: Checkpoint) {
+        self.head = c.head;
+        self.unsaved.messages.truncate(c.messages);
+        self.unsaved.tokens.truncate(c.tokens);
+    }
+
+    /// Generates the reply; when that fails, puts the prompt's state back with an empty reply
+    /// in place of the failed one, and returns the error.
+    fn generate_or_undo(
+        &mut self,
+        logits: Tensor,
+        max_tokens: Option<usize>,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(TurnEvent<'_>),
+    ) -> Result<TurnReport, SessionError> {
+        match self.generate(logits, max_tokens, cancel, on_event) {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                if let Some(logits) = self.undo_reply() {
+                    let never = AtomicBool::new(false);
+                    self.generate(logits, Some(0), &never, &mut |_| {})?;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn drop_regen(&mut self) {
@@ -953,11 +1129,20 @@ impl Session {
         if !self.can_regenerate() {
             return Ok(None);
         }
-        let Some(r) = self.regen.take() else {
+        let Some(logits) = self.undo_reply() else {
             return Ok(None);
         };
+        self.generate_or_undo(logits, max_tokens, cancel, on_event)
+            .map(Some)
+    }
+
+    /// Takes the last reply back: the cache returns to its state after the prompt's prefill
+    /// (undoing what the reply overwrote) and the conversation to its state then. Returns the
+    /// prompt's logits, or `None` when there is no reply to take back.
+    fn undo_reply(&mut self) -> Option<Tensor> {
+        let r = self.regen.take()?;
         if !self.cache.rewind(r.point) {
-            return Ok(None);
+            return None;
         }
         // Keep the repeat history of the rejected reply: it should not be drawn again.
         let recent = std::mem::take(&mut self.head.recent);
@@ -985,8 +1170,7 @@ impl Session {
             head: r.head,
             logits: r.logits.clone(),
         });
-        self.generate(r.logits, max_tokens, cancel, on_event)
-            .map(Some)
+        Some(r.logits)
     }
 
     /// Samples a reply after a prefill and records it as the assistant's message.
@@ -1075,6 +1259,7 @@ impl Session {
             return Ok(()); // nothing fed: nothing to keep
         }
         self.head.pinned = self.pins();
+        self.head.model = Some(self.engine.fingerprint.clone());
         if let Some(position) = self.kv.forget_from {
             self.history.forget_kv_from(position)?;
         }

@@ -22,6 +22,22 @@ pub enum TemplateMode {
     Full,
 }
 
+/// `messages` with each run of consecutive user messages as one, their contents joined by a
+/// blank line (templates such as Gemma's require user and assistant turns to alternate).
+pub fn merge_user_runs(messages: &[Message]) -> Vec<Message> {
+    let mut merged: Vec<Message> = Vec::with_capacity(messages.len());
+    for m in messages {
+        match merged.last_mut() {
+            Some(last) if last.role == Role::User && m.role == Role::User => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&m.content);
+            }
+            _ => merged.push(m.clone()),
+        }
+    }
+    merged
+}
+
 /// Where `contents` sit in `rendered`, in order (`None` for one not found after the previous,
 /// or empty).
 pub fn locate(rendered: &str, contents: &[&str]) -> Vec<Option<std::ops::Range<usize>>> {
@@ -164,6 +180,29 @@ mod tests {
 
     fn template(source: &str) -> ChatTemplate {
         ChatTemplate::new(Some(source.into()), CHATML, "<s>".into(), "</s>".into()).unwrap()
+    }
+
+    #[test]
+    fn consecutive_user_messages_merge() {
+        let m = |role, text: &str| Message::new(role, text);
+        let messages = [
+            m(Role::System, "s"),
+            m(Role::User, "a"),
+            m(Role::User, "b"),
+            m(Role::Assistant, "c"),
+            m(Role::User, "d"),
+            m(Role::User, "e"),
+            m(Role::User, "f"),
+        ];
+        assert_eq!(
+            merge_user_runs(&messages),
+            [
+                m(Role::System, "s"),
+                m(Role::User, "a\n\nb"),
+                m(Role::Assistant, "c"),
+                m(Role::User, "d\n\ne\n\nf"),
+            ]
+        );
     }
 
     #[test]

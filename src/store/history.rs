@@ -120,6 +120,7 @@ pub(super) const TOKENS_SQL: &str = "
 pub(super) fn lock(db: &Path, id: i64) -> Result<File, StoreError> {
     let dir = kv_dir(db);
     std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io(dir.clone(), e))?;
+    crate::durable::restrict_dir(&dir);
     let path = lock_path(db, id);
     let file = File::create(&path).map_err(|e| StoreError::Io(path.clone(), e))?;
     match file.try_lock() {

@@ -78,6 +78,12 @@ fn now() -> i64 {
 
 /// Opens a connection to the database with the settings every connection uses.
 fn connect(path: &Path) -> Result<Connection, StoreError> {
+    // Conversations are private: the database is its owner's only (SQLite gives its WAL and
+    // shared-memory files the database file's permissions).
+    if !path.exists() {
+        create_private(path).map_err(|e| StoreError::Io(path.to_path_buf(), e))?;
+    }
+    crate::durable::restrict_file(path);
     let db = Connection::open(path)?;
     db.busy_timeout(std::time::Duration::from_secs(5))?;
     db.pragma_update(None, "page_size", PAGE_SIZE)?;
@@ -86,6 +92,19 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     db.pragma_update(None, "foreign_keys", "ON")?;
     db.pragma_update(None, "journal_size_limit", WAL_LIMIT)?;
     Ok(db)
+}
+
+/// Creates an empty file only its owner can read and write.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 const SCHEMA: &str = "

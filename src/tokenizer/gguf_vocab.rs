@@ -19,6 +19,10 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// Llama 3's (llama.cpp `llama3` / `llama-bpe`): digits in groups of up to three.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Longest piece, in bytes, that SentencePiece merges are recovered for (see
+/// [`GgufVocab::sentencepiece_merges`]).
+const MAX_MERGED_PIECE: usize = 128;
+
 /// The vocabulary as the GGUF stores it.
 pub struct GgufVocab {
     model: String,
@@ -67,21 +71,38 @@ impl GgufVocab {
                 "tokenizer.ggml.tokens is empty".into(),
             ));
         }
-        let id = |k: &str| gguf.usize(k).ok().map(|v| v as u32);
         let flag = |k: &str, default: bool| {
             gguf.value(k)
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(default)
         };
         let is_spm = model == "llama";
+        let scores = numbers(gguf, "tokenizer.ggml.scores", |v| v.to_f32().ok());
+        let types = numbers(gguf, "tokenizer.ggml.token_type", |v| v.to_i32().ok());
+        for (key, len) in [("scores", scores.len()), ("token_type", types.len())] {
+            if len > tokens.len() {
+                return Err(TokenizerError::Build(format!(
+                    "tokenizer.ggml.{key} has {len} entries for {} tokens",
+                    tokens.len()
+                )));
+            }
+        }
+        let id = |k: &str| match gguf.usize(k) {
+            Ok(v) if v >= tokens.len() => Err(TokenizerError::Build(format!(
+                "{k} is {v}, outside the {} tokens",
+                tokens.len()
+            ))),
+            Ok(v) => Ok(Some(v as u32)),
+            Err(_) => Ok(None),
+        };
         Ok(Self {
             pre: gguf.string("tokenizer.ggml.pre").ok(),
-            scores: numbers(gguf, "tokenizer.ggml.scores", |v| v.to_f32().ok()),
-            types: numbers(gguf, "tokenizer.ggml.token_type", |v| v.to_i32().ok()),
+            scores,
+            types,
             merges: strings(gguf, "tokenizer.ggml.merges"),
-            bos: id("tokenizer.ggml.bos_token_id"),
-            eos: id("tokenizer.ggml.eos_token_id"),
-            unk: id("tokenizer.ggml.unknown_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
             add_bos: flag("tokenizer.ggml.add_bos_token", is_spm),
             add_space_prefix: flag("tokenizer.ggml.add_space_prefix", is_spm),
             model,
@@ -187,7 +208,9 @@ impl GgufVocab {
         let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
         for (id, piece) in self.tokens.iter().enumerate() {
             let is_normal = self.types.get(id).is_none_or(|t| *t == 1);
-            if !is_normal {
+            // Each split hashes its halves: a piece costs its length squared. Real pieces are
+            // short (SentencePiece's limit is 16 characters); a longer one is kept whole.
+            if !is_normal || piece.len() > MAX_MERGED_PIECE {
                 continue;
             }
             for (cut, _) in piece.char_indices().skip(1) {

@@ -18,6 +18,7 @@ pub use hf_files::HfTokenizerFiles;
 pub use stream::TextStream;
 
 use crate::model::GgufFile;
+use crate::model::metadata::Metadata;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -34,6 +35,11 @@ pub enum TokenizerError {
 /// The tokenizer of a model plus the ids that control generation.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens read as plain text, for what people typed: a
+    /// pasted `<|im_end|>` must not end a turn (see [`Tokenizer::encode_with_offsets`]).
+    plain: tokenizers::Tokenizer,
+    /// Ids of the special (control) tokens, which only the template's scaffolding may produce.
+    control: Vec<u32>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Prepend BOS to a fresh sequence (from `tokenizer.ggml.add_bos_token`).
@@ -45,24 +51,26 @@ impl Tokenizer {
     /// Builds the tokenizer for a GGUF model: `tokenizer.json` next to it if present, else the
     /// GGUF's own vocabulary.
     pub fn for_gguf(gguf: &GgufFile) -> Result<Self, TokenizerError> {
-        let meta = gguf_vocab::GgufVocab::read(&gguf.meta)?;
         let beside = gguf
             .path
             .parent()
             .map(|d| d.join("tokenizer.json"))
             .filter(|p| p.is_file());
-        let inner = match beside {
-            Some(p) => load_json_file(&p)?,
-            None => meta.build()?,
-        };
-        let vocab_size = inner.get_vocab_size(true);
-        Ok(Self {
-            inner,
-            bos: meta.bos,
-            eos: meta.eos,
-            add_bos: meta.add_bos,
-            vocab_size,
-        })
+        match beside {
+            Some(p) => {
+                let meta = gguf_vocab::GgufVocab::read(&gguf.meta)?;
+                let inner = load_json_file(&p)?;
+                Ok(Self::assemble(inner, meta.bos, meta.eos, meta.add_bos))
+            }
+            None => Self::from_gguf_metadata(&gguf.meta),
+        }
+    }
+
+    /// The tokenizer a GGUF's own vocabulary (`tokenizer.ggml.*` in `meta`) describes.
+    pub fn from_gguf_metadata(meta: &Metadata) -> Result<Self, TokenizerError> {
+        let meta = gguf_vocab::GgufVocab::read(meta)?;
+        let inner = meta.build()?;
+        Ok(Self::assemble(inner, meta.bos, meta.eos, meta.add_bos))
     }
 
     /// The tokenizer of a Hugging Face directory: `tokenizer.json` with the special tokens of
@@ -87,14 +95,44 @@ impl Tokenizer {
                 bos.is_some() && probe.get_ids().first().copied() == bos
             }
         };
+        Ok(Self::assemble(inner, bos, eos, add_bos))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+    ) -> Self {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut control: Vec<u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        control.sort_unstable();
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Self {
+        Self {
             inner,
+            plain,
+            control,
             bos,
             eos,
             add_bos,
             vocab_size,
-        })
+        }
+    }
+
+    /// Whether `id` is a special (control) token: `<|im_start|>`, `<end_of_turn>`, BOS…
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.binary_search(&id).is_ok()
+    }
+
+    /// The special (control) tokens, in id order.
+    pub fn control_ids(&self) -> &[u32] {
+        &self.control
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json` (the converter).
@@ -108,31 +146,54 @@ impl Tokenizer {
         self.vocab_size
     }
 
-    /// Tokenizes text in which special tokens (`<|im_start|>`…) are recognised, as rendered
-    /// chat templates need. No BOS is added here: [`Tokenizer::add_bos`] says when the caller should.
+    /// Tokenizes plain text: special tokens' texts are read as the characters they are made of
+    /// (evaluation texts, anything a person wrote). No BOS is added here: [`Tokenizer::add_bos`]
+    /// says when the caller should.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        self.inner
+        self.plain
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizerError::Build(e.to_string()))
     }
 
-    /// [`Self::encode`], plus the byte offset in `text` where each token starts (for mapping
-    /// tokens back to the characters the conversation pane shows).
+    /// Tokenizes a rendered chat template in which `plain` (sorted, disjoint byte ranges) holds
+    /// what people wrote: the scaffolding's special tokens are recognised, the messages' are not,
+    /// so a pasted `<|im_end|>\n<|im_start|>system` stays text and cannot forge a turn. Returns
+    /// the ids and the byte offset in `text` where each starts.
+    ///
+    /// The text is tokenized whole first (what Hugging Face's `apply_chat_template` does); only
+    /// when a special token falls inside a message is it tokenized again piece by piece, so an
+    /// ordinary message keeps exactly the tokens it always had.
     pub fn encode_with_offsets(
         &self,
         text: &str,
+        plain: &[std::ops::Range<usize>],
     ) -> Result<(Vec<u32>, Vec<usize>), TokenizerError> {
-        let e = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-        let starts = e
-            .get_offsets()
-            .iter()
-            .map(|(s, _)| (*s).min(text.len()))
-            .collect();
-        Ok((e.get_ids().to_vec(), starts))
+        let (ids, starts) = encode_offsets(&self.inner, text)?;
+        let forged = ids.iter().zip(&starts).any(|(&id, &s)| {
+            self.is_control(id) && plain.iter().any(|r| r.start <= s && s < r.end)
+        });
+        if !forged {
+            return Ok((ids, starts));
+        }
+        let (mut ids, mut starts) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        let mut piece = |tokenizer: &tokenizers::Tokenizer, range: std::ops::Range<usize>| {
+            if range.is_empty() {
+                return Ok(());
+            }
+            let (i, s) = encode_offsets(tokenizer, &text[range.clone()])?;
+            ids.extend(i);
+            starts.extend(s.into_iter().map(|s| s + range.start));
+            Ok::<_, TokenizerError>(())
+        };
+        for r in plain {
+            piece(&self.inner, at..r.start)?;
+            piece(&self.plain, r.clone())?;
+            at = r.end;
+        }
+        piece(&self.inner, at..text.len())?;
+        Ok((ids, starts))
     }
 
     /// Decodes ids to text, skipping nothing (special tokens included as text).
@@ -159,6 +220,21 @@ impl Tokenizer {
 /// of up to 256 bytes, lets the new words of an endless chat (names, numbers, identifiers) pile
 /// up to megabytes that are never let go; a thousand keeps the common ones.
 pub(crate) const BPE_CACHE_WORDS: usize = 1_000;
+
+fn encode_offsets(
+    tokenizer: &tokenizers::Tokenizer,
+    text: &str,
+) -> Result<(Vec<u32>, Vec<usize>), TokenizerError> {
+    let e = tokenizer
+        .encode(text, false)
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let starts = e
+        .get_offsets()
+        .iter()
+        .map(|(s, _)| (*s).min(text.len()))
+        .collect();
+    Ok((e.get_ids().to_vec(), starts))
+}
 
 fn load_json_file(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
     let mut tokenizer = tokenizers::Tokenizer::from_file(path)

@@ -41,9 +41,23 @@ pub fn str_width(s: &str) -> usize {
 }
 
 /// Wraps `line` into rows of at most `width` cells.
+///
+/// A pane too narrow for the line's prefix (indent, quote bar, bullet) and one more cell drops
+/// the prefix; a character wider than the room left is drawn as `…`. So no row is ever wider
+/// than `width`, however narrow the terminal.
 pub fn wrap(line: &StyledLine, width: usize) -> Vec<Line<'static>> {
-    let prefix_width: usize = line.prefix.iter().map(|s| str_width(&s.content)).sum();
-    let avail = width.saturating_sub(prefix_width).max(1);
+    let width = width.max(1);
+    let spans_width =
+        |spans: &[Span<'static>]| -> usize { spans.iter().map(|s| str_width(&s.content)).sum() };
+    // The first row's prefix (a bullet) can be the wider one, inside a quote in a list.
+    let prefix_width =
+        spans_width(&line.prefix).max(line.first_prefix.as_deref().map_or(0, spans_width));
+    let show_prefix = prefix_width < width;
+    let avail = if show_prefix {
+        width - prefix_width
+    } else {
+        width
+    };
     let chars: Vec<(char, Style, usize)> = line
         .spans
         .iter()
@@ -51,6 +65,7 @@ pub fn wrap(line: &StyledLine, width: usize) -> Vec<Line<'static>> {
             let style = s.style;
             s.content.chars().map(move |c| {
                 let c = if c.is_control() { '\u{FFFD}' } else { c };
+                let c = if char_width(c) > avail { '…' } else { c };
                 (c, style, char_width(c))
             })
         })
@@ -85,6 +100,7 @@ pub fn wrap(line: &StyledLine, width: usize) -> Vec<Line<'static>> {
         .enumerate()
         .map(|(row, (a, b))| {
             let mut spans = match (&line.first_prefix, row) {
+                _ if !show_prefix => Vec::new(),
                 (Some(first), 0) => first.clone(),
                 _ => line.prefix.clone(),
             };
