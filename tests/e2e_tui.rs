@@ -129,10 +129,15 @@ impl Screen {
     }
 
     /// SIGTERM, as a system shutdown sends it, then the exit status.
-    fn terminate(mut self) -> bool {
+    fn terminate(self) -> bool {
+        self.signal("TERM")
+    }
+
+    /// Sends signal `name` (`TERM`, `HUP`), then waits for the exit status.
+    fn signal(mut self, name: &str) -> bool {
         let pid = self.child.process_id().unwrap();
         let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
@@ -264,4 +269,34 @@ fn a_panic_in_generation_keeps_the_terminal_and_the_saved_turns() {
         assert!(shown.contains("Say hello."), "{fault}:\n{shown}");
         assert!(screen.quit());
     }
+}
+
+/// SIGHUP (the terminal window closed, the SSH connection dropped) in the middle of a reply:
+/// the reply stops, the exchange so far is saved, and the process exits cleanly.
+#[test]
+fn a_hangup_during_a_reply_saves_the_exchange() {
+    let model = common::default_model_path();
+    let model = model.to_str().unwrap();
+    let minute = Duration::from_secs(60);
+    let data = tempfile::tempdir().unwrap();
+    let args = ["-m", model, "--temperature", "0", "--max-tokens", "400"];
+    let mut screen = Screen::start(&args, data.path());
+    screen.wait_for("the model to load", minute, |t| t.contains("ready"));
+    screen.type_text("Write a long story about a lighthouse keeper.");
+    screen.send(b"\r");
+    screen.wait_for("the reply to begin", minute, |t| {
+        t.contains("replying · ") && !t.contains("replying · 0 tok")
+    });
+    assert!(screen.signal("HUP"), "SIGHUP saves and exits cleanly");
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let screen = Screen::start(&resume, data.path());
+    let shown = screen.wait_for("the saved exchange", minute, |t| {
+        t.contains("resumed") && t.contains("lighthouse keeper")
+    });
+    assert!(
+        shown.contains("Assistant"),
+        "the partial reply is kept:\n{shown}"
+    );
+    assert!(screen.quit());
 }

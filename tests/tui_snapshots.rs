@@ -233,6 +233,22 @@ fn tiny_terminal() {
     insta::assert_snapshot!(draw(&app).backend());
 }
 
+/// While the model loads the status says so, and Enter keeps the typed message.
+#[test]
+fn a_message_sent_while_loading_is_kept() {
+    let mut app = App::new(Keymap::default(), Theme::default(), (80, 12));
+    app.visualizer = false;
+    event(
+        &mut app,
+        Event::Loading("loading qwen2.5-coder (Q4_K_M)…".into()),
+    );
+    for c in "hello".chars() {
+        key(&mut app, KeyCode::Char(c));
+    }
+    key(&mut app, KeyCode::Enter);
+    insta::assert_snapshot!(draw(&app).backend());
+}
+
 #[test]
 fn load_failure_is_explained() {
     let mut app = App::new(Keymap::default(), Theme::default(), (80, 20));

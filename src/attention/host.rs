@@ -986,6 +986,7 @@ impl AttentionCache for HostCache {
         layer: usize,
         input: &AttentionInput<'_>,
     ) -> Result<Vec<f32>, AttentionError> {
+        super::check_position(self.next_position, input.n_tokens)?;
         let n_layers = self.layers.len();
         self.layers
             .get_mut(layer)

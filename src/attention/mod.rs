@@ -175,6 +175,22 @@ pub enum AttentionError {
     Gqa(usize, usize),
     #[error("attention on the device failed: {0}")]
     Tensor(String),
+    #[error("the conversation reached the last position a cache can hold ({MAX_POSITION})")]
+    PositionLimit,
+}
+
+/// The furthest position a cache holds: 2^48 tokens, nine centuries of a chat at 10,000 tokens
+/// a second. A forward past it is refused and a snapshot past it is not restored, so the
+/// counters a forward adds to never wrap (found by fuzzing: a cache restored at `u64::MAX`
+/// attended one token and saved a snapshot it then refused).
+pub const MAX_POSITION: u64 = 1 << 48;
+
+/// Refuses a forward of `n_tokens` that would take the cache past [`MAX_POSITION`].
+pub(crate) fn check_position(next_position: u64, n_tokens: usize) -> Result<(), AttentionError> {
+    match next_position.checked_add(n_tokens as u64) {
+        Some(end) if end <= MAX_POSITION => Ok(()),
+        _ => Err(AttentionError::PositionLimit),
+    }
 }
 
 /// Where a model's attention layers keep their keys and values.

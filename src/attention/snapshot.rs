@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use super::{HostCache, HostLayerCache, LambdaParams, LayerGeometry};
+use super::{HostCache, HostLayerCache, LambdaParams, LayerGeometry, MAX_POSITION};
 
 const FORMAT: &str = "lambdachat-kv-1";
 
@@ -151,6 +151,12 @@ impl HostCache {
 /// value is never trusted to index or subtract with.
 fn check_counters(header: &Header) -> Result<(), SnapshotError> {
     let bad = |what: String| Err(SnapshotError::Format(what));
+    if header.next_position > MAX_POSITION {
+        return bad(format!(
+            "next position {} is past the limit of {MAX_POSITION}",
+            header.next_position
+        ));
+    }
     if let Some(s) = header.seen.iter().find(|&&s| s > header.next_position) {
         return bad(format!(
             "a layer has seen {s} tokens, the cache {}",
@@ -160,9 +166,9 @@ fn check_counters(header: &Header) -> Result<(), SnapshotError> {
     // Pins may name tokens still to come (a pin made before they arrive).
     let mut end = 0;
     for &(start, stop) in &header.pinned {
-        if start < end || stop <= start {
+        if start < end || stop <= start || stop > MAX_POSITION {
             return bad(format!(
-                "pinned range {start}..{stop} is empty or out of order"
+                "pinned range {start}..{stop} is empty, out of order or past the limit"
             ));
         }
         end = stop;

@@ -711,6 +711,7 @@ impl AttentionCache for TensorCache {
             rope,
             scale,
         } = *input;
+        super::check_position(self.next_position, q.dim(0).map_err(tensor_err)?)?;
         let geometry = self.geometry(layer)?;
         let kv = geometry.n_kv_heads;
         if kv == 0 || !n_heads.is_multiple_of(kv) {

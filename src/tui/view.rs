@@ -171,10 +171,13 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
             format!(" replying · {} tok · {:.1} tok/s", g.generated, g.tok_s),
             Style::default().fg(app.theme.assistant),
         )),
+        // "ready" only once a message can be sent: while the model loads, Enter keeps the text.
         None => spans.push(Span::styled(
-            match app.last_tok_s {
-                Some(t) => format!(" ready · last {t:.1} tok/s"),
-                None => " ready".to_string(),
+            match (&app.phase, app.last_tok_s) {
+                (Phase::Loading(_), _) => " loading".to_string(),
+                (Phase::Failed { .. }, _) => " no model".to_string(),
+                (Phase::Ready, Some(t)) => format!(" ready · last {t:.1} tok/s"),
+                (Phase::Ready, None) => " ready".to_string(),
             },
             dim,
         )),

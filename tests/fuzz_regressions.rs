@@ -1,0 +1,77 @@
+//! Inputs the fuzz targets (fuzz/, scripts/fuzz.sh) found to break something, each kept as a
+//! test through the public API so that the fix stays. docs/RELIABILITY.md lists them.
+
+use lambdachat::attention::{
+    AttentionCache, AttentionError, AttentionInput, HostCache, LambdaParams, LayerGeometry,
+    MAX_POSITION, Rope, RopeStyle,
+};
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+
+/// `bytes` (a KV snapshot) with the numbers of its Λ header changed by `edit`.
+fn with_header(bytes: &[u8], edit: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).unwrap();
+    let mut info = metadata.metadata().clone().unwrap();
+    let mut header: serde_json::Value = serde_json::from_str(&info["lambda"]).unwrap();
+    edit(&mut header);
+    info.insert("lambda".into(), header.to_string());
+    let tensors = SafeTensors::deserialize(bytes).unwrap();
+    let views: Vec<(String, TensorView<'_>)> = tensors.tensors();
+    safetensors::serialize(views, Some(info)).unwrap()
+}
+
+/// kv_snapshot, crash-7a64de8e: a snapshot whose next position was `u64::MAX` restored; one
+/// attended token wrapped the counter, and the cache then saved a snapshot it refused itself
+/// ("a layer has seen 1 tokens, the cache 0"). Positions past 2^48 are now refused at restore.
+/// crash-662a1b1a: restored exactly at that limit, one more token went past it; a forward
+/// there is now refused, and the cache still saves what restores.
+#[test]
+fn a_snapshot_at_the_end_of_the_position_range_is_refused() {
+    let params = LambdaParams::new(4, 10, None).unwrap();
+    let layers = vec![LayerGeometry::full(params, 1, 4)];
+    let empty = HostCache::new(params, layers.clone())
+        .to_snapshot()
+        .unwrap();
+    let at = |next: u64| {
+        with_header(&empty, |h| {
+            h["next_position"] = next.into();
+        })
+    };
+    let Err(err) = HostCache::from_snapshot(&at(u64::MAX), params, layers.clone()) else {
+        panic!("a snapshot at u64::MAX restored");
+    };
+    assert!(err.to_string().contains("past the limit"), "{err}");
+    let pinned_far = with_header(&empty, |h| {
+        h["pinned"] = serde_json::json!([[5, u64::MAX]]);
+    });
+    assert!(HostCache::from_snapshot(&pinned_far, params, layers.clone()).is_err());
+
+    let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
+    let (q, kv) = ([0.25f32; 8], [0.5f32; 4]);
+    let input = AttentionInput {
+        q: &q,
+        k: &kv,
+        v: &kv,
+        n_tokens: 1,
+        n_heads: 2,
+        rope: &rope,
+        scale: 0.5,
+    };
+    let mut at_limit = HostCache::from_snapshot(&at(MAX_POSITION), params, layers.clone()).unwrap();
+    let refused = at_limit.attend(0, &input);
+    assert!(
+        matches!(refused, Err(AttentionError::PositionLimit)),
+        "{refused:?}"
+    );
+    let saved = at_limit.to_snapshot().unwrap();
+    HostCache::from_snapshot(&saved, params, layers.clone())
+        .expect("a cache at the limit restores");
+
+    // A far but possible position still restores, attends, saves and restores.
+    let mut cache = HostCache::from_snapshot(&at(1 << 40), params, layers.clone()).unwrap();
+    let out = cache.attend(0, &input).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+    cache.advance(1);
+    let again = cache.to_snapshot().unwrap();
+    HostCache::from_snapshot(&again, params, layers).expect("what was saved restores");
+}
