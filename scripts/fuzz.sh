@@ -61,7 +61,7 @@ for t in "${targets[@]}"; do
     if [ "$(cat "logs/$t.rc")" = 0 ]; then
         result="no crash, leak or time-out"
     else
-        result="FAILED: $(grep -m1 -E 'ERROR|panicked|SUMMARY' "$log" | cut -c1-80) (fuzz/$log)"
+        result="FAILED: $(grep -m1 -E 'ERROR|panicked|SUMMARY' "$log" | cut -c1-80 || true) (fuzz/$log)"
         failed=1
     fi
     printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$t" "$secs" "$execs" "$rate" "$corpus" "$rss" "$result"

@@ -1,17 +1,19 @@
 //! Faults through the real binary: a process killed (SIGKILL: no handler runs, nothing is
 //! flushed) in the middle of writing a converted model or an evaluation's results never leaves
 //! a file that a later run could take for a whole one, and what it left is cleaned by the next
-//! run; stdin closing while a reply is written ends the chat after that reply.
+//! run; a disk that fills up while they write fails them with a clear error and leaves nothing;
+//! stdin closing while a reply is written ends the chat after that reply.
 //! (Killing a saving chat: tests/store_crash.rs; a hangup in the TUI: tests/e2e_tui.rs.)
 
 mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cli::lambdachat;
+use common::cli::{assert_clean_error, lambdachat};
+use common::tiny::write_gguf;
 
 /// Waits up to `after` for `child` to finish by itself; kills it (SIGKILL) if it has not.
 /// Returns whether it was killed.
@@ -168,4 +170,78 @@ fn stdin_closing_during_a_reply_ends_the_chat_after_it() {
         "its counters were printed: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Runs the binary with `args` on a disk with `kib` KiB free, as far as its writes can tell: a
+/// write past the limit fails (EFBIG, with SIGXFSZ ignored) where a full disk fails with
+/// ENOSPC; both reach the same error path.
+fn on_a_disk_of(kib: u64, args: &[&str]) -> Output {
+    let bin = lambdachat();
+    Command::new("bash")
+        .arg("-c")
+        .arg(r#"trap "" XFSZ; ulimit -f "$0"; exec "$@""#)
+        .arg(kib.to_string())
+        .arg(bin.get_program())
+        .args(args)
+        .envs(bin.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_disk_filling_up_during_a_conversion_fails_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, "qwen2");
+    let out = dir.path().join("converted");
+    let args = ["convert", gguf.to_str().unwrap(), out.to_str().unwrap()];
+    let full = on_a_disk_of(64, &args);
+    assert_clean_error(&full, "File too large");
+    assert!(!out.exists(), "a failed conversion left {}", out.display());
+    assert_eq!(names(dir.path()), ["tiny.gguf"], "its staging was removed");
+    let room = on_a_disk_of(1 << 20, &args);
+    assert!(
+        room.status.success(),
+        "{}",
+        String::from_utf8_lossy(&room.stderr)
+    );
+}
+
+#[test]
+fn a_disk_filling_up_while_an_evaluation_writes_fails_it_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, "qwen2");
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "In the beginning was the word. ".repeat(100)).unwrap();
+    let out = dir.path().join("results");
+    let args = [
+        "eval",
+        "ppl",
+        "-m",
+        gguf.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--lengths",
+        "64",
+        "--modes",
+        "vanilla",
+    ];
+    let full = on_a_disk_of(1, &args);
+    assert_clean_error(&full, "File too large");
+    for name in names(&out) {
+        assert!(
+            !name.contains(".partial"),
+            "a staging file was left: {name}"
+        );
+    }
+    let room = on_a_disk_of(1 << 20, &args);
+    assert!(
+        room.status.success(),
+        "{}",
+        String::from_utf8_lossy(&room.stderr)
+    );
 }

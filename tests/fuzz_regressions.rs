@@ -1,10 +1,13 @@
 //! Inputs the fuzz targets (fuzz/, scripts/fuzz.sh) found to break something, each kept as a
 //! test through the public API so that the fix stays. docs/RELIABILITY.md lists them.
 
+use candle_core::quantized::gguf_file::Value;
 use lambdachat::attention::{
     AttentionCache, AttentionError, AttentionInput, HostCache, LambdaParams, LayerGeometry,
     MAX_POSITION, Rope, RopeStyle,
 };
+use lambdachat::model::metadata::Metadata;
+use lambdachat::tokenizer::Tokenizer;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 
@@ -74,4 +77,31 @@ fn a_snapshot_at_the_end_of_the_position_range_is_refused() {
     cache.advance(1);
     let again = cache.to_snapshot().unwrap();
     HostCache::from_snapshot(&again, params, layers).expect("what was saved restores");
+}
+
+/// gguf_vocab, crash-662df924: a SentencePiece vocabulary holding one text twice ("" at ids 1
+/// and 2) counted its distinct texts (3) as its size, so the encoder's id 3 — a real row of
+/// the model — was past it, and decoding a sampled id 3 failed. The size is now the highest id
+/// + 1.
+#[test]
+fn a_vocabulary_with_a_repeated_token_counts_every_id() {
+    let tokens = ["\0\0", "", "", "\0"].map(|t| Value::String(t.into()));
+    let meta = std::collections::HashMap::from([
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.to_vec()),
+        ),
+    ]);
+    let tokenizer =
+        Tokenizer::from_gguf_metadata(&Metadata::new(std::path::Path::new("dup.gguf"), meta))
+            .unwrap();
+    assert_eq!(tokenizer.vocab_size(), 4);
+    let ids = tokenizer.encode("\0\0red_t\0\u{1}\u{1}").unwrap();
+    assert!(ids.iter().all(|&id| id < 4), "{ids:?}");
+    assert!(ids.contains(&3), "{ids:?}");
+    tokenizer.decode(&ids).expect("every encoded id decodes");
 }

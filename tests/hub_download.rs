@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::cli::{assert_clean_error, lambdachat};
@@ -18,6 +19,16 @@ use sha2::{Digest, Sha256};
 /// Serves `repos` (repo id → file name → bytes) the way the Hub's HTTP API does; counts the
 /// file bodies it sent.
 fn serve(repos: HashMap<String, HashMap<String, Vec<u8>>>) -> (u16, Arc<Mutex<usize>>) {
+    serve_stalling(repos, Arc::new(AtomicBool::new(false)))
+}
+
+/// As [`serve`]; while `stall` is set, a file body stops after its first half and the
+/// connection is held open without another byte.
+fn serve_stalling(
+    repos: HashMap<String, HashMap<String, Vec<u8>>>,
+    stall: Arc<AtomicBool>,
+) -> (u16, Arc<Mutex<usize>>) {
+    let mut held = Vec::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let bodies = Arc::new(Mutex::new(0));
@@ -95,6 +106,19 @@ fn serve(repos: HashMap<String, HashMap<String, Vec<u8>>>) -> (u16, Arc<Mutex<us
             };
             if end - start > 1 {
                 *sent.lock().unwrap() += 1;
+            }
+            if end - start > 1 && stall.load(Ordering::SeqCst) {
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nContent-Range: bytes {start}-{}/{}\r\n\r\n",
+                    end - start,
+                    end - 1,
+                    data.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&data[start..start + (end - start) / 2]);
+                let _ = stream.flush();
+                held.push(stream);
+                continue;
             }
             let headers = format!(
                 "ETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nContent-Range: bytes {start}-{}/{}\r\n",
@@ -246,4 +270,78 @@ fn a_stalled_download_gives_up() {
         .unwrap();
     assert_clean_error(&out, "the download stalled (no data for 2 s");
     assert!(start.elapsed() < std::time::Duration::from_secs(30));
+}
+
+/// SIGKILL while a model downloads from the Hub (half its bytes arrived, the rest never
+/// comes): nothing in the cache's snapshot names the half file, so the next run does not take
+/// it for the model; that run downloads the whole file and opens it.
+#[test]
+fn a_download_killed_halfway_is_never_taken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("tiny.gguf");
+    write_gguf(&gguf, "qwen2");
+    let bytes = std::fs::read(&gguf).unwrap();
+    let repos = HashMap::from([(
+        "org/tiny".to_string(),
+        HashMap::from([("model.gguf".to_string(), bytes.clone())]),
+    )]);
+    let stall = Arc::new(AtomicBool::new(true));
+    let (port, _) = serve_stalling(repos, stall.clone());
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let home = tmp.path().join("hf");
+    let mut child = lambdachat()
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", &endpoint)
+        .env("LAMBDACHAT_DATA_DIR", home.join("data"))
+        .args(["inspect", "--model", "hf:org/tiny:model.gguf"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first half is on disk, then kill: no handler runs.
+    let repo = home.join("hub").join("models--org--tiny");
+    let start = std::time::Instant::now();
+    let arrived = || {
+        let blobs = repo.join("blobs");
+        std::fs::read_dir(blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.metadata()
+                    .is_ok_and(|m| m.len() >= bytes.len() as u64 / 2)
+            })
+    };
+    while !arrived() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the first half never arrived"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the download ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let snapshot = repo.join("snapshots").join("c0ffee").join("model.gguf");
+    assert!(!snapshot.exists(), "the half file is named as the model");
+
+    stall.store(false, Ordering::SeqCst);
+    let out = run(
+        &home,
+        &endpoint,
+        &["inspect", "--model", "hf:org/tiny:model.gguf"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&snapshot).unwrap(),
+        bytes,
+        "the whole file, fetched again"
+    );
 }

@@ -113,7 +113,15 @@ impl Tokenizer {
             .map(|(id, _)| id)
             .collect();
         control.sort_unstable();
-        let vocab_size = inner.get_vocab_size(true);
+        // The highest id + 1, not the count of distinct texts: a vocabulary that holds one text
+        // twice (GGUF token lists do) has ids past that count, and every one of them is a row
+        // of the model (found by fuzzing: tokens "\0\0", "", "", "\0" encoded to id 3 of "3").
+        let vocab_size = inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |id| id as usize + 1)
+            .max(inner.get_vocab_size(true));
         Self {
             inner,
             plain,
