@@ -53,17 +53,16 @@ fn serve_stalling(
                 }
             }
             let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
-            let respond = |stream: &mut std::net::TcpStream,
-                           status: &str,
-                           headers: &str,
-                           body: &[u8]| {
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(body);
+            let head = |status: &str, length: usize, headers: &str| {
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {length}\r\nConnection: close\r\n{headers}\r\n"
+                )
             };
+            let respond =
+                |stream: &mut std::net::TcpStream, status: &str, headers: &str, body: &[u8]| {
+                    let _ = stream.write_all(head(status, body.len(), headers).as_bytes());
+                    let _ = stream.write_all(body);
+                };
             // /api/models/ORG/REPO/revision/main
             if let Some(rest) = path.strip_prefix("/api/models/") {
                 let repo = rest.split("/revision/").next().unwrap_or("");
@@ -107,30 +106,22 @@ fn serve_stalling(
             if end - start > 1 {
                 *sent.lock().unwrap() += 1;
             }
-            if end - start > 1 && stall.load(Ordering::SeqCst) {
-                let head = format!(
-                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nContent-Range: bytes {start}-{}/{}\r\n\r\n",
-                    end - start,
-                    end - 1,
-                    data.len()
-                );
-                let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(&data[start..start + (end - start) / 2]);
-                let _ = stream.flush();
-                held.push(stream);
-                continue;
-            }
             let headers = format!(
                 "ETag: \"{etag}\"\r\nX-Repo-Commit: c0ffee\r\nContent-Range: bytes {start}-{}/{}\r\n",
                 end.max(1) - 1,
                 data.len()
             );
-            respond(
-                &mut stream,
-                "206 Partial Content",
-                &headers,
-                &data[start..end],
-            );
+            let body = &data[start..end];
+            if body.len() > 1 && stall.load(Ordering::SeqCst) {
+                // The head promises the whole range; half of it comes, then nothing.
+                let head = head("206 Partial Content", body.len(), &headers);
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body[..body.len() / 2]);
+                let _ = stream.flush();
+                held.push(stream);
+                continue;
+            }
+            respond(&mut stream, "206 Partial Content", &headers, body);
         }
     });
     (port, bodies)

@@ -711,7 +711,8 @@ impl AttentionCache for TensorCache {
             rope,
             scale,
         } = *input;
-        super::check_position(self.next_position, q.dim(0).map_err(tensor_err)?)?;
+        let t = q.dim(0).map_err(tensor_err)?;
+        super::check_position(self.next_position, t)?;
         let geometry = self.geometry(layer)?;
         let kv = geometry.n_kv_heads;
         if kv == 0 || !n_heads.is_multiple_of(kv) {
@@ -720,7 +721,6 @@ impl AttentionCache for TensorCache {
         if self.layers[layer].copy_pins {
             self.copy_window_pins(layer, rope)?;
         }
-        let t = q.dim(0).map_err(tensor_err)?;
         let p0 = self.next_position;
         let pins: &[Range<u64>] = if geometry.pinnable { &self.pinned } else { &[] };
         let joining: Vec<u32> = (0..t as u32)
