@@ -56,6 +56,17 @@ pub struct LambdaConfig {
     pub distance_limit: Option<u64>,
 }
 
+/// Recall of evicted context (docs/ALGORITHM.md §10).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RecallConfig {
+    pub enabled: Option<bool>,
+    pub blocks: Option<usize>,
+    pub from_layer: Option<usize>,
+    pub every: Option<usize>,
+    pub cache_mib: Option<usize>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
@@ -80,6 +91,8 @@ pub struct Config {
     pub snapshot_budget_mib: Option<u64>,
     #[serde(default)]
     pub lambda: LambdaConfig,
+    #[serde(default)]
+    pub recall: RecallConfig,
     #[serde(default)]
     pub sampling: SamplingConfig,
     /// Colour of each themed element (checked by the TUI, which knows the element names).

@@ -10,6 +10,7 @@
 use std::ops::Range;
 use std::path::PathBuf;
 
+pub use crate::attention::recall::RecallParams;
 pub use crate::attention::{CacheStats, LambdaParams, window_start};
 pub use crate::chat::{Message, Role, code_blocks};
 pub use crate::sampling::SamplingParams;
@@ -255,6 +256,8 @@ pub struct Settings {
     pub params: LambdaParams,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
+    /// Recall's parameters when it is on (the status bar then counts recalled tokens).
+    pub recall: Option<RecallParams>,
 }
 
 /// One line of the session list.

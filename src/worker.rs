@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use crate::attention::LambdaParams;
+use crate::attention::recall::RecallParams;
 use crate::engine::Engine;
 use crate::progress::{Progress, download_line};
 use crate::protocol::{Backend, Command, Event, EventSender, Notice, Role, Settings, ShownMessage};
@@ -48,6 +49,8 @@ pub struct WorkerOptions {
     pub resume: Option<Option<i64>>,
     /// Bytes the KV files of all saved sessions may take together.
     pub kv_budget: u64,
+    /// Recall's parameters and the folder of its stores, when it is on.
+    pub recall: Option<(RecallParams, PathBuf)>,
 }
 
 pub struct WorkerHandle {
@@ -126,6 +129,7 @@ struct Worker<'a> {
     id: Option<i64>,
     title: String,
     kv_budget: u64,
+    recall: Option<(RecallParams, PathBuf)>,
     cancel: Arc<AtomicBool>,
     emit: &'a Emitter,
 }
@@ -181,6 +185,7 @@ fn run(
         params,
         sampling: options.sampling.clone(),
         max_tokens: options.max_tokens,
+        recall: options.recall.as_ref().map(|(p, _)| *p),
     };
     let session = Session::new(
         engine.clone(),
@@ -197,6 +202,7 @@ fn run(
         id: None,
         title: "New chat".into(),
         kv_budget: options.kv_budget,
+        recall: options.recall,
         cancel,
         emit,
     };
@@ -387,10 +393,14 @@ impl Worker<'_> {
         )));
     }
 
-    /// The chat's settings on the session: probing for inspect mode, small prefill chunks.
+    /// The chat's settings on the session: probing for inspect mode, small prefill chunks,
+    /// recall.
     fn prepare_session(&mut self) {
         self.session.set_probe(true);
         self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+        if let Err(e) = self.session.set_recall(self.recall.clone()) {
+            self.emit.send(Event::Error(format!("recall is off: {e}")));
+        }
     }
 
     fn fresh_session(&mut self, params: LambdaParams) {

@@ -23,6 +23,7 @@ fn app(size: (u16, u16)) -> App {
             params: LambdaParams::new(4, 32, None).unwrap(),
             sampling: SamplingParams::default(),
             max_tokens: 512,
+            recall: None,
         },
     }));
     app
@@ -101,6 +102,7 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
             attended_window: tokens - window_start,
             pinned: pinned_count,
             evicted: window_start - sinks - pinned_count,
+            recalled: 0,
             slots_in_use: 36 * 24,
             slot_capacity: 36 * 24,
             bytes: 36 * 24 * 1024,

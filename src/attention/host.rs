@@ -14,6 +14,7 @@ use std::ops::Range;
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
 use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts};
 use super::persist::Undo;
+use super::recall::{Recall, RecallStats, Recalled};
 use crate::kernels::{DisjointRows, pool_execute_chunked};
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
@@ -75,6 +76,27 @@ pub struct HostLayerCache {
     pub(super) last_entropy: Vec<f32>,
     /// What the passes since the cache's rewind point overwrote (`persist.rs`).
     pub(super) undo: Option<Undo>,
+    /// Whether tokens leaving the window are kept in [`Self::evicted`] (recall's store takes
+    /// them after each pass).
+    pub(super) keep_evicted: bool,
+    pub(super) evicted: Evicted,
+}
+
+/// Tokens a pass evicted (past the sinks), in position order: keys unrotated, values.
+#[derive(Debug, Clone, Default)]
+pub struct Evicted {
+    pub positions: Vec<u64>,
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
+impl Evicted {
+    /// Empties it, keeping the allocations for the next pass.
+    fn clear(&mut self) {
+        self.positions.clear();
+        self.keys.clear();
+        self.values.clear();
+    }
 }
 
 /// What the cache holds, for the status bar and the benchmarks.
@@ -92,6 +114,9 @@ pub struct CacheStats {
     pub pinned: u64,
     /// Tokens no longer attended by anything.
     pub evicted: u64,
+    /// Evicted tokens the next query attends again through recall, in the first recalling
+    /// layer (docs/ALGORITHM.md §10; 0 when recall is off or found nothing).
+    pub recalled: u64,
     /// Cache slots in use, summed over layers.
     pub slots_in_use: u64,
     /// Slots the cache can ever hold, summed over layers.
@@ -118,6 +143,8 @@ impl HostLayerCache {
             entropy: false,
             last_entropy: Vec::new(),
             undo: None,
+            keep_evicted: false,
+            evicted: Evicted::default(),
         }
     }
 
@@ -276,6 +303,16 @@ impl HostLayerCache {
     /// [`Self::attend_split`] when a step has fewer rows than cores, [`Self::attend_blocks`] for
     /// prefill chunks), and its last tokens enter the ring ([`Self::store_in_ring`]).
     pub fn attend(&mut self, input: &AttentionInput<'_>) -> Result<Vec<f32>, AttentionError> {
+        self.attend_recalling(input, None)
+    }
+
+    /// [`Self::attend`] with recalled blocks as a third branch (docs/ALGORITHM.md §10): their
+    /// keys, unrotated, are seen at the clamped distance like the sinks, in the same softmax.
+    pub fn attend_recalling(
+        &mut self,
+        input: &AttentionInput<'_>,
+        recalled: Option<&Recalled>,
+    ) -> Result<Vec<f32>, AttentionError> {
         let (n_kv_heads, head_dim) = (self.geometry.n_kv_heads, self.geometry.head_dim);
         check_input(input, n_kv_heads, head_dim)?;
         let n = input.n_tokens;
@@ -286,7 +323,7 @@ impl HostLayerCache {
             self.copy_pinned_from_ring(input.rope);
         }
         self.store_globals(input);
-        let chunk = self.rotate(input);
+        let chunk = self.rotate(input, recalled.filter(|r| !r.is_empty()));
         let n_tasks = n * n_kv_heads;
         let mut out = vec![0f32; n * input.n_heads * head_dim];
         let mut entropies = vec![0f32; if self.entropy { n_tasks } else { 0 }];
@@ -296,13 +333,15 @@ impl HostLayerCache {
             let probe = self.probe && n == 1;
             let probes = self.attend_split(&chunk, parts, probe, &mut out);
             if probe {
-                self.record_attention(&probes, chunk.pos0);
+                let recalled = chunk.recalled;
+                self.record_attention(&probes, chunk.pos0, recalled);
             }
         } else {
             let probe = self.probe && n == 1;
             let probes = self.attend_rows(&chunk, probe, &mut out, &mut entropies);
             if probe {
-                self.record_attention(&probes, chunk.pos0);
+                let recalled = chunk.recalled;
+                self.record_attention(&probes, chunk.pos0, recalled);
             }
         }
         if self.entropy {
@@ -339,7 +378,11 @@ impl HostLayerCache {
 
     /// Step 2: the chunk's keys and queries rotated at their true positions; the queries also
     /// at `D` when some sink may already be outside the window of some row.
-    fn rotate<'a>(&self, input: &'a AttentionInput<'a>) -> RotatedChunk<'a> {
+    fn rotate<'a>(
+        &self,
+        input: &'a AttentionInput<'a>,
+        recalled: Option<&'a Recalled>,
+    ) -> RotatedChunk<'a> {
         let LayerGeometry {
             n_kv_heads,
             head_dim,
@@ -357,7 +400,7 @@ impl HostLayerCache {
             .rope
             .rotate_rows(&mut q_local, input.n_heads, head_dim, |t| pos0 + t as u64);
         let last = pos0 + n as u64 - 1;
-        let needs_global = self.global_len() > 0 && last >= window as u64;
+        let needs_global = (self.global_len() > 0 && last >= window as u64) || recalled.is_some();
         let q_global = needs_global.then(|| {
             let mut q = input.q.to_vec();
             input
@@ -371,6 +414,7 @@ impl HostLayerCache {
             keys,
             q_local,
             q_global,
+            recalled,
             group: input.n_heads / n_kv_heads,
         }
     }
@@ -517,6 +561,16 @@ impl HostLayerCache {
                 .map_or(&[][..], |q| &q[q_off..q_off + width]),
             visible: |j: usize| self.global_pos[j] + window <= i,
         };
+        let recalled = c.recalled.filter(|_| first);
+        let recall = Segment {
+            rows: view(
+                recalled.map_or(&[][..], |r| &r.keys),
+                recalled.map_or(&[][..], |r| &r.values),
+                recalled.map_or(0, Recalled::len),
+            ),
+            queries: sinks.queries,
+            visible: |j: usize| recalled.is_some_and(|r| r.positions[j] + window <= i),
+        };
         let queries = &c.q_local[q_off..q_off + width];
         let ring_start = ring.start;
         let ring = Segment {
@@ -537,7 +591,7 @@ impl HostLayerCache {
             visible: |u: usize| u <= t && ((t - u) as u64) < window,
         };
         attend_group(
-            [&sinks, &ring, &chunk],
+            [&sinks, &recall, &ring, &chunk],
             c.group,
             head_dim,
             c.input.scale,
@@ -561,6 +615,7 @@ impl HostLayerCache {
         let width = c.width(&self.geometry);
         let input = c.input;
         let chunk_positions: Vec<u64> = (c.pos0..c.pos0 + n as u64).collect();
+        let recall_rows = c.recalled;
         let blocks = n.div_ceil(BLOCK_TOKENS);
         let outs = DisjointRows::new(out, width);
         let entropy_slots = DisjointRows::new(entropies, 1);
@@ -590,13 +645,23 @@ impl HostLayerCache {
                 queries,
                 visible,
             };
-            let mut segments = Vec::with_capacity(3);
+            let mut segments = Vec::with_capacity(4);
             if c.q_global.is_some() {
                 segments.push(segment(
                     &self.global_k,
                     &self.global_v,
                     &self.global_pos,
                     0..self.global_len(),
+                    &scratch.q_glob,
+                    Visible::OutsideWindow(window),
+                ));
+            }
+            if let Some(r) = recall_rows {
+                segments.push(segment(
+                    &r.keys,
+                    &r.values,
+                    &r.positions,
+                    0..r.len(),
                     &scratch.q_glob,
                     Visible::OutsideWindow(window),
                 ));
@@ -650,6 +715,9 @@ impl HostLayerCache {
     /// Step 4: the chunk's last `window` tokens enter the ring, evicting what left the window.
     fn store_in_ring(&mut self, c: &RotatedChunk<'_>) {
         let (window, row, n) = (self.geometry.window, self.row(), c.input.n_tokens);
+        if self.keep_evicted {
+            self.collect_evicted(c);
+        }
         for t in n.saturating_sub(window)..n {
             let pos = c.pos0 + t as u64;
             let slot = (pos % window as u64) as usize;
@@ -665,6 +733,52 @@ impl HostLayerCache {
         }
     }
 
+    /// The tokens this pass pushes out of the window, past the sinks, in position order: the
+    /// ring's oldest (their keys unrotated, R(j)⁻¹ in f64) and the chunk's own first tokens
+    /// when the chunk is longer than the window (their keys as given).
+    fn collect_evicted(&mut self, c: &RotatedChunk<'_>) {
+        let (window, row, n) = (self.geometry.window as u64, self.row(), c.input.n_tokens);
+        // The ring keeps the last `window` tokens: what is older leaves it in this pass. What
+        // was older than the window before the pass left before (or was skipped: a re-read
+        // conversation's gap leaves stale slots that are not the window's).
+        let start = (c.pos0 + n as u64).saturating_sub(window);
+        let before = c
+            .pos0
+            .saturating_sub(window)
+            .max(self.geometry.n_global as u64);
+        let mut old: Vec<(u64, usize)> = self
+            .ring_pos
+            .iter()
+            .enumerate()
+            .filter(|&(_, &p)| p != u64::MAX && p >= before && p < start)
+            .map(|(slot, &p)| (p, slot))
+            .collect();
+        old.sort_unstable();
+        let e = &mut self.evicted;
+        for (pos, slot) in old {
+            let mut k = self.ring_k[slot * row..(slot + 1) * row].to_vec();
+            c.input.rope.unrotate_rows(
+                &mut k,
+                self.geometry.n_kv_heads,
+                self.geometry.head_dim,
+                |_| pos,
+            );
+            e.positions.push(pos);
+            e.keys.extend_from_slice(&k);
+            e.values
+                .extend_from_slice(&self.ring_v[slot * row..(slot + 1) * row]);
+        }
+        for t in 0..n {
+            let pos = c.pos0 + t as u64;
+            if pos >= before && pos < start {
+                e.positions.push(pos);
+                e.keys.extend_from_slice(&c.input.k[t * row..(t + 1) * row]);
+                e.values
+                    .extend_from_slice(&c.input.v[t * row..(t + 1) * row]);
+            }
+        }
+    }
+
     /// Into how many parts each row's keys are split when there are fewer rows (`n_tasks`) than
     /// cores, or `None` to keep rows whole: when the cores would have work enough, the ring is
     /// short, or the entropy (which reads whole rows) is measured.
@@ -676,9 +790,15 @@ impl HostLayerCache {
 
     /// Averages the KV groups' key probabilities of a single-token pass and names each key by
     /// its position (keys are in segment order: global store, ring, the token itself).
-    fn record_attention(&mut self, probes: &[Option<Vec<f32>>], pos0: u64) {
+    fn record_attention(
+        &mut self,
+        probes: &[Option<Vec<f32>>],
+        pos0: u64,
+        recalled: Option<&Recalled>,
+    ) {
         let n_groups = probes.len() as f32;
-        let mut mean = vec![0f32; self.global_len() + self.ring_len() + 1];
+        let recalled = recalled.map_or(&[][..], |r| &r.positions[..]);
+        let mut mean = vec![0f32; self.global_len() + recalled.len() + self.ring_len() + 1];
         for p in probes.iter().flatten() {
             for (m, x) in mean.iter_mut().zip(p) {
                 *m += x / n_groups;
@@ -687,6 +807,7 @@ impl HostLayerCache {
         let positions = self
             .global_pos
             .iter()
+            .chain(recalled)
             .chain(&self.ring_pos)
             .chain(std::iter::once(&pos0));
         self.last_attention = positions
@@ -743,6 +864,8 @@ struct RotatedChunk<'a> {
     /// Queries rotated to `D` (scored against the sinks outside the window), when a row needs
     /// them.
     q_global: Option<Vec<f32>>,
+    /// Blocks recalled for this pass (none when empty), all outside every row's window.
+    recalled: Option<&'a Recalled>,
     /// Query heads per KV head.
     group: usize,
 }
@@ -854,6 +977,7 @@ impl CacheStats {
             attended_window: window,
             pinned,
             evicted: seen - global - window,
+            recalled: 0,
             slots_in_use: o.slots_in_use,
             slot_capacity: o.slot_capacity,
             bytes: o.bytes,
@@ -873,6 +997,25 @@ pub struct HostCache {
     pub(super) globals_changes: u64,
     /// Where [`Self::rewind`] goes back to.
     pub(super) mark_position: Option<u64>,
+    /// Recall of evicted tokens (docs/ALGORITHM.md §10), when on.
+    pub(super) recall: RecallSlot,
+}
+
+/// A cache's recall. A copy of the cache does not copy the store on disk: it goes on without
+/// recall (copies serve tests and snapshots, which recall's file outlives).
+#[derive(Default)]
+pub(super) struct RecallSlot(pub(super) Option<Box<Recall>>);
+
+impl Clone for RecallSlot {
+    fn clone(&self) -> Self {
+        Self(None)
+    }
+}
+
+impl std::fmt::Debug for RecallSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl HostCache {
@@ -884,7 +1027,31 @@ impl HostCache {
             pinned: Vec::new(),
             globals_changes: 0,
             mark_position: None,
+            recall: RecallSlot::default(),
         }
+    }
+
+    /// Turns recall on: from now on, tokens leaving the window of a recalling layer go to
+    /// `recall`'s store, and those layers attend to the blocks it chooses.
+    pub fn set_recall(&mut self, recall: Recall) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.keep_evicted = recall.recalls(i);
+        }
+        self.recall = RecallSlot(Some(Box::new(recall)));
+    }
+
+    pub fn recall(&self) -> Option<&Recall> {
+        self.recall.0.as_deref()
+    }
+
+    /// What recall holds and did (zeros when off).
+    pub fn recall_stats(&self) -> RecallStats {
+        let reference = self.layers.iter().position(|l| l.geometry.pinnable);
+        self.recall
+            .0
+            .as_ref()
+            .map(|r| r.stats(reference.unwrap_or(0)))
+            .unwrap_or_default()
     }
 
     pub fn params(&self) -> LambdaParams {
@@ -930,6 +1097,10 @@ impl HostCache {
         for layer in &mut self.layers {
             layer.set_pinned(&self.pinned);
         }
+        if let Some(recall) = self.recall.0.as_mut() {
+            // The global stores changed: the next pass chooses blocks without their tokens.
+            recall.choose_again();
+        }
         self.advance_globals_version_past(before);
     }
 
@@ -964,7 +1135,8 @@ impl HostCache {
 
     /// Counts for the status bar: attended/evicted as seen by the next query of a full layer.
     pub fn stats(&self) -> CacheStats {
-        CacheStats::measure(Occupancy {
+        let recalled = self.recall_stats().recalled_tokens;
+        let stats = CacheStats::measure(Occupancy {
             seen: self.next_position,
             reference: self
                 .reference_layer()
@@ -976,7 +1148,8 @@ impl HostCache {
                 .map(|l| (l.geometry.n_global + l.geometry.window) as u64)
                 .sum(),
             bytes: self.layers.iter().map(|l| l.bytes() as u64).sum(),
-        })
+        });
+        CacheStats { recalled, ..stats }
     }
 }
 
@@ -988,10 +1161,24 @@ impl AttentionCache for HostCache {
     ) -> Result<Vec<f32>, AttentionError> {
         super::check_position(self.next_position, input.n_tokens)?;
         let n_layers = self.layers.len();
-        self.layers
+        let cache = self
+            .layers
             .get_mut(layer)
-            .ok_or(AttentionError::NoSuchLayer(layer, n_layers))?
-            .attend(input)
+            .ok_or(AttentionError::NoSuchLayer(layer, n_layers))?;
+        let Some(recall) = self.recall.0.as_mut() else {
+            let out = cache.attend(input);
+            // A copy of a recalling cache has no store: what its layers keep goes.
+            cache.evicted.clear();
+            return out;
+        };
+        if input.n_tokens > 0 && recall.due(self.next_position, input.n_tokens) {
+            recall.refresh(layer, input, self.next_position, &cache.global_pos);
+        }
+        let out = cache.attend_recalling(input, recall.recalled(layer))?;
+        let e = &cache.evicted;
+        recall.evicted(layer, &e.positions, &e.keys, &e.values);
+        cache.evicted.clear();
+        Ok(out)
     }
 
     fn next_position(&self) -> u64 {
@@ -999,9 +1186,13 @@ impl AttentionCache for HostCache {
     }
 
     fn advance(&mut self, n: usize) {
+        if let Some(recall) = self.recall.0.as_mut() {
+            recall.flush();
+        }
         self.next_position += n as u64;
     }
 }
+
 
 #[cfg(test)]
 mod tests {

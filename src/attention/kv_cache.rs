@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use candle_core::{Device, Tensor};
 
+use super::recall::{Recall, RecallStats};
 use super::{
     AttentionCache, AttentionError, AttentionInput, CacheStats, HostCache, LambdaParams,
     LayerGeometry, RewindPoint, SlotState, SnapshotError, TensorCache, TensorInput,
@@ -79,6 +80,34 @@ impl KvCache {
         match self {
             Self::Host(c) => c.stats(),
             Self::Tensor(c) => c.stats(),
+        }
+    }
+
+    /// Turns recall on (docs/ALGORITHM.md §10). Only the host cache recalls: the tensor
+    /// cache refuses, so a GPU run says so instead of silently forgetting.
+    pub fn set_recall(&mut self, recall: Recall) -> Result<(), AttentionError> {
+        match self {
+            Self::Host(c) => {
+                c.set_recall(recall);
+                Ok(())
+            }
+            Self::Tensor(_) => Err(AttentionError::RecallOnDevice),
+        }
+    }
+
+    /// What recall holds and did (zeros when it is off).
+    pub fn recall_stats(&self) -> RecallStats {
+        match self {
+            Self::Host(c) => c.recall_stats(),
+            Self::Tensor(_) => RecallStats::default(),
+        }
+    }
+
+    /// The first I/O failure of the recall store, if any (recall then stopped growing).
+    pub fn recall_failure(&self) -> Option<String> {
+        match self {
+            Self::Host(c) => c.recall().and_then(|r| r.failure()).map(str::to_string),
+            Self::Tensor(_) => None,
         }
     }
 

@@ -14,13 +14,17 @@ mod kernel;
 mod kv_cache;
 mod oracle;
 mod persist;
+pub mod recall;
 mod rope;
 mod snapshot;
 mod tensor;
 
 pub use host::{CacheStats, HostCache, HostLayerCache};
 pub use kv_cache::KvCache;
-pub use oracle::{OracleCache, reference_lambda_attention, reference_lambda_attention_pinned};
+pub use oracle::{
+    OracleCache, reference_lambda_attention, reference_lambda_attention_pinned,
+    reference_lambda_attention_recalled,
+};
 pub use persist::{RewindPoint, SlotState};
 pub use rope::{Rope, RopeStyle};
 pub use snapshot::SnapshotError;
@@ -177,6 +181,8 @@ pub enum AttentionError {
     Tensor(String),
     #[error("the conversation reached the last position a cache can hold ({MAX_POSITION})")]
     PositionLimit,
+    #[error("recall runs on the CPU cache only: use --recall off on a GPU")]
+    RecallOnDevice,
 }
 
 /// The furthest position a cache holds: 2^48 tokens, nine centuries of a chat at 10,000 tokens

@@ -42,12 +42,13 @@ fn reference_rows(
     n_kv: usize,
     head_dim: usize,
     geometry: (usize, usize, u64),
-    pinned: &[Range<u64>],
+    far: &dyn Fn(usize, usize) -> bool,
     rope: &Rope,
     scale: f32,
 ) -> Vec<f64> {
     let (g, l, d) = geometry;
-    let is_global = |j: usize| j < g || pinned.iter().any(|r| r.contains(&(j as u64)));
+    // Keys seen at the clamped distance once outside the window: sinks, and what `far` adds.
+    let is_global = |i: usize, j: usize| j < g || far(i, j);
     let n_q = q.len() / (n_heads * head_dim);
     let group = n_heads / n_kv;
     let mut out = vec![0f64; q.len()];
@@ -67,7 +68,7 @@ fn reference_rows(
                 let dot = if i - j < l {
                     let kr = &k_rot[j * n_kv + kv];
                     q_local.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>()
-                } else if is_global(j) {
+                } else if is_global(i, j) {
                     let kj = &k[(j * n_kv + kv) * head_dim..][..head_dim];
                     q_global
                         .iter()
@@ -152,7 +153,42 @@ pub fn reference_lambda_attention_pinned(
         n_kv,
         head_dim,
         (params.n_global, params.n_local, params.distance_limit),
-        pinned,
+        &|_, j| pinned.iter().any(|r| r.contains(&(j as u64))),
+        rope,
+        scale,
+    )
+}
+
+/// The oracle with recall (docs/ALGORITHM.md §10): query `i` also sees, at the clamped
+/// distance, the positions `recalled(i)` names (the blocks the cache chose for that row's
+/// pass), with the keys and values `k`/`v` hold for them (a test passes what the store gives
+/// back). `recalled(i)` must lie outside row `i`'s window.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_lambda_attention_recalled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    params: LambdaParams,
+    recalled: &dyn Fn(usize) -> Vec<u64>,
+    rope: &Rope,
+    scale: f32,
+) -> Vec<f64> {
+    let sets: Vec<Vec<u64>> = (0..t).map(recalled).collect();
+    reference_rows(
+        q,
+        0,
+        k,
+        v,
+        t,
+        n_heads,
+        n_kv,
+        head_dim,
+        (params.n_global, params.n_local, params.distance_limit),
+        &|i, j| sets[i].contains(&(j as u64)),
         rope,
         scale,
     )
@@ -203,7 +239,7 @@ impl AttentionCache for OracleCache {
             geometry.n_kv_heads,
             geometry.head_dim,
             (geometry.n_global, geometry.window, geometry.distance_limit),
-            &[],
+            &|_, _| false,
             input.rope,
             input.scale,
         );

@@ -222,6 +222,9 @@ impl HostCache {
     pub fn mark(&mut self) {
         self.mark_position = Some(self.next_position);
         self.layers.iter_mut().for_each(HostLayerCache::mark);
+        if let Some(recall) = self.recall.0.as_mut() {
+            recall.mark();
+        }
     }
 
     /// Puts the cache back where [`Self::mark`] was set (the mark is used up); `false` when
@@ -232,6 +235,9 @@ impl HostCache {
         };
         let before = self.globals_version();
         self.layers.iter_mut().for_each(HostLayerCache::rewind);
+        if let Some(recall) = self.recall.0.as_mut() {
+            recall.rewind();
+        }
         self.next_position = next;
         // The global stores went back: the next save writes them again.
         self.advance_globals_version_past(before);
@@ -242,6 +248,9 @@ impl HostCache {
     pub fn forget_mark(&mut self) {
         self.mark_position = None;
         self.layers.iter_mut().for_each(|l| l.undo = None);
+        if let Some(recall) = self.recall.0.as_mut() {
+            recall.forget_mark();
+        }
     }
 }
 

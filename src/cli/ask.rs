@@ -77,6 +77,7 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
         settings.sampling.clone(),
         args.system.clone().or_else(|| config.system.clone()),
     )?;
+    session.set_recall(settings.recall_setup()?)?;
     let report = Device::Cpu.with_context(|| {
         let mut out = super::terminal_text::ReplyOut::stdout();
         session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |e| {

@@ -88,6 +88,8 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
     let every = args.every.unwrap_or((args.tokens / 10).max(1)).max(1);
     let mut session = Session::new(engine.clone(), params, settings.sampling.clone(), None)?;
     session.set_probe(args.probe);
+    session.set_recall(settings.recall_setup()?)?;
+    let recall = session.recall().is_some();
     let prompt = filler_tokens(&engine, args.context.max(1))?;
     if !args.json {
         println!(
@@ -99,10 +101,17 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
             params.n_local,
             prompt.len()
         );
-        println!(
+        print!(
             "{:>10} {:>10} {:>12} {:>10} {:>10}",
             "token", "tok/s", "cache slots", "KV MiB", "RSS MiB"
         );
+        if recall {
+            print!(
+                " {:>9} {:>10} {:>11} {:>10}",
+                "recalled", "store MiB", "recall MiB", "cache hit"
+            );
+        }
+        println!();
     }
     let mut started = Instant::now();
     Device::Cpu.with_context(|| -> Result<()> {
@@ -116,20 +125,33 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
                 let span = (t - 1) % every + 1;
                 let tok_s = span as f64 / mark.elapsed().as_secs_f64();
                 let s = session.stats();
+                let r = session.recall_stats();
                 let rss = rss_bytes();
                 if args.json {
                     println!(
                         "{}",
                         serde_json::json!({"token": t, "tok_s": tok_s, "cache_slots": s.slots_in_use,
-                            "kv_bytes": s.bytes, "rss_bytes": rss, "tokens_seen": s.tokens_seen})
+                            "kv_bytes": s.bytes, "rss_bytes": rss, "tokens_seen": s.tokens_seen,
+                            "recall": recall.then_some(r)})
                     );
                 } else {
-                    println!(
+                    print!(
                         "{t:>10} {tok_s:>10.2} {:>12} {:>10.1} {:>10.1}",
                         s.slots_in_use,
                         mib(s.bytes),
                         mib(rss)
                     );
+                    if recall {
+                        let reads = (r.cache_hits + r.cache_misses).max(1);
+                        print!(
+                            " {:>9} {:>10.1} {:>11.1} {:>9.0}%",
+                            r.recalled_tokens,
+                            mib(r.file_bytes),
+                            mib(r.ram_bytes),
+                            100.0 * r.cache_hits as f64 / reads as f64
+                        );
+                    }
+                    println!();
                 }
                 mark = Instant::now();
             }

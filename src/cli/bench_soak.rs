@@ -247,8 +247,10 @@ pub fn run(args: SoakArgs, config: &Config) -> Result<i32> {
     let db = dir.join("sessions.db");
     let (tx, rx) = unbounded_channel();
     let sampling = settings.sampling.clone();
+    let recall = settings.recall_setup()?;
     let worker = worker::spawn(
         WorkerOptions {
+            recall,
             load: Box::new(move |progress| settings.load_reporting(progress)),
             sampling,
             max_tokens: args.reply_tokens.max(1),

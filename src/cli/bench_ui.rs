@@ -128,6 +128,7 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
             params: settings.lambda,
             sampling: settings.sampling.clone(),
             max_tokens: args.generate.max(1),
+            recall: settings.recall,
         },
     }));
     app.update(Msg::Worker(Event::Opened {
@@ -196,8 +197,10 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
 fn key_latency(args: &UiArgs, settings: super::RunSettings, cols: u16, rows: u16) -> Result<()> {
     let (tx, mut rx) = unbounded_channel();
     let sampling = settings.sampling.clone();
+    let recall = settings.recall_setup()?;
     let handle = worker::spawn(
         WorkerOptions {
+            recall,
             load: Box::new(move |progress| settings.load_reporting(progress)),
             sampling,
             max_tokens: args.generate,

@@ -78,7 +78,9 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
         crate::durable::restrict_dir(&d);
         d.join("sessions.db")
     });
+    let recall = settings.recall_setup()?;
     let options = WorkerOptions {
+        recall,
         load: Box::new(move |progress| settings.load_reporting(progress)),
         sampling: args.run.settings(config)?.sampling,
         max_tokens,
@@ -96,6 +98,14 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
     });
     crate::tui::run(app, start)?;
     Ok(0)
+}
+
+/// ` + N recalled` when recall is on (0 said plainly: nothing scored, nothing remembered).
+fn recalled_note(session: &Session) -> String {
+    match session.recall() {
+        Some(_) => format!(" + {} recalled", session.stats().recalled),
+        None => String::new(),
+    }
 }
 
 /// The line-based chat: one conversation on stdin/stdout, the cache's counters after each reply.
@@ -123,7 +133,8 @@ fn plain(settings: RunSettings, system: Option<String>, max_tokens: usize) -> Re
         params.n_global,
         params.n_local
     );
-    let mut session = Session::new(engine, params, settings.sampling, system)?;
+    let mut session = Session::new(engine, params, settings.sampling.clone(), system)?;
+    session.set_recall(settings.recall_setup()?)?;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -148,10 +159,11 @@ fn plain(settings: RunSettings, system: Option<String>, max_tokens: usize) -> Re
         let s = session.stats();
         println!();
         eprintln!(
-            "[{} tokens · attending {} sinks + {} window · {} evicted · KV {:.1} MiB · {:.1} tok/s]",
+            "[{} tokens · attending {} sinks + {} window{} · {} evicted · KV {:.1} MiB · {:.1} tok/s]",
             s.tokens_seen,
             s.attended_global,
             s.attended_window,
+            recalled_note(&session),
             s.evicted,
             s.bytes as f64 / (1 << 20) as f64,
             report.decode_tok_s()

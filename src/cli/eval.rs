@@ -8,14 +8,14 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::{Args, Subcommand};
 
-use super::{LambdaArgs, ModelArgs, RunArgs};
+use super::{LambdaArgs, ModelArgs, RecallTuning, RunArgs};
 use crate::config::Config;
 use crate::eval::cost::CostArgs;
 use crate::eval::entropy::EntropyArgs;
 use crate::eval::output::OutDir;
 use crate::eval::passkey::PasskeyArgs;
 use crate::eval::ppl::PplArgs;
-use crate::eval::{self, Evaluation, RunContext};
+use crate::eval::{self, Evaluation, RecallSetup, RunContext};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -45,6 +45,8 @@ pub struct CommonArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub lambda: LambdaArgs,
+    #[command(flatten)]
+    pub recall: RecallTuning,
     /// Directory for the CSV files and plots (created if needed)
     #[arg(long, default_value = "lambdachat-eval")]
     pub out: PathBuf,
@@ -78,7 +80,12 @@ fn run_one<E: Evaluation + Args>(args: EvalArgs<E>, config: &Config) -> Result<i
     let run = RunArgs {
         model: common.model.clone(),
         lambda: common.lambda.clone(),
+        recall: Default::default(),
         sampling: Default::default(),
+    };
+    let recall = RecallSetup {
+        params: common.recall.params(config)?,
+        dir: super::recall_dir()?,
     };
     let (engine, lambda) = run.settings(config)?.load()?;
     let vanilla_budget = match common.vanilla_memory {
@@ -89,6 +96,7 @@ fn run_one<E: Evaluation + Args>(args: EvalArgs<E>, config: &Config) -> Result<i
         engine: &engine,
         lambda,
         vanilla_budget,
+        recall,
         out: &out,
         quiet: common.quiet,
     };

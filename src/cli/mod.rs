@@ -18,7 +18,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::attention::{DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
+use crate::attention::recall::RecallParams;
+use crate::attention::{AttentionError, DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
 use crate::config::Config;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::engine::Engine;
@@ -147,6 +148,58 @@ pub struct LambdaArgs {
     pub distance_limit: Option<u64>,
 }
 
+/// Recall of evicted context, docs/ALGORITHM.md §10 (flags beat the config file, which beats
+/// the defaults).
+#[derive(Args, Clone, Debug, Default)]
+pub struct RecallArgs {
+    /// Recall evicted context: tokens leaving the window go to a file in blocks, and layers
+    /// attend again to the blocks that best match their query [default: off]
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub recall: Option<bool>,
+    #[command(flatten)]
+    pub tuning: RecallTuning,
+}
+
+/// How recall recalls (what `eval`'s `recall` mode takes too).
+#[derive(Args, Clone, Debug, Default)]
+pub struct RecallTuning {
+    /// Blocks of 64 tokens each layer recalls [default: 8]
+    #[arg(long, value_name = "K")]
+    pub recall_blocks: Option<usize>,
+    /// The first layer that recalls [default: 4]
+    #[arg(long, value_name = "N")]
+    pub recall_from_layer: Option<usize>,
+    /// Generated tokens between two choices of blocks (each prompt chunk chooses too)
+    /// [default: 16]
+    #[arg(long, value_name = "T")]
+    pub recall_every: Option<usize>,
+    /// MiB of recently read blocks kept in RAM [default: 32]
+    #[arg(long, value_name = "M")]
+    pub recall_cache_mib: Option<usize>,
+}
+
+impl RecallTuning {
+    /// The flags over the config file over the defaults, checked.
+    pub fn params(&self, config: &Config) -> Result<RecallParams> {
+        let c = &config.recall;
+        Ok(RecallParams::new(
+            self.recall_blocks.or(c.blocks),
+            self.recall_from_layer.or(c.from_layer),
+            self.recall_every.or(c.every),
+            self.recall_cache_mib.or(c.cache_mib),
+        )?)
+    }
+}
+
+/// `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("expected on or off, not `{text}`")),
+    }
+}
+
 /// Sampling flags (flags beat the config file, which beats the defaults).
 #[derive(Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
@@ -178,6 +231,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub lambda: LambdaArgs,
     #[command(flatten)]
+    pub recall: RecallArgs,
+    #[command(flatten)]
     pub sampling: SamplingArgs,
 }
 
@@ -188,6 +243,8 @@ pub struct RunSettings {
     pub model: Option<PathBuf>,
     pub load_options: LoadOptions,
     pub lambda: LambdaParams,
+    /// Recall's parameters when it is on.
+    pub recall: Option<RecallParams>,
     pub sampling: SamplingParams,
 }
 
@@ -201,6 +258,13 @@ impl RunArgs {
             f.n_local.or(c.n_local).unwrap_or(DEFAULT_N_LOCAL),
             f.distance_limit.or(c.distance_limit),
         )?;
+        let recall_params = self.recall.tuning.params(config)?;
+        let recall = self
+            .recall
+            .recall
+            .or(config.recall.enabled)
+            .unwrap_or(false)
+            .then_some(recall_params);
         let (f, c, d) = (&self.sampling, &config.sampling, SamplingParams::default());
         let sampling = SamplingParams {
             temperature: f.temperature.or(c.temperature).unwrap_or(d.temperature),
@@ -219,6 +283,7 @@ impl RunArgs {
             model: self.model.model.clone().or_else(|| config.model.clone()),
             load_options: self.model.load_options()?,
             lambda,
+            recall,
             sampling,
         })
     }
@@ -236,8 +301,26 @@ impl RunSettings {
         let path = resolve_model(self.model.as_deref(), progress)?;
         let engine = Engine::load_with(&path, self.load_options.clone())?;
         let params = cap_to_training_length(self.lambda, engine.model.info().context_length)?;
+        if let Some(recall) = self.recall {
+            recall.check_layers(&engine.model.layer_geometry(params))?;
+            if !engine.device.is_cpu() {
+                anyhow::bail!(AttentionError::RecallOnDevice);
+            }
+        }
         Ok((Arc::new(engine), params))
     }
+
+    /// Recall's settings for a session: its parameters and the folder of its stores (in the
+    /// data dir), when it is on.
+    pub fn recall_setup(&self) -> Result<Option<(RecallParams, PathBuf)>> {
+        self.recall.map(|p| Ok((p, recall_dir()?))).transpose()
+    }
+}
+
+/// Where recall keeps its stores: `recall/` in the data dir (on disk, never a RAM-backed
+/// temporary folder: the store is what keeps RAM flat).
+pub fn recall_dir() -> Result<PathBuf> {
+    Ok(fetch::data_dir()?.join("recall"))
 }
 
 /// `n_local` beyond the training length would show the model distances it never saw.

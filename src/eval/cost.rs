@@ -16,9 +16,9 @@ use crate::model::Logits;
 use super::meter::Meter;
 use super::output::{Csv, LineChart, Series, Table};
 use super::{
-    EvalError, Evaluation, Mode, Report, RunContext, argmax, describe, document_tokens, feed,
-    kv_bytes_at, last_row, new_cache, parse_length, passkey, read_text, rss_bytes, run_limit,
-    short_count, sorted_lengths,
+    EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, argmax, describe,
+    document_tokens, feed, kv_bytes_at, last_row, new_cache, parse_length, passkey, read_text,
+    rss_bytes, run_limit, short_count, sorted_lengths,
 };
 
 /// `eval cost`'s arguments.
@@ -71,6 +71,7 @@ impl Evaluation for CostArgs {
         }
         let plan = Plan {
             lambda: run.lambda,
+            recall: &run.recall,
             lengths: &lengths,
             decode_tokens: self.decode_tokens.max(1),
             chunk: self.chunk.max(1),
@@ -189,6 +190,8 @@ impl Evaluation for CostArgs {
 /// How the passes run.
 pub struct Plan<'a> {
     pub lambda: LambdaParams,
+    /// How the `recall` mode recalls.
+    pub recall: &'a RecallSetup,
     /// Context lengths to measure at (sorted).
     pub lengths: &'a [usize],
     /// Decode steps timed at each length.
@@ -224,7 +227,7 @@ pub fn evaluate(
     let (limit, stopped) = run_limit(engine, mode, longest, plan.vanilla_budget);
     lengths.retain(|&l| l + steps <= limit);
     let params = mode.params(plan.lambda, longest)?;
-    let mut cache = new_cache(engine, params);
+    let mut cache = new_cache(engine, mode, params, plan.recall)?;
     meter.relabel(format!("cost {}", mode.name()));
     let mut points = Vec::new();
     let mut fed = 0usize;

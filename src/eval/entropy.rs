@@ -177,7 +177,7 @@ pub fn evaluate(
     let (limit, stopped) = run_limit(engine, mode, tokens.len(), plan.vanilla_budget);
     let tokens = &tokens[..limit];
     let params = mode.params(plan.lambda, tokens.len())?;
-    let mut cache = new_cache(engine, params);
+    let mut cache = new_cache(engine, mode, params, plan.recall)?;
     match &mut cache {
         KvCache::Host(c) => c.set_entropy(true),
         KvCache::Tensor(_) => {

@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use crate::attention::{KvCache, LambdaParams};
+use crate::attention::recall::{Recall, RecallParams, RecallParamsError};
+use crate::attention::{AttentionError, KvCache, LambdaParams};
 use crate::engine::Engine;
 use crate::model::{Logits, ModelError};
 
@@ -44,9 +45,9 @@ pub enum EvalError {
     EmptyText(PathBuf),
     #[error("the text is {0} token(s) long: at least 2 are needed to predict one")]
     TooShort(usize),
-    #[error("unknown mode '{0}' (modes: vanilla, lambda, window)")]
+    #[error("unknown mode '{0}' (modes: vanilla, lambda, window, recall)")]
     UnknownMode(String),
-    #[error("no modes given (modes: vanilla, lambda, window)")]
+    #[error("no modes given (modes: vanilla, lambda, window, recall)")]
     NoModes,
     #[error("bad length '{0}': expected a positive number of tokens such as 512, 4k or 1m")]
     BadLength(String),
@@ -66,6 +67,12 @@ pub enum EvalError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Params(#[from] crate::attention::ParamsError),
+    #[error("{0}")]
+    RecallParams(#[from] RecallParamsError),
+    #[error("{0}")]
+    Attention(#[from] AttentionError),
+    #[error("the recall store failed: {0}")]
+    RecallStore(String),
 }
 
 /// One evaluation as `lambdachat eval` runs it.
@@ -88,6 +95,8 @@ pub struct RunContext<'a> {
     pub lambda: LambdaParams,
     /// Bytes vanilla's KV cache may take.
     pub vanilla_budget: u64,
+    /// How the `recall` mode recalls.
+    pub recall: RecallSetup,
     /// Where the report goes; an evaluation may write partial results there as it goes.
     pub out: &'a OutDir,
     /// No progress on stderr.
@@ -132,6 +141,8 @@ pub enum Mode {
     Lambda,
     /// The same window without sinks (G = 0): what the sinks are worth.
     Window,
+    /// Λ with recall of evicted blocks (docs/ALGORITHM.md §10).
+    Recall,
 }
 
 impl Mode {
@@ -140,6 +151,7 @@ impl Mode {
             Mode::Vanilla => "vanilla",
             Mode::Lambda => "lambda",
             Mode::Window => "window",
+            Mode::Recall => "recall",
         }
     }
 
@@ -149,6 +161,7 @@ impl Mode {
             "vanilla" => Ok(Mode::Vanilla),
             "lambda" | "λ" => Ok(Mode::Lambda),
             "window" => Ok(Mode::Window),
+            "recall" => Ok(Mode::Recall),
             _ => Err(EvalError::UnknownMode(name.trim().to_string())),
         }
     }
@@ -171,7 +184,7 @@ impl Mode {
     pub fn params(self, lambda: LambdaParams, total: usize) -> Result<LambdaParams, EvalError> {
         Ok(match self {
             Mode::Vanilla => LambdaParams::new(0, total.max(1), None)?,
-            Mode::Lambda => lambda,
+            Mode::Lambda | Mode::Recall => lambda,
             Mode::Window => LambdaParams::new(0, lambda.n_local, None)?,
         })
     }
@@ -187,6 +200,8 @@ pub struct TextPlan<'a> {
     pub chunk: usize,
     /// Bytes vanilla's KV cache may take.
     pub vanilla_budget: u64,
+    /// How the `recall` mode recalls.
+    pub recall: &'a RecallSetup,
 }
 
 /// Parses one length of a `--lengths 512,1k,4k,1m` list (k = 1024, m = 1024²: `32k` is the
@@ -297,12 +312,13 @@ impl TextTokens {
 
 impl<'a> TextPlan<'a> {
     /// A pass over tokens bucketed by `ends` under `run`, in forwards of `chunk` tokens.
-    pub fn new(run: &RunContext<'_>, ends: &'a [usize], chunk: usize) -> Self {
+    pub fn new(run: &'a RunContext<'_>, ends: &'a [usize], chunk: usize) -> Self {
         Self {
             lambda: run.lambda,
             ends,
             chunk: chunk.max(1),
             vanilla_budget: run.vanilla_budget,
+            recall: &run.recall,
         }
     }
 }
@@ -344,9 +360,37 @@ pub fn fit_lengths(lengths: &[usize], available: usize) -> (Vec<usize>, bool) {
     (fit, cut)
 }
 
-/// A fresh cache of `params` for the engine's model and device.
-pub fn new_cache(engine: &Engine, params: LambdaParams) -> KvCache {
-    KvCache::new(params, engine.model.layer_geometry(params), &engine.device)
+/// How the `recall` mode recalls: its parameters and the folder of its stores.
+#[derive(Debug, Clone)]
+pub struct RecallSetup {
+    pub params: RecallParams,
+    pub dir: PathBuf,
+}
+
+/// A fresh cache of `params` for the engine's model and device; in the `recall` mode with a
+/// new recall store (removed when the cache goes).
+pub fn new_cache(
+    engine: &Engine,
+    mode: Mode,
+    params: LambdaParams,
+    recall: &RecallSetup,
+) -> Result<KvCache, EvalError> {
+    let layers = engine.model.layer_geometry(params);
+    let mut cache = KvCache::new(params, layers.clone(), &engine.device);
+    if mode == Mode::Recall {
+        recall.params.check_layers(&layers)?;
+        cache.set_recall(Recall::temporary_in(recall.params, &layers, &recall.dir))?;
+    }
+    Ok(cache)
+}
+
+/// The failure of a recall store during a pass, if any: the pass's figures would not be
+/// recall's, so the evaluation stops.
+pub fn check_recall(cache: &KvCache) -> Result<(), EvalError> {
+    match cache.recall_failure() {
+        Some(e) => Err(EvalError::RecallStore(e)),
+        None => Ok(()),
+    }
 }
 
 /// Runs `tokens` through the model, in chunks of at most `chunk`, calling `each` with every
@@ -362,6 +406,7 @@ pub fn feed(
     let mut start = 0;
     for piece in tokens.chunks(chunk.max(1)) {
         let logits = engine.model.forward(piece, cache, rows)?;
+        check_recall(cache)?;
         each(start, piece, logits, cache)?;
         start += piece.len();
     }

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
-use crate::attention::LambdaParams;
+use crate::attention::{KvCache, LambdaParams};
 use crate::engine::Engine;
 use crate::model::Logits;
 use crate::tokenizer::Tokenizer;
@@ -16,8 +16,8 @@ use crate::tokenizer::Tokenizer;
 use super::meter::Meter;
 use super::output::{Csv, LineChart, Series, Table};
 use super::{
-    EvalError, Evaluation, Mode, Report, RunContext, argmax, describe, feed, last_row, new_cache,
-    parse_depth, parse_length, short_count, sorted_lengths,
+    EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, argmax, describe, feed, last_row,
+    new_cache, parse_depth, parse_length, short_count, sorted_lengths,
 };
 
 /// `eval passkey`'s arguments.
@@ -61,6 +61,7 @@ impl Evaluation for PasskeyArgs {
     ) -> Result<Report, EvalError> {
         let plan = Plan {
             lambda: run.lambda,
+            recall: &run.recall,
             lengths: &lengths,
             depths: &self.depths,
             trials: self.trials,
@@ -281,6 +282,8 @@ pub struct Cell {
 /// The grid of an evaluation.
 pub struct Plan<'a> {
     pub lambda: LambdaParams,
+    /// How the `recall` mode recalls.
+    pub recall: &'a RecallSetup,
     /// Prompt lengths in tokens.
     pub lengths: &'a [usize],
     /// Where the key goes, 0 (start) to 1 (end).
@@ -299,6 +302,7 @@ pub fn evaluate(
 ) -> Result<Vec<Cell>, EvalError> {
     let Plan {
         lambda,
+        recall,
         lengths,
         depths,
         trials,
@@ -315,7 +319,8 @@ pub fn evaluate(
                 let key = rng.random_range(10_000..100_000u32);
                 let prompt = make_prompt(&engine.tokenizer, length, depth, key)?;
                 let params = mode.params(lambda, prompt.tokens.len() + ANSWER_TOKENS)?;
-                let answer = answer(engine, params, &prompt.tokens)?;
+                let cache = new_cache(engine, mode, params, recall)?;
+                let answer = answer(engine, cache, &prompt.tokens)?;
                 if first_number(&answer) == Some(key) {
                     correct += 1;
                 } else if miss.is_none() {
@@ -343,8 +348,7 @@ pub fn evaluate(
 
 /// The greedy continuation of `prompt` (up to [`ANSWER_TOKENS`], stopping at a newline or a stop
 /// token).
-fn answer(engine: &Engine, params: LambdaParams, prompt: &[u32]) -> Result<String, EvalError> {
-    let mut cache = new_cache(engine, params);
+fn answer(engine: &Engine, mut cache: KvCache, prompt: &[u32]) -> Result<String, EvalError> {
     let mut row = Vec::new();
     feed(
         engine,

@@ -206,10 +206,11 @@ pub fn evaluate(
         ends,
         chunk,
         vanilla_budget,
+        recall,
     } = *plan;
     let (total, stopped) = run_limit(engine, mode, tokens.len(), vanilla_budget);
     let params = mode.params(lambda, total)?;
-    let mut cache = new_cache(engine, params);
+    let mut cache = new_cache(engine, mode, params, recall)?;
     let mut buckets = Buckets::new(ends);
     let mut marks: Vec<(u64, u64, f64)> = Vec::new();
     let start = Instant::now();

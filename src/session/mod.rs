@@ -12,6 +12,7 @@ mod render;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ pub use render::TemplateMode;
 use crate::attention::{
     AttentionCache, AttentionError, CacheStats, HostCache, KvCache, LambdaParams, ParamsError,
     RewindPoint, SnapshotError,
+    recall::{Recall, RecallParams, RecallStats},
 };
 use crate::chat::{Message, Role, TemplateError, code_blocks};
 use crate::engine::Engine;
@@ -197,6 +199,9 @@ pub struct Session {
     template: TemplateMode,
     /// Tokens per prefill forward of a turn: smaller chunks answer a cancel sooner.
     prefill_chunk: usize,
+    /// Recall of evicted tokens (docs/ALGORITHM.md §10) and the folder of its stores: every
+    /// cache the session makes gets a fresh store there.
+    recall: Option<(RecallParams, PathBuf)>,
 }
 
 impl Session {
@@ -235,6 +240,7 @@ impl Session {
             kv: KvSaved::none(),
             regen: None,
             prefill_chunk: PREFILL_CHUNK,
+            recall: None,
             engine,
         };
         if let Some(s) = system {
@@ -278,6 +284,7 @@ impl Session {
             kv: KvSaved::none(),
             regen: None,
             prefill_chunk: PREFILL_CHUNK,
+            recall: None,
             head,
             history,
             engine,
@@ -324,6 +331,38 @@ impl Session {
         session.head.n_local = params.n_local;
         session.head.distance_limit = params.distance_limit;
         Ok((session, resumed))
+    }
+
+    /// Turns recall on (with its parameters and the folder of its store) or off. The tokens
+    /// evicted from now on can be recalled; those evicted before are not (the store starts
+    /// empty, and a resumed conversation starts a new one).
+    pub fn set_recall(
+        &mut self,
+        recall: Option<(RecallParams, PathBuf)>,
+    ) -> Result<(), SessionError> {
+        self.recall = recall;
+        self.install_recall()
+    }
+
+    /// What recall holds and did (zeros when it is off).
+    pub fn recall_stats(&self) -> RecallStats {
+        self.cache.recall_stats()
+    }
+
+    /// Recall's parameters, when it is on.
+    pub fn recall(&self) -> Option<RecallParams> {
+        self.recall.as_ref().map(|(p, _)| *p)
+    }
+
+    /// Gives the current cache a fresh recall store, when recall is on.
+    fn install_recall(&mut self) -> Result<(), SessionError> {
+        let Some((params, dir)) = &self.recall else {
+            return Ok(());
+        };
+        let layers = self.engine.model.layer_geometry(self.params());
+        self.cache
+            .set_recall(Recall::temporary_in(*params, &layers, dir))?;
+        Ok(())
     }
 
     /// Sets the tokens per prefill forward of a turn (at least 1).
@@ -652,6 +691,10 @@ impl Session {
         self.head.n_global = params.n_global;
         self.head.n_local = params.n_local;
         self.head.distance_limit = params.distance_limit;
+        // On a CPU, where recall was on: the setting stood, so its install cannot fail.
+        if let Err(e) = self.install_recall() {
+            tracing::warn!("recall is off for this cache: {e}");
+        }
     }
 
     /// Runs tokens through the model in chunks of `chunk` and returns the last token's logits
@@ -1051,6 +1094,7 @@ impl Session {
             cache.pin(p.clone());
         }
         std::mem::swap(&mut self.cache, &mut cache);
+        self.install_recall()?;
         let window = fed.saturating_sub(params.n_local as u64)..fed;
         let mut ranges = Vec::new();
         ranges.push(0..(params.n_global as u64).min(window.start));

@@ -700,6 +700,7 @@ mod tests {
             params: LambdaParams::new(4, 64, None).unwrap(),
             sampling: SamplingParams::default(),
             max_tokens: 100,
+            recall: None,
         }
     }
 

@@ -192,6 +192,7 @@ mod tests {
             params: LambdaParams::new(64, 4096, None).unwrap(),
             sampling: SamplingParams::default(),
             max_tokens: 512,
+            recall: None,
         }
     }
 

@@ -212,6 +212,14 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
         Span::styled("evicted ", dim),
         Span::raw(thousands(s.evicted)),
     ]);
+    // Said even when 0: nothing scored well enough, so nothing is remembered.
+    if app.settings.as_ref().is_some_and(|s| s.recall.is_some()) {
+        spans.extend([
+            sep(),
+            Span::styled("recalled ", dim),
+            Span::raw(thousands(s.recalled)),
+        ]);
+    }
     if s.pinned > 0 {
         spans.extend([
             sep(),

@@ -1,5 +1,7 @@
 //! Writes the seed inputs of the fuzz targets into `seeds/<target>/` (committed): the tiny
-//! model of every architecture for `gguf_open`; the chat templates of the model files given as
+//! model of every architecture for `gguf_open`, its matrices in Q8_0 or Q5_0 (a quarter of the
+//! f32 bytes, so the fuzzer executes about four times as many inputs, and the inputs reach our
+//! own packed kernels); the chat templates of the model files given as
 //! arguments, each followed by a short conversation, for `chat_template`; the example config
 //! for `config`. The structured targets (`gguf_vocab`, `kv_snapshot`, `store_load`) start from
 //! libFuzzer's own inputs.
@@ -8,6 +10,8 @@
 
 use std::path::Path;
 
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor};
 use lambdachat::model::GgufFile;
 use lambdachat_fuzz::tiny;
 
@@ -19,8 +23,15 @@ fn main() {
         d
     };
     let gguf = dir("gguf_open");
-    for arch in tiny::ARCHITECTURES {
-        tiny::write_gguf(&gguf.join(format!("tiny-{arch}")), arch);
+    for (i, arch) in tiny::ARCHITECTURES.iter().enumerate() {
+        let dtype = [GgmlDType::Q8_0, GgmlDType::Q5_0][i % 2];
+        let mut model = tiny::tiny_model(arch);
+        for (_, tensor) in &mut model.tensors {
+            if let Some(smaller) = requantize(tensor, dtype) {
+                *tensor = smaller;
+            }
+        }
+        model.write(&gguf.join(format!("tiny-{arch}")));
     }
     let templates = dir("chat_template");
     // Role bytes: b'0' % 3 = 0 system, b'1' user, b'2' assistant.
@@ -41,4 +52,15 @@ fn main() {
     }
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config.example.toml");
     std::fs::copy(example, dir("config").join("example")).expect("config seed");
+}
+
+/// `tensor` in `dtype` when it is a matrix whose rows fill whole blocks; vectors (norms,
+/// biases) stay f32 (None), as llama.cpp's converter keeps them.
+fn requantize(tensor: &QTensor, dtype: GgmlDType) -> Option<QTensor> {
+    let dims = tensor.shape().dims();
+    if dims.len() != 2 || dims[1] % dtype.block_size() != 0 {
+        return None;
+    }
+    let values = tensor.dequantize(&Device::Cpu).expect("dequantize");
+    Some(QTensor::quantize(&values, dtype).expect("quantize"))
 }
