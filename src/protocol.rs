@@ -204,6 +204,9 @@ pub enum TokenState {
     Window,
     /// Left the Λ: nothing attends to it any more.
     Evicted,
+    /// Left the Λ, attended again by the next token through recall (in the first recalling
+    /// layer; docs/ALGORITHM.md §10).
+    Recalled,
 }
 
 /// The state of one message's characters, for dimming evicted text.
@@ -225,6 +228,8 @@ pub struct Timeline {
     pub n_global: u64,
     pub n_local: u64,
     pub pinned: Vec<Range<u64>>,
+    /// Evicted positions recall brings back for the next token (first recalling layer).
+    pub recalled: Vec<Range<u64>>,
     /// Messages in the conversation.
     pub message_count: usize,
     /// The messages the Λ treats unevenly (tokens among the sinks, in the window or pinned)

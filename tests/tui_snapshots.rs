@@ -4,8 +4,9 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use lambdachat::protocol::{
-    CacheStats, Event, InspectView, LambdaParams, Message, MessageMap, Role, SamplingParams,
-    Settings, ShownMessage, StopReason, Timeline, TokenInfo, TokenState, code_blocks,
+    CacheStats, Event, InspectView, LambdaParams, Message, MessageMap, RecallParams, Role,
+    SamplingParams, Settings, ShownMessage, StopReason, Timeline, TokenInfo, TokenState,
+    code_blocks,
 };
 use lambdachat::tui::app::{App, Msg};
 use lambdachat::tui::keymap::Keymap;
@@ -110,6 +111,7 @@ fn timeline(n_messages: u64, tokens: u64, pinned: Vec<std::ops::Range<u64>>) -> 
         n_global: g,
         n_local: l,
         pinned,
+        recalled: Vec::new(),
         message_count: n_messages as usize,
         messages,
     }
@@ -187,6 +189,53 @@ fn visualizer_with_evicted_tokens() {
     assert!(dim(row_of("Answer number 3.")), "evicted text is dimmed");
     assert!(!dim(row_of("Question number 3?")), "pinned text is not");
     assert!(!dim(row_of("Answer number 5.")), "window text is not");
+}
+
+/// Recall on: the status bar counts the recalled tokens, the visualizer's last row shows their
+/// block, and their text has its own shade, not dimmed.
+#[test]
+fn visualizer_with_recalled_tokens() {
+    let mut app = App::new(Keymap::default(), Theme::default(), (90, 30));
+    app.update(Msg::Worker(Event::Ready {
+        model: "Qwen2.5 Coder 0.5B Instruct".into(),
+        settings: Settings {
+            params: LambdaParams::new(4, 32, None).unwrap(),
+            sampling: SamplingParams::default(),
+            max_tokens: 512,
+            recall: Some(RecallParams::default()),
+        },
+    }));
+    let mut messages = Vec::new();
+    for i in 0..6 {
+        messages.push(Message::new(Role::User, format!("Question number {i}?")));
+        messages.push(Message::new(Role::Assistant, format!("Answer number {i}.")));
+    }
+    conversation(&mut app, messages);
+    let mut t = timeline(12, 120, vec![]);
+    t.recalled = vec![std::ops::Range { start: 60, end: 70 }];
+    t.stats.recalled = 10;
+    t.messages[6].segments = vec![(0..1000, TokenState::Recalled)];
+    event(&mut app, Event::Timeline(t));
+    let terminal = draw(&app);
+    insta::assert_snapshot!(terminal.backend());
+    let buffer = terminal.backend().buffer();
+    let text = |y| {
+        (0..buffer.area.width)
+            .map(|x| buffer[(x, y)].symbol().to_string())
+            .collect::<String>()
+    };
+    let row_of = |needle: &str| {
+        (0..buffer.area.height)
+            .find(|&y| text(y).contains(needle))
+            .unwrap()
+    };
+    let recalled = buffer[(4, row_of("Question number 3?"))].clone();
+    assert!(
+        !recalled.modifier.contains(Modifier::DIM),
+        "recalled text is not dimmed"
+    );
+    assert_eq!(recalled.fg, Theme::default().recalled);
+    assert!(text(buffer.area.height - 1).contains("recalled 10"));
 }
 
 #[test]

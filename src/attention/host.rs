@@ -1044,14 +1044,14 @@ impl HostCache {
         self.recall.0.as_deref()
     }
 
+    /// The blocks the first recalling layer attends to now, when recall is on.
+    pub fn recalled_reference(&self) -> Option<&Recalled> {
+        self.recall()?.first_recalled()
+    }
+
     /// What recall holds and did (zeros when off).
     pub fn recall_stats(&self) -> RecallStats {
-        let reference = self.layers.iter().position(|l| l.geometry.pinnable);
-        self.recall
-            .0
-            .as_ref()
-            .map(|r| r.stats(reference.unwrap_or(0)))
-            .unwrap_or_default()
+        self.recall().map(Recall::stats).unwrap_or_default()
     }
 
     pub fn params(&self) -> LambdaParams {
@@ -1192,7 +1192,6 @@ impl AttentionCache for HostCache {
         self.next_position += n as u64;
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -103,6 +103,27 @@ impl KvCache {
         }
     }
 
+    /// The positions recall brings back for the next token in the first recalling layer, as
+    /// sorted ranges (empty when recall is off or chose nothing).
+    pub fn recalled_ranges(&self) -> Vec<Range<u64>> {
+        let Self::Host(c) = self else {
+            return Vec::new();
+        };
+        let Some(recalled) = c.recalled_reference() else {
+            return Vec::new();
+        };
+        let mut positions = recalled.positions.clone();
+        positions.sort_unstable();
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for p in positions {
+            match ranges.last_mut() {
+                Some(r) if r.end == p => r.end = p + 1,
+                _ => ranges.push(p..p + 1),
+            }
+        }
+        ranges
+    }
+
     /// The first I/O failure of the recall store, if any (recall then stopped growing).
     pub fn recall_failure(&self) -> Option<String> {
         match self {

@@ -523,13 +523,17 @@ impl Session {
 
     /// Whether the next token (whose window starts at `window_start`) attends to the token at
     /// `pos`, and why.
-    fn token_state(&self, pos: u64, window_start: u64) -> TokenState {
+    fn token_state(&self, pos: u64, window_start: u64, recalled: &[Range<u64>]) -> TokenState {
         let fed = self.cache.next_position();
         let sinks = self.cache.params().n_global as u64;
         if pos >= window_start || pos >= fed {
             TokenState::Window
         } else if !self.cache.holds(pos) {
-            TokenState::Evicted
+            if recalled.iter().any(|r| r.contains(&pos)) {
+                TokenState::Recalled
+            } else {
+                TokenState::Evicted
+            }
         } else if pos < sinks {
             TokenState::Global
         } else {
@@ -538,7 +542,12 @@ impl Session {
     }
 
     /// The state of a message's text, byte range by byte range.
-    fn map(&self, place: &MessagePlace, window_start: u64) -> Result<MessageMap, SessionError> {
+    fn map(
+        &self,
+        place: &MessagePlace,
+        window_start: u64,
+        recalled: &[Range<u64>],
+    ) -> Result<MessageMap, SessionError> {
         let params = self.params();
         let tokens = place.tokens.0..place.tokens.1;
         let span = place.span.0..place.span.1;
@@ -550,18 +559,19 @@ impl Session {
                 .cache
                 .pinned()
                 .iter()
+                .chain(recalled)
                 .any(|p| p.start < tokens.end && tokens.start < p.end);
         if tokens.is_empty() || uniform {
             let state = if tokens.is_empty() {
                 TokenState::Window
             } else {
-                self.token_state(tokens.start, window_start)
+                self.token_state(tokens.start, window_start, recalled)
             };
             segments.push((0..len, state));
         } else {
             let run = self.tokens(tokens.clone())?;
             for (pos, &offset) in (run.first..).zip(&run.offsets) {
-                let state = self.token_state(pos, window_start);
+                let state = self.token_state(pos, window_start, recalled);
                 if segments.last().map(|(_, st)| *st) == Some(state) {
                     continue;
                 }
@@ -589,8 +599,10 @@ impl Session {
         let params = self.params();
         let window_start = stats.window_start;
         let count = self.head.token_count;
+        let recalled = self.cache.recalled_ranges();
         let mut ranges = vec![0..(params.n_global as u64).min(count), window_start..count];
         ranges.extend(self.cache.pinned().iter().cloned());
+        ranges.extend(recalled.iter().cloned());
         let mut places: BTreeMap<usize, MessagePlace> = BTreeMap::new();
         for r in ranges.into_iter().filter(|r| !r.is_empty()) {
             places.extend(self.places(r)?.into_iter().map(|p| (p.index, p)));
@@ -600,13 +612,14 @@ impl Session {
         }
         let messages = places
             .values()
-            .map(|p| self.map(p, window_start))
+            .map(|p| self.map(p, window_start, &recalled))
             .collect::<Result<_, _>>()?;
         Ok(Timeline {
             stats,
             n_global: params.n_global as u64,
             n_local: params.n_local as u64,
             pinned: self.cache.pinned().to_vec(),
+            recalled,
             message_count: self.head.message_count,
             messages,
         })
@@ -622,6 +635,7 @@ impl Session {
                 .map_or(0.0, |i| shares[i].1)
         };
         let window_start = self.window_start();
+        let recalled = self.cache.recalled_ranges();
         let run = self.tokens(self.message_tokens(index)?)?;
         let tokens = (run.first..)
             .zip(&run.ids)
@@ -629,7 +643,7 @@ impl Session {
                 position: pos,
                 id,
                 text: self.engine.tokenizer.decode(&[id]).unwrap_or_default(),
-                state: self.token_state(pos, window_start),
+                state: self.token_state(pos, window_start, &recalled),
                 share: share_of(pos),
             })
             .collect();

@@ -884,6 +884,7 @@ mod tests {
             n_global: 4,
             n_local: 64,
             pinned: vec![std::ops::Range { start: 10, end: 12 }],
+            recalled: Vec::new(),
             message_count: 2,
             messages: vec![
                 map(0, 10..12, TokenState::Pinned),
@@ -922,6 +923,7 @@ mod tests {
             n_global: 4,
             n_local: 64,
             pinned: Vec::new(),
+            recalled: Vec::new(),
             message_count: 10,
             messages: vec![MessageMap {
                 index: 9,

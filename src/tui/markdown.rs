@@ -107,6 +107,8 @@ impl Renderer<'_> {
     fn with_state(&self, style: Style, state: TokenState) -> Style {
         match state {
             TokenState::Evicted => style.fg(self.theme.evicted).add_modifier(Modifier::DIM),
+            // Evicted, but the model sees it again: its own shade, not dimmed.
+            TokenState::Recalled => style.fg(self.theme.recalled),
             _ => style,
         }
     }

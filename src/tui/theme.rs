@@ -24,6 +24,8 @@ pub struct Theme {
     pub evicted: Color,
     /// Pinned messages and tokens.
     pub pinned: Color,
+    /// Evicted tokens recall brought back for the next token.
+    pub recalled: Color,
     pub error: Color,
 }
 
@@ -39,6 +41,7 @@ impl Default for Theme {
             window: Color::Green,
             evicted: Color::DarkGray,
             pinned: Color::Magenta,
+            recalled: Color::LightCyan,
             error: Color::Red,
         }
     }
@@ -55,6 +58,7 @@ pub const ELEMENTS: &[&str] = &[
     "window",
     "evicted",
     "pinned",
+    "recalled",
     "error",
 ];
 
@@ -81,6 +85,7 @@ impl Theme {
                 "window" => &mut theme.window,
                 "evicted" => &mut theme.evicted,
                 "pinned" => &mut theme.pinned,
+                "recalled" => &mut theme.recalled,
                 "error" => &mut theme.error,
                 _ => {
                     return Err(config.error_at(

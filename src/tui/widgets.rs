@@ -46,6 +46,7 @@ pub fn state_color(theme: &Theme, state: TokenState) -> Color {
         TokenState::Pinned => theme.pinned,
         TokenState::Window => theme.window,
         TokenState::Evicted => theme.evicted,
+        TokenState::Recalled => theme.recalled,
     }
 }
 

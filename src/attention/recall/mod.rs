@@ -152,7 +152,7 @@ struct Mark {
 /// What recall did, for the status bar and `bench`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct RecallStats {
-    /// Tokens the next query attends through recall (in the reference layer).
+    /// Tokens the next query attends through recall (in the first recalling layer).
     pub recalled_tokens: u64,
     /// Tokens in the evicted store.
     pub stored_tokens: u64,
@@ -445,8 +445,13 @@ impl Recall {
         self.mark = None;
     }
 
-    /// Counts for the status bar (`reference`: the cache layer it describes).
-    pub fn stats(&self, reference: usize) -> RecallStats {
+    /// The blocks the first recalling layer attends to now (what the status bar counts).
+    pub fn first_recalled(&self) -> Option<&Recalled> {
+        self.recalled.first().map(Arc::as_ref)
+    }
+
+    /// Counts for the status bar, recalled tokens those of the first recalling layer.
+    pub fn stats(&self) -> RecallStats {
         let store = self.store.as_ref();
         let (cache_used, _) = store.map_or((0, 0), EvictedStore::cache_bytes);
         let (hits, misses) = store.map_or((0, 0), EvictedStore::cache_hits_and_misses);
@@ -457,10 +462,7 @@ impl Recall {
             .sum();
         let digest_ram: usize = self.digests.iter().map(LayerDigests::bytes).sum();
         RecallStats {
-            recalled_tokens: self
-                .recalled(reference)
-                .or_else(|| self.recalled.first().map(Arc::as_ref))
-                .map_or(0, |r| r.len() as u64),
+            recalled_tokens: self.first_recalled().map_or(0, |r| r.len() as u64),
             stored_tokens: store.map_or(0, EvictedStore::len),
             file_bytes: store.map_or(0, EvictedStore::file_bytes),
             bytes_written: store.map_or(0, EvictedStore::bytes_written),
@@ -554,7 +556,7 @@ mod tests {
         assert!(recall.failure().is_none(), "{:?}", recall.failure());
         // Everything past the sinks that left the window is stored, in whole blocks.
         let evicted = t.saturating_sub(2 + 16) as u64;
-        assert_eq!(recall.stats(0).stored_tokens, evicted / 4 * 4);
+        assert_eq!(recall.stats().stored_tokens, evicted / 4 * 4);
         let expected = reference_lambda_attention_recalled(
             &q,
             &k,

@@ -123,6 +123,15 @@ impl ChatMessage {
                 "  evicted",
                 Style::default().fg(theme.evicted),
             ));
+        } else if self
+            .segments
+            .iter()
+            .any(|(_, s)| *s == TokenState::Recalled)
+        {
+            header.push(Span::styled(
+                "  ↺ recalled",
+                Style::default().fg(theme.recalled),
+            ));
         }
         if self.inspected {
             let style = Style::default()

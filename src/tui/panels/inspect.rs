@@ -175,6 +175,7 @@ impl Inspect {
         let state = match tok.state {
             TokenState::Global => "sink (global)",
             TokenState::Pinned => "pinned",
+            TokenState::Recalled => "recalled",
             TokenState::Window => "in the window",
             TokenState::Evicted => "evicted",
         };

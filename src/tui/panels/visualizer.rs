@@ -18,7 +18,8 @@ pub const ROWS: u16 = 8;
 
 /// The Λ over the whole conversation: each row is a query position (sampled from the first
 /// token to the next one), each column a span of key positions, coloured by how that query
-/// sees them: the sink stripe on the left, the window as a diagonal band, evicted dots between.
+/// sees them: the sink stripe on the left, the window as a diagonal band, evicted dots between;
+/// on the last row (the next token), the blocks recall brings back.
 pub fn draw(frame: &mut Frame<'_>, area: Rect, theme: &Theme, t: &Timeline, distance_limit: u64) {
     let title = format!(
         " Attention window · Λ = {} sinks + {}-token window · D = {} ",
@@ -60,6 +61,8 @@ pub fn draw(frame: &mut Frame<'_>, area: Rect, theme: &Theme, t: &Timeline, dist
                 ('█', Some(TokenState::Window))
             } else if t.pinned.iter().any(|p| p.start < b && a < p.end) {
                 ('█', Some(TokenState::Pinned))
+            } else if query == next && t.recalled.iter().any(|p| p.start < b && a < p.end) {
+                ('█', Some(TokenState::Recalled))
             } else {
                 ('·', Some(TokenState::Evicted))
             };
@@ -100,6 +103,9 @@ pub fn draw(frame: &mut Frame<'_>, area: Rect, theme: &Theme, t: &Timeline, dist
     ));
     legend.extend(key("window", s.attended_window, TokenState::Window));
     legend.extend(key("pinned", s.pinned, TokenState::Pinned));
+    if s.recalled > 0 {
+        legend.extend(key("recalled", s.recalled, TokenState::Recalled));
+    }
     legend.extend(key("evicted", s.evicted, TokenState::Evicted));
     legend.push(Span::styled(
         format!("▲ next token #{}  ┆ message start", thousands(next + 1)),
