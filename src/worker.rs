@@ -130,6 +130,8 @@ struct Worker<'a> {
     title: String,
     kv_budget: u64,
     recall: Option<(RecallParams, PathBuf)>,
+    /// Whether the open conversation's recall failure was reported (once is enough).
+    recall_failure_told: bool,
     cancel: Arc<AtomicBool>,
     emit: &'a Emitter,
 }
@@ -203,6 +205,7 @@ fn run(
         title: "New chat".into(),
         kv_budget: options.kv_budget,
         recall: options.recall,
+        recall_failure_told: false,
         cancel,
         emit,
     };
@@ -398,6 +401,7 @@ impl Worker<'_> {
     fn prepare_session(&mut self) {
         self.session.set_probe(true);
         self.session.set_prefill_chunk(INTERACTIVE_PREFILL_CHUNK);
+        self.recall_failure_told = false;
         if let Err(e) = self.session.set_recall(self.recall.clone()) {
             self.emit.send(Event::Error(format!("recall is off: {e}")));
         }
@@ -663,6 +667,14 @@ impl Worker<'_> {
         match self.session.timeline() {
             Ok(t) => self.emit.send(Event::Timeline(t)),
             Err(e) => self.emit.send(Event::Error(e.to_string())),
+        }
+        if !self.recall_failure_told
+            && let Some(e) = self.session.recall_failure()
+        {
+            self.recall_failure_told = true;
+            self.emit.send(Event::Error(format!(
+                "recall stopped ({e}); the chat goes on with the Λ alone"
+            )));
         }
     }
 }

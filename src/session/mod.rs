@@ -349,6 +349,12 @@ impl Session {
         self.cache.recall_stats()
     }
 
+    /// The first failure of the recall store (a full disk, say), if any: recall then stopped
+    /// growing and choosing, the conversation goes on without it.
+    pub fn recall_failure(&self) -> Option<String> {
+        self.cache.recall_failure()
+    }
+
     /// Recall's parameters, when it is on.
     pub fn recall(&self) -> Option<RecallParams> {
         self.recall.as_ref().map(|(p, _)| *p)

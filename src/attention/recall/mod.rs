@@ -316,28 +316,29 @@ impl Recall {
         }
         let scores = self.digests[s].scores(&summed, n_kv, hd);
         let chosen = top_k(&scores, self.params.blocks);
-        let mut recalled = Recalled::default();
         let row = store.shape().row;
-        for block in chosen {
-            match store.read(block as u64, s) {
-                Ok(kv) => {
-                    for (t, &pos) in kv.positions.iter().enumerate() {
-                        if !exclude.contains(&pos) {
-                            recalled.positions.push(pos);
-                            recalled
-                                .keys
-                                .extend_from_slice(&kv.keys[t * row..(t + 1) * row]);
-                            recalled
-                                .values
-                                .extend_from_slice(&kv.values[t * row..(t + 1) * row]);
-                        }
-                    }
-                    recalled.blocks.push((block as u64, scores[block]));
-                }
-                Err(e) => {
-                    self.failure.get_or_insert(e.to_string());
+        let read: Result<Vec<BlockKv>, StoreError> = chosen
+            .iter()
+            .map(|&block| store.read(block as u64, s))
+            .collect();
+        let blocks = match read {
+            Ok(blocks) => blocks,
+            Err(e) => return self.stop(e),
+        };
+        let mut recalled = Recalled::default();
+        for (kv, &block) in blocks.iter().zip(&chosen) {
+            for (t, &pos) in kv.positions.iter().enumerate() {
+                if !exclude.contains(&pos) {
+                    recalled.positions.push(pos);
+                    recalled
+                        .keys
+                        .extend_from_slice(&kv.keys[t * row..(t + 1) * row]);
+                    recalled
+                        .values
+                        .extend_from_slice(&kv.values[t * row..(t + 1) * row]);
                 }
             }
+            recalled.blocks.push((block as u64, scores[block]));
         }
         self.recalled[s] = Arc::new(recalled);
     }
@@ -348,7 +349,7 @@ impl Recall {
         let Some(s) = self.slot.get(layer).copied().flatten() else {
             return;
         };
-        if positions.is_empty() {
+        if positions.is_empty() || self.failure.is_some() {
             return;
         }
         if self.store.is_none() {
@@ -361,10 +362,7 @@ impl Recall {
             };
             match EvictedStore::create(&self.path, shape, self.params.cache_bytes, self.temporary) {
                 Ok(store) => self.store = Some(store),
-                Err(e) => {
-                    self.failure.get_or_insert(e.to_string());
-                    return;
-                }
+                Err(e) => return self.stop(e),
             }
         }
         let Some(store) = self.store.as_mut() else {
@@ -395,15 +393,27 @@ impl Recall {
                     }
                 }
             }
-            Err(e) => {
-                self.failure.get_or_insert(e.to_string());
-            }
+            Err(e) => self.stop(e),
         }
     }
 
-    /// The first failure of the store, if any (recall then had less to choose from).
+    /// The first failure of the store, if any: recall stopped there.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
+    }
+
+    /// Stops recall for good after a failure of the store (a full disk, an unreadable block):
+    /// the store and what it chose go, the attention goes on as Λ alone, the failure stays
+    /// for the caller to report.
+    fn stop(&mut self, e: StoreError) {
+        tracing::warn!("recall stopped: {e}");
+        self.failure.get_or_insert(e.to_string());
+        self.store = None;
+        self.mark = None;
+        self.digests
+            .iter_mut()
+            .for_each(|d| *d = LayerDigests::default());
+        self.recalled.iter_mut().for_each(|r| *r = Arc::default());
     }
 
     /// Remembers how much is stored and what each layer recalls, for [`Self::rewind`].
@@ -427,7 +437,7 @@ impl Recall {
             return;
         };
         if let Err(e) = store.truncate(len) {
-            self.failure.get_or_insert(e.to_string());
+            return self.stop(e);
         }
         let blocks = store.blocks();
         for (s, d) in self.digests.iter_mut().enumerate() {
@@ -639,6 +649,24 @@ mod tests {
             (a.stored_tokens, a.file_bytes, a.recalled_tokens),
             (b.stored_tokens, b.file_bytes, b.recalled_tokens)
         );
+    }
+
+    /// A store that cannot be created (its folder is a file) stops recall with a reason; the
+    /// attention goes on as Λ alone.
+    #[test]
+    fn a_failed_store_stops_recall_and_leaves_lambda() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("not-a-folder");
+        std::fs::write(&blocked, b"").unwrap();
+        let (mut failing, rope) = recalling_cache(&blocked);
+        let params = LambdaParams::new(2, 16, None).unwrap();
+        let mut plain = HostCache::new(params, vec![LayerGeometry::full(params, 2, 16)]);
+        let got = feed(&mut failing, &rope, 5, 60);
+        let expected = feed(&mut plain, &rope, 5, 60);
+        assert_eq!(got, expected);
+        let failure = failing.recall().unwrap().failure().unwrap().to_string();
+        assert!(failure.contains("not-a-folder"), "{failure}");
+        assert_eq!(failing.recall_stats().stored_tokens, 0);
     }
 
     /// Oracle test of docs/ALGORITHM.md §10: with the blocks the cache chose, the output is the
