@@ -111,6 +111,19 @@ fn nonsensical_lambda_parameters_fail_before_loading() {
         (&["--n-local=-3"], "invalid value '-3'"),
         (&["--temperature=-1"], "temperature must be a finite number"),
         (&["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (&["--recall", "maybe"], "expected on or off, not `maybe`"),
+        (
+            &["--recall-blocks", "0"],
+            "--recall-blocks must be 1 to 256, not 0",
+        ),
+        (
+            &["--recall-every", "0"],
+            "--recall-every must be at least 1",
+        ),
+        (
+            &["--recall-cache-mib", "5000"],
+            "--recall-cache-mib must be at most 4096, not 5000",
+        ),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["ask"];

@@ -293,6 +293,78 @@ fn passkey_is_found_inside_the_window_and_lost_outside() {
     }
 }
 
+/// The key evicted from the Λ is lost to Λ alone and found again by recall (docs/ALGORITHM.md
+/// §10), which stores what left the window and attends to the best-matching blocks.
+#[test]
+fn an_evicted_passkey_is_found_again_with_recall() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = out_dir(&dir, "pk-recall");
+    eval(&[
+        "passkey",
+        "-m",
+        &gemma(),
+        "--lengths",
+        "1k",
+        "--depths",
+        "0.1",
+        "--trials",
+        "2",
+        "--n-global",
+        "8",
+        "--n-local",
+        "256",
+        "--recall-blocks",
+        "2",
+        "--modes",
+        "lambda,recall",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let csv = read_csv(&out.join("passkey.csv"));
+    assert_eq!(csv.len(), 2);
+    for r in &csv {
+        assert_eq!(r["key_attended"], "false", "the key is evicted: {r:?}");
+        let expected = if r["mode"] == "recall" { "2" } else { "0" };
+        assert_eq!(r["correct"], expected, "{r:?}");
+    }
+}
+
+/// `eval facts` runs a chat through the session: every fact asked once per mode, the earliest
+/// farthest from its question.
+#[test]
+fn facts_are_stated_in_a_chat_and_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = out_dir(&dir, "facts");
+    let stdout = eval(&[
+        "facts",
+        "-m",
+        &gemma(),
+        "--lengths",
+        "1k",
+        "--facts",
+        "3",
+        "--n-local",
+        "256",
+        "--modes",
+        "lambda,recall",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("facts in a chat"), "{stdout}");
+    let csv = read_csv(&out.join("facts.csv"));
+    assert_eq!(csv.len(), 6);
+    for mode in ["lambda", "recall"] {
+        let facts = rows(&csv, mode);
+        let distances: Vec<f64> = facts.iter().map(|r| num(r, "distance")).collect();
+        assert!(distances.windows(2).all(|w| w[0] > w[1]), "{distances:?}");
+        // The codes are four digits, the same in every mode.
+        for (r, l) in facts.iter().zip(rows(&csv, "lambda")) {
+            assert_eq!(r["code"].len(), 4);
+            assert_eq!(r["code"], l["code"]);
+        }
+    }
+}
+
 #[test]
 fn entropy_grows_under_vanilla_and_stops_under_lambda() {
     let dir = tempfile::tempdir().unwrap();

@@ -1171,8 +1171,9 @@ impl AttentionCache for HostCache {
             cache.evicted.clear();
             return out;
         };
+        recall.listen(layer, input);
         if input.n_tokens > 0 && recall.due(self.next_position, input.n_tokens) {
-            recall.refresh(layer, input, self.next_position, &cache.global_pos);
+            recall.refresh(layer, self.next_position, &cache.global_pos);
         }
         let out = cache.attend_recalling(input, recall.recalled(layer))?;
         let e = &cache.evicted;

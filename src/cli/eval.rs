@@ -12,6 +12,7 @@ use super::{LambdaArgs, ModelArgs, RecallTuning, RunArgs};
 use crate::config::Config;
 use crate::eval::cost::CostArgs;
 use crate::eval::entropy::EntropyArgs;
+use crate::eval::facts::FactsArgs;
 use crate::eval::output::OutDir;
 use crate::eval::passkey::PasskeyArgs;
 use crate::eval::ppl::PplArgs;
@@ -23,6 +24,8 @@ pub enum EvalCommand {
     Ppl(EvalArgs<PplArgs>),
     /// Passkey retrieval: a number hidden in filler text at a given depth, asked for at the end.
     Passkey(EvalArgs<PasskeyArgs>),
+    /// Facts stated in a long chat (through the session and chat template), then asked for.
+    Facts(EvalArgs<FactsArgs>),
     /// Mean attention entropy per layer against position, vanilla against Λ.
     Entropy(EvalArgs<EntropyArgs>),
     /// Decode time per token and KV-cache bytes against context length, vanilla against Λ.
@@ -66,6 +69,7 @@ pub fn run(cmd: EvalCommand, config: &Config) -> Result<i32> {
     match cmd {
         EvalCommand::Ppl(a) => run_one(a, config),
         EvalCommand::Passkey(a) => run_one(a, config),
+        EvalCommand::Facts(a) => run_one(a, config),
         EvalCommand::Entropy(a) => run_one(a, config),
         EvalCommand::Cost(a) => run_one(a, config),
     }

@@ -27,7 +27,7 @@ pub struct CostArgs {
     /// Context lengths to measure at (k = 1024)
     #[arg(long, value_delimiter = ',', value_parser = parse_length, default_value = "1k,4k,16k,32k")]
     pub lengths: Vec<usize>,
-    /// Attention modes: vanilla, lambda, window
+    /// Attention modes: vanilla, lambda, window, recall
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda")]
     pub modes: Vec<Mode>,
     /// Decode steps timed at each length

@@ -28,7 +28,7 @@ pub struct EntropyArgs {
     /// Bucket ends of query positions (k = 1024); the text is read to the last one
     #[arg(long, value_delimiter = ',', value_parser = parse_length, default_value = "256,512,1k,2k,4k,8k")]
     pub lengths: Vec<usize>,
-    /// Attention modes: vanilla, lambda, window
+    /// Attention modes: vanilla, lambda, window, recall
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda")]
     pub modes: Vec<Mode>,
     /// Tokens per forward pass

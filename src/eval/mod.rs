@@ -16,6 +16,7 @@
 
 pub mod cost;
 pub mod entropy;
+pub mod facts;
 pub mod meter;
 pub mod nll;
 pub mod output;
@@ -23,6 +24,7 @@ pub mod passkey;
 pub mod ppl;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -73,6 +75,8 @@ pub enum EvalError {
     Attention(#[from] AttentionError),
     #[error("the recall store failed: {0}")]
     RecallStore(String),
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
 }
 
 /// One evaluation as `lambdachat eval` runs it.
@@ -90,7 +94,7 @@ pub trait Evaluation: Sync {
 
 /// What a run has at hand.
 pub struct RunContext<'a> {
-    pub engine: &'a Engine,
+    pub engine: &'a Arc<Engine>,
     /// The Λ of the `lambda` mode (and the window of `window`).
     pub lambda: LambdaParams,
     /// Bytes vanilla's KV cache may take.

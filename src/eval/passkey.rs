@@ -32,7 +32,7 @@ pub struct PasskeyArgs {
     /// Prompts per length and depth (each with its own key)
     #[arg(long, default_value_t = 2)]
     pub trials: usize,
-    /// Attention modes: vanilla, lambda, window
+    /// Attention modes: vanilla, lambda, window, recall
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda,window")]
     pub modes: Vec<Mode>,
     /// Seed of the keys

@@ -31,7 +31,7 @@ pub struct PplArgs {
     /// Bucket ends in tokens (k = 1024, m = 1024²); the text is read to the last one
     #[arg(long, value_delimiter = ',', value_parser = parse_length, default_value = "1k,2k,4k,8k,16k,32k")]
     pub lengths: Vec<usize>,
-    /// Attention modes: vanilla, lambda, window
+    /// Attention modes: vanilla, lambda, window, recall
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse, default_value = "vanilla,lambda,window")]
     pub modes: Vec<Mode>,
     /// Tokens per forward pass

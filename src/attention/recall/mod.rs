@@ -8,6 +8,7 @@
 mod digest;
 mod store;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +46,10 @@ impl Default for RecallParams {
         }
     }
 }
+
+/// The last queries whose scores add up to choose the blocks: a question's words, not only its
+/// final token (a chat prompt ends with template tokens that ask for nothing).
+const VOTING_QUERIES: usize = 16;
 
 /// Most blocks a layer may recall: 256 blocks of 64 tokens is four times a 4K window.
 pub const MAX_BLOCKS: usize = 256;
@@ -147,6 +152,7 @@ struct Mark {
     stored: u64,
     last_refresh: Option<u64>,
     recalled: Vec<Arc<Recalled>>,
+    voters: Vec<VecDeque<Vec<f32>>>,
 }
 
 /// What recall did, for the status bar and `bench`.
@@ -179,6 +185,8 @@ pub struct Recall {
     digests: Vec<LayerDigests>,
     /// Shared, so a rewind point keeps the blocks chosen when it was set without a copy.
     recalled: Vec<Arc<Recalled>>,
+    /// Per stored layer, the last queries (rotated to `D`, summed per KV group) that choose.
+    voters: Vec<VecDeque<Vec<f32>>>,
     /// Position of the last pass that chose blocks.
     last_refresh: Option<u64>,
     refreshes: u64,
@@ -230,6 +238,7 @@ impl Recall {
             store: None,
             digests: vec![LayerDigests::default(); geometry.len()],
             recalled: vec![Arc::default(); geometry.len()],
+            voters: vec![VecDeque::new(); geometry.len()],
             slot,
             geometry,
             last_refresh: None,
@@ -276,18 +285,42 @@ impl Recall {
             .map(|s| self.recalled[s].as_ref())
     }
 
-    /// Chooses layer `layer`'s blocks for the pass of `input` at `position`: the chunk's last
-    /// query, rotated to `D` (recalled keys are seen at the clamped distance), each KV group's
-    /// heads summed, scored against every block's digest.
-    /// Positions in `exclude` (the layer's global store: pinned tokens) are left out, so no key
-    /// is counted twice.
-    pub fn refresh(
-        &mut self,
-        layer: usize,
-        input: &AttentionInput<'_>,
-        position: u64,
-        exclude: &[u64],
-    ) {
+    /// Hears the pass of `input` in layer `layer`: its last queries, rotated to `D` (recalled
+    /// keys are seen at the clamped distance), each KV group's heads summed, join the voters
+    /// that choose the layer's blocks (the last [`VOTING_QUERIES`] of the conversation).
+    pub fn listen(&mut self, layer: usize, input: &AttentionInput<'_>) {
+        let Some(s) = self.slot.get(layer).copied().flatten() else {
+            return;
+        };
+        let g = self.geometry[s];
+        let (n_kv, hd) = (g.n_kv_heads, g.head_dim);
+        let width = input.n_heads * hd;
+        let rows = input.n_tokens.saturating_sub(VOTING_QUERIES)..input.n_tokens;
+        let mut q = input.q[rows.start * width..rows.end * width].to_vec();
+        input
+            .rope
+            .rotate_rows(&mut q, input.n_heads, hd, |_| g.distance_limit);
+        let group = input.n_heads / n_kv;
+        let voters = &mut self.voters[s];
+        for row in q.chunks_exact(width) {
+            let mut summed = vec![0f32; n_kv * hd];
+            for (h, head) in row.chunks_exact(hd).enumerate() {
+                let kv = h / group;
+                for (s, x) in summed[kv * hd..(kv + 1) * hd].iter_mut().zip(head) {
+                    *s += x;
+                }
+            }
+            if voters.len() == VOTING_QUERIES {
+                voters.pop_front();
+            }
+            voters.push_back(summed);
+        }
+    }
+
+    /// Chooses layer `layer`'s blocks at `position`: each voter's digest bounds summed per
+    /// block, the best `k` read. Positions in `exclude` (the layer's global store: pinned
+    /// tokens) are left out, so no key is counted twice.
+    pub fn refresh(&mut self, layer: usize, position: u64, exclude: &[u64]) {
         let Some(s) = self.slot.get(layer).copied().flatten() else {
             return;
         };
@@ -300,21 +333,15 @@ impl Recall {
         }
         let g = self.geometry[s];
         let (n_kv, hd) = (g.n_kv_heads, g.head_dim);
-        let width = input.n_heads * hd;
-        let last = input.n_tokens - 1;
-        let mut q = input.q[last * width..(last + 1) * width].to_vec();
-        input
-            .rope
-            .rotate_rows(&mut q, input.n_heads, hd, |_| g.distance_limit);
-        let group = input.n_heads / n_kv;
-        let mut summed = vec![0f32; n_kv * hd];
-        for (h, head) in q.chunks_exact(hd).enumerate() {
-            let kv = h / group;
-            for (s, x) in summed[kv * hd..(kv + 1) * hd].iter_mut().zip(head) {
-                *s += x;
+        let mut scores: Vec<f32> = Vec::new();
+        for summed in &self.voters[s] {
+            let voter = self.digests[s].scores(summed, n_kv, hd);
+            if scores.is_empty() {
+                scores = voter;
+            } else {
+                scores.iter_mut().zip(voter).for_each(|(t, x)| *t += x);
             }
         }
-        let scores = self.digests[s].scores(&summed, n_kv, hd);
         let chosen = top_k(&scores, self.params.blocks);
         let row = store.shape().row;
         let read: Result<Vec<BlockKv>, StoreError> = chosen
@@ -422,6 +449,7 @@ impl Recall {
             stored: self.store.as_ref().map_or(0, EvictedStore::len),
             last_refresh: self.last_refresh,
             recalled: self.recalled.clone(),
+            voters: self.voters.clone(),
         });
     }
 
@@ -431,6 +459,7 @@ impl Recall {
         // The passes after the mark go as they went the first time: the same blocks, chosen
         // again at the same positions.
         self.recalled = mark.recalled;
+        self.voters = mark.voters;
         self.last_refresh = mark.last_refresh;
         let len = mark.stored;
         let Some(store) = self.store.as_mut() else {
