@@ -220,7 +220,8 @@ fn converse(
             code,
             distance,
             correct: first_number(&answer) == Some(code),
-            answer: answer.trim().to_string(),
+            // One line, for the table's notes and the CSV.
+            answer: answer.split_whitespace().collect::<Vec<_>>().join(" "),
         });
     }
     check_recall(&session)?;
