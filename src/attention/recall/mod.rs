@@ -258,10 +258,6 @@ impl Recall {
         Self::new(params, layers, dir.join(name), true)
     }
 
-    pub fn params(&self) -> RecallParams {
-        self.params
-    }
-
     /// Whether cache layer `layer` keeps its evicted tokens and recalls.
     pub fn recalls(&self, layer: usize) -> bool {
         self.slot.get(layer).copied().flatten().is_some()
