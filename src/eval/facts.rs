@@ -19,11 +19,11 @@ use crate::sampling::SamplingParams;
 use crate::session::Session;
 
 use super::meter::Meter;
-use super::output::{Csv, LineChart, Series, Table};
+use super::output::{Csv, LineChart, Table};
 use super::passkey::first_number;
 use super::{
     EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, describe, parse_length,
-    read_text, short_count, sorted_lengths,
+    read_text, series_by_mode, short_count, sorted_lengths,
 };
 
 /// What is locked, and by which code: one subject per fact.
@@ -452,21 +452,12 @@ fn report(
         y_label: "correct".into(),
         log_x: true,
         log_y: false,
-        series: modes
-            .iter()
-            .map(|&m| {
-                let mut points: Vec<(f64, f64)> = results
-                    .iter()
-                    .filter(|r| r.mode == m)
-                    .map(|r| (r.distance as f64, r.correct as u8 as f64))
-                    .collect();
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series {
-                    name: m.name().into(),
-                    points,
-                }
-            })
-            .collect(),
+        series: series_by_mode(
+            modes,
+            &results,
+            |r| r.mode,
+            |r| (r.distance as f64, r.correct as u8 as f64),
+        ),
     };
     let mut json = serde_json::Map::new();
     json.insert("results".into(), json!(results));

@@ -364,6 +364,31 @@ pub fn fit_lengths(lengths: &[usize], available: usize) -> (Vec<usize>, bool) {
     (fit, cut)
 }
 
+/// One chart series per mode: the points of `items` of that mode, by distance (`passkey`,
+/// `facts`: accuracy against how far back the answer was).
+pub fn series_by_mode<T>(
+    modes: &[Mode],
+    items: &[T],
+    mode_of: impl Fn(&T) -> Mode,
+    point: impl Fn(&T) -> (f64, f64),
+) -> Vec<output::Series> {
+    modes
+        .iter()
+        .map(|&m| {
+            let mut points: Vec<(f64, f64)> = items
+                .iter()
+                .filter(|i| mode_of(i) == m)
+                .map(&point)
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            output::Series {
+                name: m.name().into(),
+                points,
+            }
+        })
+        .collect()
+}
+
 /// How the `recall` mode recalls: its parameters and the folder of its stores.
 #[derive(Debug, Clone)]
 pub struct RecallSetup {

@@ -14,10 +14,10 @@ use crate::model::Logits;
 use crate::tokenizer::Tokenizer;
 
 use super::meter::Meter;
-use super::output::{Csv, LineChart, Series, Table};
+use super::output::{Csv, LineChart, Table};
 use super::{
     EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, argmax, describe, feed, last_row,
-    new_cache, parse_depth, parse_length, short_count, sorted_lengths,
+    new_cache, parse_depth, parse_length, series_by_mode, short_count, sorted_lengths,
 };
 
 /// `eval passkey`'s arguments.
@@ -102,21 +102,12 @@ impl Evaluation for PasskeyArgs {
             y_label: "accuracy".into(),
             log_x: true,
             log_y: false,
-            series: modes
-                .iter()
-                .map(|&m| {
-                    let mut points: Vec<(f64, f64)> = cells
-                        .iter()
-                        .filter(|c| c.mode == m)
-                        .map(|c| (c.key_distance, c.correct as f64 / c.trials as f64))
-                        .collect();
-                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    Series {
-                        name: m.name().into(),
-                        points,
-                    }
-                })
-                .collect(),
+            series: series_by_mode(
+                &modes,
+                &cells,
+                |c| c.mode,
+                |c| (c.key_distance, c.correct as f64 / c.trials as f64),
+            ),
         };
         let mut table = Table::new(
             "length  depth  key distance",
