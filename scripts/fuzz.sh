@@ -33,7 +33,7 @@ run_one() {
     local extra=()
     [ -f "dict/$t.dict" ] && extra+=("-dict=dict/$t.dict")
     # The model seeds are ~400 KB; the other targets' inputs stay small.
-    [ "$t" = gguf_open ] && extra+=(-max_len=500000)
+    [ "$t" = gguf_open ] && extra+=(-max_len=200000)
     mkdir -p "corpus/$t" "seeds/$t"
     cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$seconds" ${RUNS:+-runs=$RUNS} "${limits[@]}" "${extra[@]}" >"logs/$t.log" 2>&1 && rc=0 || rc=$?
