@@ -22,8 +22,8 @@ use super::meter::Meter;
 use super::output::{Csv, LineChart, Table};
 use super::passkey::first_number;
 use super::{
-    EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, describe, parse_length,
-    read_text, series_by_mode, short_count, sorted_lengths,
+    EvalError, Evaluation, Mode, RecallSetup, Report, RunContext, check_recall, describe,
+    parse_length, read_text, series_by_mode, short_count, sorted_lengths,
 };
 
 /// What is locked, and by which code: one subject per fact.
@@ -204,7 +204,7 @@ fn converse(
         meter.advance(now.saturating_sub(counted));
         counted = counted.max(now);
     }
-    check_recall(&session)?;
+    check_recall(session.recall_failure())?;
     let mut results = Vec::with_capacity(plan.facts);
     for (f, &code) in codes.iter().enumerate() {
         let distance = session.token_count() - stated[f];
@@ -224,7 +224,7 @@ fn converse(
             answer: answer.split_whitespace().collect::<Vec<_>>().join(" "),
         });
     }
-    check_recall(&session)?;
+    check_recall(session.recall_failure())?;
     Ok(Some(results))
 }
 
@@ -251,13 +251,6 @@ fn new_session(
         session.set_recall(Some((recall.params, recall.dir.clone())))?;
     }
     Ok(session)
-}
-
-fn check_recall(session: &Session) -> Result<(), EvalError> {
-    match session.recall_failure() {
-        Some(e) => Err(EvalError::RecallStore(e)),
-        None => Ok(()),
-    }
 }
 
 /// Filler passages: consecutive pieces of the given text, or sentences drawn from word lists

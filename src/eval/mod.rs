@@ -413,10 +413,10 @@ pub fn new_cache(
     Ok(cache)
 }
 
-/// The failure of a recall store during a pass, if any: the pass's figures would not be
-/// recall's, so the evaluation stops.
-pub fn check_recall(cache: &KvCache) -> Result<(), EvalError> {
-    match cache.recall_failure() {
+/// A recall store's failure during a pass (a cache's or a session's), if any: the pass's
+/// figures would not be recall's, so the evaluation stops.
+pub fn check_recall(failure: Option<String>) -> Result<(), EvalError> {
+    match failure {
         Some(e) => Err(EvalError::RecallStore(e)),
         None => Ok(()),
     }
@@ -435,7 +435,7 @@ pub fn feed(
     let mut start = 0;
     for piece in tokens.chunks(chunk.max(1)) {
         let logits = engine.model.forward(piece, cache, rows)?;
-        check_recall(cache)?;
+        check_recall(cache.recall_failure())?;
         each(start, piece, logits, cache)?;
         start += piece.len();
     }

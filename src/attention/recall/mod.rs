@@ -175,7 +175,6 @@ pub struct RecallStats {
 pub struct Recall {
     params: RecallParams,
     path: PathBuf,
-    temporary: bool,
     /// Created at the first evicted token (a conversation that never leaves its window never
     /// writes a file).
     store: Option<EvictedStore>,
@@ -206,14 +205,9 @@ impl std::fmt::Debug for Recall {
 }
 
 impl Recall {
-    /// Recall for a cache of `layers`, its store at `path` (removed on drop when `temporary`).
-    /// Layers with a global branch from `params.from_layer` on recall; sliding layers never.
-    pub fn new(
-        params: RecallParams,
-        layers: &[LayerGeometry],
-        path: PathBuf,
-        temporary: bool,
-    ) -> Self {
+    /// Recall for a cache of `layers`, its store a temporary file at `path`. Layers with a
+    /// global branch from `params.from_layer` on recall; sliding layers never.
+    fn new(params: RecallParams, layers: &[LayerGeometry], path: PathBuf) -> Self {
         let mut next = 0;
         let slot: Vec<Option<usize>> = layers
             .iter()
@@ -234,7 +228,6 @@ impl Recall {
         Self {
             params,
             path,
-            temporary,
             store: None,
             digests: vec![LayerDigests::default(); geometry.len()],
             recalled: vec![Arc::default(); geometry.len()],
@@ -255,7 +248,7 @@ impl Recall {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("recall-{}-{n}.lkv", std::process::id());
-        Self::new(params, layers, dir.join(name), true)
+        Self::new(params, layers, dir.join(name))
     }
 
     /// Whether cache layer `layer` keeps its evicted tokens and recalls.
@@ -383,7 +376,7 @@ impl Recall {
                 row: g.n_kv_heads * g.head_dim,
                 kv_type: self.params.kv_type,
             };
-            match EvictedStore::create(&self.path, shape, self.params.cache_bytes, self.temporary) {
+            match EvictedStore::create(&self.path, shape, self.params.cache_bytes, true) {
                 Ok(store) => self.store = Some(store),
                 Err(e) => return self.stop(e),
             }
@@ -552,12 +545,7 @@ mod tests {
             cache_bytes: 2 * 4 * 2 * kv * hd * 4,
             kv_type: KvType::F32,
         };
-        cache.set_recall(Recall::new(
-            recall_params,
-            &[geometry],
-            dir.path().join("recall"),
-            true,
-        ));
+        cache.set_recall(Recall::temporary_in(recall_params, &[geometry], dir.path()));
         let mut sets: Vec<Vec<u64>> = Vec::new();
         let mut got = Vec::new();
         let mut start = 0;
