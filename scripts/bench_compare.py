@@ -6,7 +6,9 @@ and 8192 (llama-bench's -d; lambdachat's --context, window n_local 4096), with t
 llama.cpp is built the first time from llama-cpp-python's source package (its vendor/llama.cpp,
 CPU only, native flags without AMX) into ~/.cache/lambdachat/llama.cpp.
 
-    scripts/bench_compare.py [--model default|gemma3-270m] [--threads 2] [--long]
+    scripts/bench_compare.py [--model default|gemma3-270m|qwen2.5-coder-1.5b] [--threads 2] [--long]
+
+Each figure is the mean over all runs of its side; the two sides alternate, two rounds each.
 
 --long adds lambdachat's decode at token 100,000 (a 100K-token prefill first: minutes).
 """
@@ -49,8 +51,15 @@ def llama_bench():
     return exe
 
 
+ROUNDS = 2
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
 def llama(exe, model, threads, args):
-    out = run([exe, "-m", model, "-t", str(threads), "-r", "3", "-o", "json", *args])
+    out = run([exe, "-m", model, "-t", str(threads), "-r", "2", "-o", "json", *args])
     return json.loads(out)
 
 
@@ -72,20 +81,27 @@ def main():
     model = run([lc, "models", "path", a.model]).strip()
     exe = llama_bench()
     rows = []
+    # Both sides run ROUNDS times, alternating, and each side's figure is the mean of all its
+    # runs (llama-bench's samples, our runs): a neighbour's burst hits both, and no side gets
+    # its best set against the other's average.
     for n in (512, 4096):
-        theirs = llama(exe, model, a.threads, ["-p", str(n), "-n", "0"])[0]["avg_ts"]
-        mine = ours(lc, model, a.threads, ["bench", "prefill", "--tokens", str(n), "--repeats", "3" if n <= 512 else "1"])[-1]["best_tok_s"]
-        rows.append((f"prefill pp{n}", mine, theirs))
+        theirs, mine = [], []
+        for _ in range(ROUNDS):
+            theirs += llama(exe, model, a.threads, ["-p", str(n), "-n", "0"])[0]["samples_ts"]
+            mine += ours(lc, model, a.threads, ["bench", "prefill", "--tokens", str(n), "--repeats", "2" if n <= 512 else "1"])[-1]["runs"]
+        rows.append((f"prefill pp{n}", mean(mine), mean(theirs)))
     for depth in (0, 4096, 8192):
-        theirs = llama(exe, model, a.threads, ["-p", "0", "-n", "128", "-d", str(depth)])[0]["avg_ts"]
-        mine = ours(lc, model, a.threads, ["bench", "decode", "--tokens", "128", "--every", "128",
-                                           "--context", str(depth), "--temperature", "0"])[-1]["tok_s"]
-        rows.append((f"decode tg128 at depth {depth}", mine, theirs))
+        theirs, mine = [], []
+        for _ in range(ROUNDS):
+            theirs += llama(exe, model, a.threads, ["-p", "0", "-n", "128", "-d", str(depth)])[0]["samples_ts"]
+            mine.append(ours(lc, model, a.threads, ["bench", "decode", "--tokens", "128", "--every", "128",
+                                                    "--context", str(depth), "--temperature", "0"])[-1]["tok_s"])
+        rows.append((f"decode tg128 at depth {depth}", mean(mine), mean(theirs)))
     if a.long:
         mine = ours(lc, model, a.threads, ["bench", "decode", "--tokens", "128", "--every", "128",
                                            "--context", "100000", "--temperature", "0"])[-1]["tok_s"]
         rows.append(("decode tg128 at token 100,000 (lambdachat only)", mine, None))
-    print(f"\n{pathlib.Path(model).name}, {a.threads} threads\n")
+    print(f"\n{pathlib.Path(model).name}, {a.threads} threads, means over all runs\n")
     print("| test | lambdachat tok/s | llama.cpp tok/s | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for name, mine, theirs in rows:

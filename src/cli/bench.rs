@@ -91,6 +91,7 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
     session.set_recall(settings.recall_setup()?)?;
     let recall = session.recall().is_some();
     let prompt = filler_tokens(&engine, args.context.max(1))?;
+    let limit = bandwidth_limit(&engine)?;
     if !args.json {
         println!(
             "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, after {} prompt tokens",
@@ -101,9 +102,17 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
             params.n_local,
             prompt.len()
         );
+        if let Some(l) = &limit {
+            println!(
+                "weights read per token {:.1} MB, read bandwidth {:.1} GB/s (best of 3 passes): at most {:.1} tok/s",
+                l.bytes_per_token as f64 / 1e6,
+                l.bandwidth / 1e9,
+                l.tok_s()
+            );
+        }
         print!(
-            "{:>10} {:>10} {:>12} {:>10} {:>10}",
-            "token", "tok/s", "cache slots", "KV MiB", "RSS MiB"
+            "{:>10} {:>10} {:>9} {:>12} {:>10} {:>10}",
+            "token", "tok/s", "of limit", "cache slots", "KV MiB", "RSS MiB"
         );
         if recall {
             print!(
@@ -127,16 +136,21 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
                 let s = session.stats();
                 let r = session.recall_stats();
                 let rss = rss_bytes();
+                let share = limit.as_ref().map(|l| tok_s / l.tok_s());
                 if args.json {
                     println!(
                         "{}",
                         serde_json::json!({"token": t, "tok_s": tok_s, "cache_slots": s.slots_in_use,
                             "kv_bytes": s.bytes, "rss_bytes": rss, "tokens_seen": s.tokens_seen,
+                            "weight_bytes_per_token": limit.as_ref().map(|l| l.bytes_per_token),
+                            "read_bandwidth": limit.as_ref().map(|l| l.bandwidth),
+                            "share_of_limit": share,
                             "recall": recall.then_some(r)})
                     );
                 } else {
+                    let share = share.map_or("-".to_string(), |s| format!("{:.0}%", 100.0 * s));
                     print!(
-                        "{t:>10} {tok_s:>10.2} {:>12} {:>10.1} {:>10.1}",
+                        "{t:>10} {tok_s:>10.2} {share:>9} {:>12} {:>10.1} {:>10.1}",
                         s.slots_in_use,
                         mib(s.bytes),
                         mib(rss)
@@ -175,6 +189,30 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The bandwidth bound of a decode step (`bench_bandwidth`).
+struct Limit {
+    bytes_per_token: u64,
+    bandwidth: f64,
+}
+
+impl Limit {
+    fn tok_s(&self) -> f64 {
+        self.bandwidth / self.bytes_per_token as f64
+    }
+}
+
+/// The bound for a GGUF model decoding on the CPU; none for safetensors or a GPU.
+fn bandwidth_limit(engine: &crate::engine::Engine) -> Result<Option<Limit>> {
+    let gguf = engine.path.extension().is_some_and(|e| e == "gguf");
+    if !gguf || !engine.device.is_cpu() {
+        return Ok(None);
+    }
+    Ok(Some(Limit {
+        bytes_per_token: super::bench_bandwidth::weight_bytes_per_token(&engine.path)?,
+        bandwidth: Device::Cpu.with_context(super::bench_bandwidth::read_bandwidth),
+    }))
 }
 
 /// candle-transformers' quantized Qwen2 decoding `n` greedy tokens after `prompt`: tok/s.

@@ -3,6 +3,7 @@
 
 mod ask;
 mod bench;
+mod bench_bandwidth;
 mod bench_soak;
 mod bench_ui;
 mod chat;

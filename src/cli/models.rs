@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
-use crate::fetch::{self, DEFAULT_MODEL, GEMMA3_270M, KnownModel};
+use crate::fetch::{self, DEFAULT_MODEL, GEMMA3_270M, KnownModel, QWEN_1_5B};
 use crate::hub::{self, HubRef};
 use crate::progress::Stderr;
 
@@ -14,7 +14,7 @@ use crate::progress::Stderr;
 pub enum ModelsCommand {
     /// Models in the data dir and the Hugging Face cache (the default)
     List,
-    /// Download a model: `default`, `gemma3-270m`, or hf:ORG/REPO[@REVISION][:FILE]
+    /// Download a model: `default`, `gemma3-270m`, `qwen2.5-coder-1.5b`, or hf:ORG/REPO[@REVISION][:FILE]
     Pull { model: String },
     /// Delete a model: a file or directory name in the data dir, a known name, or hf:ORG/REPO
     Rm { model: String },
@@ -23,7 +23,11 @@ pub enum ModelsCommand {
 }
 
 /// The models `pull` knows by name.
-const KNOWN: &[(&str, &KnownModel)] = &[("default", &DEFAULT_MODEL), ("gemma3-270m", &GEMMA3_270M)];
+const KNOWN: &[(&str, &KnownModel)] = &[
+    ("default", &DEFAULT_MODEL),
+    ("gemma3-270m", &GEMMA3_270M),
+    ("qwen2.5-coder-1.5b", &QWEN_1_5B),
+];
 
 fn known(name: &str) -> Option<&'static KnownModel> {
     KNOWN.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
@@ -42,7 +46,7 @@ pub fn run(command: Option<ModelsCommand>) -> Result<i32> {
                 None => match known(&model) {
                     Some(m) => fetch::ensure(m)?,
                     None => bail!(
-                        "unknown model '{model}': pull takes `default`, `gemma3-270m` or hf:ORG/REPO[@REVISION][:FILE]"
+                        "unknown model '{model}': pull takes `default`, `gemma3-270m`, `qwen2.5-coder-1.5b` or hf:ORG/REPO[@REVISION][:FILE]"
                     ),
                 },
             };

@@ -1,16 +1,21 @@
 //! The CPU hot path's own kernels, for the weight types whose candle kernels a profiler showed to
-//! be slow (docs/PERFORMANCE.md): Q5_0 (candle's is scalar) and Q8_0 (candle's is not repacked
+//! be slow (docs/PERFORMANCE.md): Q5_0 (candle's is scalar), Q8_0 (candle's is not repacked
 //! for rows that are not a multiple of 256 values, which is every Q8_0 matrix of the default
-//! model, its 151,936-row output projection included). Each multiplies f32 activations by a
+//! model, its 151,936-row output projection included), and Q4_K and Q6_K, the matrices of most
+//! downloaded models (candle's repacking keeps a second, larger copy of the weights: f32
+//! scales, one byte per Q6_K value). Each multiplies f32 activations by a
 //! weight matrix repacked at load (`packed`) the way llama.cpp does — activations quantized once
 //! per row to Q8_0 — with SIMD chosen at run time and a scalar fallback, on candle's own thread
 //! pool (so the two never compete for cores).
 
 mod activations;
 mod exp;
+mod kquant;
 mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_kquant;
 
 pub use activations::Q8Rows;
 pub use exp::fast_exp;
@@ -162,7 +167,17 @@ impl Kernel {
         all
     }
 
+    /// The best implementation this CPU runs, capped by `LAMBDACHAT_KERNELS` (`scalar`, `avx2`)
+    /// when set: the test suite runs with the wider paths forced off, as on an older CPU.
     fn detect() -> Self {
+        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("LAMBDACHAT_KERNELS").ok();
+            Self::cpu_best().min(Self::cap(cap.as_deref()))
+        })
+    }
+
+    fn cpu_best() -> Self {
         #[cfg(target_arch = "x86_64")]
         if x86::avx2() {
             return if x86::avx512_vnni() {
@@ -172,6 +187,20 @@ impl Kernel {
             };
         }
         Self::Scalar
+    }
+
+    /// The most capable implementation a `LAMBDACHAT_KERNELS` value allows (anything else,
+    /// or nothing, allows all).
+    fn cap(value: Option<&str>) -> Self {
+        match value {
+            Some("scalar") => Self::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Some("avx2") => Self::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            _ => Self::Avx512Vnni,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => Self::Scalar,
+        }
     }
 
     /// `out = x · mᵀ`, work items of one tile of weight rows × `ROWS_PER_ITEM` activation rows,
@@ -218,10 +247,22 @@ impl Kernel {
 
 #[cfg(test)]
 mod tests {
-    use super::pool_execute_chunked;
+    use super::{Kernel, pool_execute_chunked};
 
     /// A task that panics makes the call panic, and the pool still works afterwards (candle's
     /// own re-raise poisons its call lock: every later call panicked).
+    #[test]
+    fn the_environment_caps_the_kernel() {
+        assert_eq!(Kernel::cap(Some("scalar")), Kernel::Scalar);
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(Kernel::cap(Some("avx2")), Kernel::Avx2);
+            assert_eq!(Kernel::cap(None), Kernel::Avx512Vnni);
+            assert_eq!(Kernel::cap(Some("anything")), Kernel::Avx512Vnni);
+        }
+        assert!(Kernel::detect() <= Kernel::cpu_best());
+    }
+
     #[test]
     fn a_panicking_task_leaves_the_pool_usable() {
         let failed = std::panic::catch_unwind(|| {

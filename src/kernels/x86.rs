@@ -1,8 +1,9 @@
 //! AVX-512 VNNI and AVX2 kernels over packed tiles (`packed`). A tile block's values become 8
 //! vectors of unsigned bytes, one per group of 4 values: byte `4r + j` is row `r`'s value
-//! `4g + j` plus an offset (16 for Q5_0, 128 for Q8_0), so an unsigned × signed multiply-add
-//! against 4 broadcast activations gives row `r`'s partial dot product in lane `r`. The offset's
-//! share, `offset · Σx`, is taken off once per block from the activations' block sums.
+//! `4g + j` plus an offset (8 for Q4_0, 16 for Q5_0, 128 for Q8_0), so an unsigned × signed
+//! multiply-add against 4 broadcast activations gives row `r`'s partial dot product in lane
+//! `r`. The offset's share, `offset · Σx`, is taken off once per block from the activations'
+//! block sums.
 
 use std::arch::x86_64::*;
 
@@ -41,13 +42,14 @@ trait Tile {
     unsafe fn dot256(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
 }
 
+struct Q4_0;
 struct Q5_0;
 struct Q8_0;
 
 /// `acc + Σ` of 4 products of unsigned `w` and signed `x` bytes per lane, without VNNI (the
 /// 16-bit pair sums cannot saturate: |w| ≤ 31 here).
 #[inline(always)]
-unsafe fn dot_unsigned256(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+pub(super) unsafe fn dot_unsigned256(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
     // SAFETY: AVX2, which every caller enables.
     unsafe {
         let pairs = _mm256_maddubs_epi16(w, x);
@@ -71,6 +73,64 @@ unsafe fn bytes_from_bits(bits: u32) -> __m256i {
         );
         let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
         _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+    }
+}
+
+impl Tile for Q4_0 {
+    const FORMAT: Format = Format::Q4_0;
+    const OFFSET_512: f32 = 8.0;
+    const OFFSET_256: f32 = 8.0;
+
+    #[inline(always)]
+    unsafe fn groups512(tile: *const u8) -> [__m512i; 8] {
+        // SAFETY: as the caller's; a Q4_0 tile block's chunks follow its scales.
+        unsafe { nibbles512(tile.add(SCALES)) }
+    }
+
+    #[inline(always)]
+    unsafe fn groups256(tile: *const u8, half: usize) -> [__m256i; 8] {
+        // SAFETY: as the caller's.
+        unsafe { nibbles256(tile.add(SCALES), half) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot256(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: as the caller's.
+        unsafe { dot_unsigned256(acc, w, x) }
+    }
+}
+
+/// 4 chunks of 64 bytes of nibbles at `chunks` (byte `4r + j` of chunk `p`: row `r`'s value
+/// `4p + j` in the low nibble, `16 + 4p + j` in the high one) as the 8 groups of 16 rows: the
+/// layout of Q4_0's tile blocks and of the k-quants' sub-blocks.
+#[inline(always)]
+pub(super) unsafe fn nibbles512(chunks: *const u8) -> [__m512i; 8] {
+    // SAFETY: AVX-512 BW, which every caller enables; the caller's 256 bytes at `chunks`.
+    unsafe {
+        let low4 = _mm512_set1_epi8(0x0F);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for p in 0..4 {
+            let v = _mm512_loadu_si512(chunks.add(64 * p) as *const _);
+            w[p] = _mm512_and_si512(v, low4);
+            w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        w
+    }
+}
+
+/// Rows `8·half .. 8·half + 8` of [`nibbles512`].
+#[inline(always)]
+pub(super) unsafe fn nibbles256(chunks: *const u8, half: usize) -> [__m256i; 8] {
+    // SAFETY: AVX2, which every caller enables; the caller's 256 bytes at `chunks`.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let mut w = [_mm256_setzero_si256(); 8];
+        for p in 0..4 {
+            let v = _mm256_loadu_si256(chunks.add(64 * p + 32 * half) as *const __m256i);
+            w[p] = _mm256_and_si256(v, low4);
+            w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        w
     }
 }
 
@@ -165,11 +225,12 @@ impl Tile for Q8_0 {
     }
 }
 
-/// Asks for the tile block `PREFETCH_BYTES` ahead, every cache line of it: without this a
-/// single activation row waits on memory (the hardware prefetcher alone left half the bandwidth
-/// unused).
+/// Asks for the `bytes` at `PREFETCH_BYTES` past `tile`, every cache line of them: without
+/// this a single activation row waits on memory (the hardware prefetcher alone left half the
+/// bandwidth unused). The k-quant kernels call it per sub-block (288 or 416 bytes), so that
+/// their 2–3 KB tile blocks do not ask for 40–50 lines in one burst.
 #[inline(always)]
-unsafe fn prefetch(tile: *const u8, bytes: usize) {
+pub(super) unsafe fn prefetch(tile: *const u8, bytes: usize) {
     let ahead = tile.wrapping_add(PREFETCH_BYTES);
     for line in (0..bytes).step_by(64) {
         // SAFETY: SSE; prefetches never fault.
@@ -179,13 +240,13 @@ unsafe fn prefetch(tile: *const u8, bytes: usize) {
 
 /// Four activation bytes `xs[at..at + 4]` in every i32 lane.
 #[inline(always)]
-unsafe fn broadcast512(xs: *const i8, at: usize) -> __m512i {
+pub(super) unsafe fn broadcast512(xs: *const i8, at: usize) -> __m512i {
     // SAFETY: AVX-512 F; the caller keeps `at + 4` inside the row.
     unsafe { _mm512_set1_epi32((xs.add(at) as *const i32).read_unaligned()) }
 }
 
 #[inline(always)]
-unsafe fn broadcast256(xs: *const i8, at: usize) -> __m256i {
+pub(super) unsafe fn broadcast256(xs: *const i8, at: usize) -> __m256i {
     // SAFETY: AVX; the caller keeps `at + 4` inside the row.
     unsafe { _mm256_set1_epi32((xs.add(at) as *const i32).read_unaligned()) }
 }
@@ -221,8 +282,10 @@ pub unsafe fn unit_avx512(
     // SAFETY: the caller's promises.
     unsafe {
         match m.format() {
+            Format::Q4_0 => by_rows!(tile512::<Q4_0>(n, m, x, t, rows.start, out)),
             Format::Q5_0 => by_rows!(tile512::<Q5_0>(n, m, x, t, rows.start, out)),
             Format::Q8_0 => by_rows!(tile512::<Q8_0>(n, m, x, t, rows.start, out)),
+            Format::Q4K | Format::Q6K => super::x86_kquant::unit_avx512(m, x, t, rows, out),
         }
     }
 }
@@ -290,8 +353,10 @@ pub unsafe fn unit_avx2(
     // SAFETY: the caller's promises.
     unsafe {
         match m.format() {
+            Format::Q4_0 => by_rows!(tile256::<Q4_0>(n, m, x, t, rows.start, out)),
             Format::Q5_0 => by_rows!(tile256::<Q5_0>(n, m, x, t, rows.start, out)),
             Format::Q8_0 => by_rows!(tile256::<Q8_0>(n, m, x, t, rows.start, out)),
+            Format::Q4K | Format::Q6K => super::x86_kquant::unit_avx2(m, x, t, rows, out),
         }
     }
 }

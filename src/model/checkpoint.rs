@@ -76,8 +76,8 @@ impl Default for LoadOptions {
 /// environment variable, so a benchmark or a test states what it measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Kernels {
-    /// lambdachat's packed kernels for the formats they cover (`crate::kernels`: Q5_0 and Q8_0
-    /// on a CPU), candle's for the rest.
+    /// lambdachat's packed kernels for the formats they cover (`crate::kernels`: Q4_0, Q5_0,
+    /// Q8_0, Q4_K and Q6_K on a CPU), candle's for the rest.
     #[default]
     Ours,
     /// candle's for every format (side-by-side measurements).

@@ -1,6 +1,6 @@
 //! Token embeddings. GGUF tables stay quantized (rows are dequantized on lookup), so the table
 //! (151,936 × 896 for Qwen2.5-0.5B) costs its file size in memory, not four bytes a weight. A
-//! table our kernels take (Q8_0, Q5_0 on the CPU) is packed for them and shared with a tied
+//! table our kernels take (Q8_0, Q6_K and the others of `kernels::Format` on the CPU) is packed for them and shared with a tied
 //! output head, so the largest matrix of a decode step runs on our kernel and is held once.
 
 use std::sync::Arc;

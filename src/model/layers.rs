@@ -32,8 +32,8 @@ pub struct Linear {
 enum Weight {
     /// candle: dense tensors, and the quantized types whose CPU kernels it vectorizes.
     Candle(QMatMul),
-    /// Q5_0 and Q8_0 on the CPU: lambdachat's kernels (see `crate::kernels`); shared with the
-    /// token table when the embeddings are tied.
+    /// Q4_0, Q5_0, Q8_0, Q4_K and Q6_K on the CPU: lambdachat's kernels (see `crate::kernels`);
+    /// shared with the token table when the embeddings are tied.
     Packed(Arc<PackedMatrix>),
 }
 
@@ -46,7 +46,7 @@ impl Weight {
     }
 }
 
-/// Repacks a CPU Q5_0 or Q8_0 matrix for our kernels when `kernels` asks for ours (not for
+/// Repacks a CPU matrix of a format our kernels take (`Format::of`) for them when `kernels` asks for ours (not for
 /// candle's everywhere, nor for dense f32 weights). The caller drops `q` afterwards: the weights
 /// are held once, in their packed order.
 pub fn packed(q: &QMatMul, name: &str, kernels: Kernels) -> Result<Option<PackedMatrix>> {
