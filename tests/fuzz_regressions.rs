@@ -1,6 +1,8 @@
 //! Inputs the fuzz targets (fuzz/, scripts/fuzz.sh) found to break something, each kept as a
 //! test through the public API so that the fix stays. docs/RELIABILITY.md lists them.
 
+mod common;
+
 use candle_core::quantized::gguf_file::Value;
 use lambdachat::attention::{
     AttentionCache, AttentionError, AttentionInput, HostCache, LambdaParams, LayerGeometry,
@@ -104,4 +106,76 @@ fn a_vocabulary_with_a_repeated_token_counts_every_id() {
     assert!(ids.iter().all(|&id| id < 4), "{ids:?}");
     assert!(ids.contains(&3), "{ids:?}");
     tokenizer.decode(&ids).expect("every encoded id decodes");
+}
+
+/// gguf_open, oom-c528fcbc: a tiny model whose `attention.key_length` read about four billion
+/// asked for a 16 GB table of RoPE frequencies (libFuzzer's out-of-memory). Every size the
+/// decoder is built from is now capped, and a file past a cap is a clear error, for each of
+/// them.
+#[test]
+fn a_model_file_with_giant_dimensions_is_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value) in [
+        ("qwen2.attention.key_length", 4_194_304_016u64),
+        ("qwen2.embedding_length", 1 << 40),
+        ("qwen2.attention.head_count", 1 << 30),
+        ("qwen2.block_count", 1 << 33),
+        ("qwen2.feed_forward_length", 1 << 36),
+    ] {
+        let mut model = common::tiny::tiny_model("qwen2");
+        model.metadata.retain(|(k, _)| k != key);
+        model.metadata.push((key.to_string(), Value::U64(value)));
+        let path = dir.path().join("giant.gguf");
+        model.write(&path);
+        let Err(err) = lambdachat::engine::Engine::load(&path) else {
+            panic!("{key} = {value} loaded");
+        };
+        let msg = err.to_string();
+        assert!(msg.contains(key) && msg.contains("beyond"), "{key}: {msg}");
+    }
+}
+
+/// gguf_vocab, out of its 2 GiB after 510,273 inputs: tokenizers 0.23 keeps each BPE model's
+/// word cache in a thread-local map keyed by the model's id, which outlives the model, so every
+/// tokenizer built and dropped left its words behind. GGUF tokenizers are now built without
+/// that cache: building and dropping many, each encoding new words, leaves the memory flat.
+#[test]
+fn tokenizers_built_and_dropped_leave_no_memory_behind() {
+    let (tokens, _, _) = common::tiny::vocabulary();
+    let meta = || {
+        std::collections::HashMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+            ),
+        ])
+    };
+    let round = |r: usize| {
+        let tokenizer =
+            Tokenizer::from_gguf_metadata(&Metadata::new(std::path::Path::new("t.gguf"), meta()))
+                .unwrap();
+        // 200 words never seen before, 40–60 bytes each: ~10 KB of cache per tokenizer.
+        let text: String = (0..200)
+            .map(|w| format!("w{r}x{w}{} ", "abcdefghij".repeat(4)))
+            .collect();
+        tokenizer.encode(&text).unwrap();
+    };
+    for r in 0..50 {
+        round(r);
+    }
+    let before = lambdachat::eval::rss_bytes();
+    for r in 50..1050 {
+        round(r);
+    }
+    let grown = lambdachat::eval::rss_bytes().saturating_sub(before);
+    // With the cache, 1,000 tokenizers left about 40 MB behind.
+    assert!(
+        grown < 4 << 20,
+        "{} KB more after 1,000 tokenizers",
+        grown >> 10
+    );
 }

@@ -48,6 +48,10 @@ pub enum ModelError {
     MissingTensor(PathBuf, String),
     #[error("tensor '{0}': {1}")]
     Tensor(String, String),
+    #[error(
+        "{0} = {1} is beyond {2}, the most this program accepts (a damaged or hostile model file)"
+    )]
+    OutOfRange(String, usize, usize),
     #[error("config.json: unsupported model_type '{0}' (supported: {list}){hint}",
         list = arch::hf_types().join(", "),
         hint = if .0 == "gemma3" { "; this is a multimodal Gemma 3 checkpoint, use its text-only model" } else { "" })]
@@ -133,13 +137,32 @@ impl ModelInfo {
     }
 }
 
+/// The largest hyper-parameters a model file may declare: several times any model published
+/// today, and small enough that the tables sized by them (RoPE frequencies, per-layer state)
+/// stay small. A file past them is refused before anything is allocated from them (a fuzzed
+/// `attention.key_length` of four billion asked for a 16 GB RoPE table).
+const MAX_HIDDEN: usize = 1 << 17;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_FFN: usize = 1 << 20;
+
+/// `value` of metadata key `key`, refused past `max`.
+fn capped(key: String, value: usize, max: usize) -> Result<usize, ModelError> {
+    if value > max {
+        return Err(ModelError::OutOfRange(key, value, max));
+    }
+    Ok(value)
+}
+
 /// Reads the hyper-parameters every decoder-only model shares, under the `{arch}.` prefix.
 /// The vocabulary size is the embedding table's, set by the loader.
 pub(crate) fn common_info(ckpt: &Checkpoint, arch: &str) -> Result<ModelInfo, ModelError> {
     let meta = ckpt.meta();
     let key = |k: &str| format!("{arch}.{k}");
-    let hidden_size = meta.usize(&key("embedding_length"))?;
-    let n_heads = meta.usize(&key("attention.head_count"))?;
+    let read = |k: &str, max: usize| capped(key(k), meta.usize(&key(k))?, max);
+    let hidden_size = read("embedding_length", MAX_HIDDEN)?;
+    let n_heads = read("attention.head_count", MAX_HEADS)?;
     if n_heads == 0 {
         return Err(ModelError::Tensor(
             key("attention.head_count"),
@@ -155,9 +178,10 @@ pub(crate) fn common_info(ckpt: &Checkpoint, arch: &str) -> Result<ModelInfo, Mo
             format!("{n_kv_heads} key/value heads do not divide {n_heads} heads"),
         ));
     }
-    let head_dim = meta
-        .usize(&key("attention.key_length"))
-        .unwrap_or(hidden_size / n_heads);
+    let head_dim = match meta.usize(&key("attention.key_length")) {
+        Ok(d) => capped(key("attention.key_length"), d, MAX_HEAD_DIM)?,
+        Err(_) => hidden_size / n_heads,
+    };
     Ok(ModelInfo {
         architecture: arch.to_string(),
         name: meta.string("general.name").unwrap_or_else(|_| {
@@ -166,13 +190,13 @@ pub(crate) fn common_info(ckpt: &Checkpoint, arch: &str) -> Result<ModelInfo, Mo
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         }),
-        n_layers: meta.usize(&key("block_count"))?,
+        n_layers: read("block_count", MAX_LAYERS)?,
         hidden_size,
         n_heads,
         n_kv_heads,
         head_dim,
         vocab_size: 0,
-        ffn_size: meta.usize(&key("feed_forward_length"))?,
+        ffn_size: read("feed_forward_length", MAX_FFN)?,
         context_length: meta.usize(&key("context_length")).unwrap_or(4096),
         sliding_window: meta.usize(&key("attention.sliding_window")).ok(),
         rope_theta: meta.f64(&key("rope.freq_base")).unwrap_or(10_000.0),

@@ -224,10 +224,14 @@ impl Tokenizer {
     }
 }
 
-/// Words whose merges a BPE model remembers (per thread). The library's default, 10,000 words
-/// of up to 256 bytes, lets the new words of an endless chat (names, numbers, identifiers) pile
-/// up to megabytes that are never let go; a thousand keeps the common ones.
-pub(crate) const BPE_CACHE_WORDS: usize = 1_000;
+/// Words whose merges a BPE model remembers: none. tokenizers 0.23 keeps them in a
+/// thread-local map keyed by the model's id that outlives the model, so every tokenizer built
+/// left its words behind for good (the gguf_vocab fuzzer's memory grew by ~4 KB per input until
+/// it hit its 2 GiB limit; a chat that loads model after model would grow the same way). With
+/// no cache a word's merges are computed each time, microseconds, and only new text is ever
+/// encoded. (A `tokenizer.json` BPE keeps an empty entry of that map per load: its cache can
+/// be sized, not removed.)
+pub(crate) const BPE_CACHE_WORDS: usize = 0;
 
 fn encode_offsets(
     tokenizer: &tokenizers::Tokenizer,
