@@ -54,6 +54,9 @@ pub struct LambdaConfig {
     pub n_global: Option<usize>,
     pub n_local: Option<usize>,
     pub distance_limit: Option<u64>,
+    /// `f32` or `f16`: how the cache holds keys and values (checked by the command line, which
+    /// knows the cache's types).
+    pub kv_type: Option<Spanned<String>>,
 }
 
 /// Recall of evicted context (docs/ALGORITHM.md §10).
@@ -192,6 +195,10 @@ mod tests {
         let text = include_str!("../config.example.toml");
         let c = Config::parse(text, Path::new("config.example.toml")).unwrap();
         assert_eq!(c.lambda.n_global, Some(64));
+        assert_eq!(
+            c.lambda.kv_type.as_ref().map(|t| t.get_ref().as_str()),
+            Some("f32")
+        );
         assert_eq!(c.sampling.temperature, Some(0.7));
         assert!(c.theme.contains_key("user"));
         assert!(c.keymap.contains_key("send"));

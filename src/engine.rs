@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+use crate::attention::{KvCache, KvType, LambdaParams};
 use crate::chat::template::END_OF_TURN_MARKERS;
 use crate::chat::{ChatTemplate, TemplateError};
 use crate::model::{Checkpoint, LanguageModel, LoadOptions, ModelError, Source};
@@ -40,9 +41,20 @@ pub struct Engine {
     pub device: Device,
     /// Tells these weights from any others of the same shape (saved caches carry it).
     pub fingerprint: String,
+    /// How conversations' Λ caches hold keys and values.
+    pub kv_type: KvType,
 }
 
 impl Engine {
+    /// An empty cache for this model under `params`, on the engine's device, holding keys and
+    /// values as the engine was loaded to (`--kv-type`): every conversation and evaluation
+    /// starts from one.
+    pub fn empty_cache(&self, params: LambdaParams) -> KvCache {
+        let mut cache = KvCache::new(params, self.model.layer_geometry(params), &self.device);
+        cache.set_kv_type(self.kv_type);
+        cache
+    }
+
     /// Loads a GGUF file or a Hugging Face directory with the default options.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
         Self::load_with(path, LoadOptions::default())
@@ -112,6 +124,7 @@ impl Engine {
             load_time: start.elapsed(),
             device: options.device,
             fingerprint,
+            kv_type: options.kv_type,
         })
     }
 

@@ -241,6 +241,11 @@ fn an_invalid_config_names_line_and_column_and_nothing_starts() {
     assert_clean_error(&out, "config.toml:2:8: unknown key \"ctrl+enterr\"");
     let out = with_config("[theme]\nuser = \"blurple\"\n", &["ask", "hi"]);
     assert_clean_error(&out, "config.toml:2:8: \"blurple\" is not a colour");
+    let out = with_config("[lambda]\nkv_type = \"q8\"\n", &["ask", "hi"]);
+    assert_clean_error(
+        &out,
+        "config.toml:2:11: kv_type is \"q8\"; expected one of f32, f16",
+    );
     let out = lambdachat()
         .args(["ask", "hi"])
         .env("LAMBDACHAT_CONFIG", "/nonexistent/config.toml")
@@ -265,6 +270,20 @@ fn flags_beat_the_config_file() {
     ];
     let out = with_config(config, &args);
     assert_clean_error(&out, "cannot read /nonexistent/m.gguf");
+    // A bad kv_type in the file is not looked at when the flag sets one.
+    let config = "[lambda]\nkv_type = \"q8\"\n";
+    let args = [
+        "ask",
+        "--kv-type",
+        "f16",
+        "--model",
+        "/nonexistent/m.gguf",
+        "hi",
+    ];
+    assert_clean_error(
+        &with_config(config, &args),
+        "cannot read /nonexistent/m.gguf",
+    );
     // And the file's model is used when no flag names one.
     let out = with_config(
         "model = \"/nonexistent/from-config.gguf\"\n",

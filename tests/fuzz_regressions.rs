@@ -179,3 +179,143 @@ fn tokenizers_built_and_dropped_leave_no_memory_behind() {
         grown >> 10
     );
 }
+
+/// A saved conversation of the tiny model (one turn) in `dir/saved`, and the engine that made
+/// it: what the store_load regressions damage.
+fn saved_conversation(
+    dir: &std::path::Path,
+) -> (
+    std::sync::Arc<lambdachat::engine::Engine>,
+    std::path::PathBuf,
+    i64,
+) {
+    use lambdachat::sampling::SamplingParams;
+    use lambdachat::session::Session;
+    use lambdachat::store::Store;
+    use std::sync::atomic::AtomicBool;
+
+    let model = dir.join("tiny.gguf");
+    common::tiny::write_gguf(&model, "qwen2");
+    let engine = std::sync::Arc::new(lambdachat::engine::Engine::load(&model).unwrap());
+    let saved = dir.join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    let store = Store::open(&saved.join("s.db")).unwrap();
+    let params = LambdaParams::new(4, 16, None).unwrap();
+    let id = store.create("t", "tiny", params).unwrap();
+    let history = Box::new(store.history(id).unwrap());
+    let mut session = Session::with_history(
+        engine.clone(),
+        params,
+        SamplingParams::default(),
+        None,
+        history,
+    )
+    .unwrap();
+    let never = AtomicBool::new(false);
+    session.turn("hello", Some(4), &never, &mut |_| {}).unwrap();
+    session.save().unwrap();
+    (engine, saved, id)
+}
+
+/// The database and its KV files, copied.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// store_load, a panic after 51,511 inputs: a token row whose `first` was set to −1 read back
+/// as position 2^64 − 1, and the run's end wrapped to 100 (`clamp` with min > max when the
+/// message was inspected). A run that starts below 0 or ends past the position limit is now
+/// damage, reported like a blob that does not decode.
+#[test]
+fn a_token_row_before_position_zero_is_damage_not_a_panic() {
+    use lambdachat::sampling::SamplingParams;
+    use lambdachat::session::Session;
+    use lambdachat::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, saved, id) = saved_conversation(dir.path());
+    for first in [-1i64, i64::MIN] {
+        let copy = dir.path().join(format!("damaged{first}"));
+        copy_tree(&saved, &copy);
+        let db = copy.join("s.db");
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute("UPDATE tokens SET first = ?1 WHERE first = 0", [first])
+            .unwrap();
+        let store = Store::open(&db).unwrap();
+        let history = Box::new(store.history(id).unwrap());
+        let Ok((session, _)) = Session::resume(engine.clone(), SamplingParams::default(), history)
+        else {
+            continue; // refused at resume: as good as later
+        };
+        let err = (0..session.message_count())
+            .map(|i| session.inspect(i).map(|_| ()))
+            .chain([session.tokens(0..session.token_count()).map(|_| ())])
+            .find_map(Result::err)
+            .unwrap_or_else(|| panic!("first = {first}: the damaged run was read as good"));
+        assert!(
+            err.to_string().contains("token run"),
+            "first = {first}: {err}"
+        );
+    }
+}
+
+/// store_load, a timeout (15 s on one input) after 258,791 inputs: a head whose pins were
+/// edited to span about 2^64 positions; the resume's pin counted the tokens it had lost by
+/// walking the range. The count now walks the cache, and a resume clips a head's pins to the
+/// conversation (sorted, merged) and refuses counts out of order.
+#[test]
+fn a_head_pinning_every_position_resumes_at_once() {
+    use lambdachat::sampling::SamplingParams;
+    use lambdachat::session::Session;
+    use lambdachat::store::Store;
+    use std::sync::atomic::AtomicBool;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, saved, id) = saved_conversation(dir.path());
+    let edit = |name: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let copy = dir.path().join(name);
+        copy_tree(&saved, &copy);
+        let db = copy.join("s.db");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let text: String = conn
+            .query_row("SELECT head FROM sessions", [], |r| r.get(0))
+            .unwrap();
+        let mut head: serde_json::Value = serde_json::from_str(&text).unwrap();
+        change(&mut head);
+        conn.execute("UPDATE sessions SET head = ?1", [head.to_string()])
+            .unwrap();
+        // Without its KV file the resume reads the window again, pins first.
+        std::fs::remove_dir_all(copy.join("kv")).unwrap();
+        let store = Store::open(&db).unwrap();
+        let history = Box::new(store.history(id).unwrap());
+        Session::resume(engine.clone(), SamplingParams::default(), history)
+    };
+    let never = AtomicBool::new(false);
+    for pins in [
+        serde_json::json!([[0u64, u64::MAX]]),
+        serde_json::json!([[3u64, 1u64 << 62], [1, 5], [9, 9]]),
+    ] {
+        let (mut session, _) = edit("pins", &|h| h["pinned"] = pins.clone()).unwrap();
+        session.catch_up(&never, &mut |_| {}).unwrap();
+        let stats = session.stats();
+        assert!(
+            stats.tokens_seen > 20,
+            "the window of 16 holds less than the conversation"
+        );
+        assert_eq!(stats.evicted, 0, "{pins}: every token is pinned, none lost");
+        session.turn("more", Some(2), &never, &mut |_| {}).unwrap();
+        std::fs::remove_dir_all(dir.path().join("pins")).unwrap();
+    }
+    let err = edit("counts", &|h| h["tokens_fed"] = (u64::MAX / 2).into())
+        .err()
+        .expect("more tokens fed than recorded is damage");
+    assert!(err.to_string().contains("tokens fed of"), "{err}");
+}

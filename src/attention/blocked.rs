@@ -11,6 +11,7 @@
 
 use gemm::{Parallelism, gemm};
 
+use super::kv_store::KvView;
 use super::window_start;
 use crate::kernels::fast_exp;
 
@@ -41,9 +42,9 @@ impl Visible {
 /// One segment of keys for a block: rows `[slot][kv_head][head_dim]` viewed for one KV head,
 /// each slot's absolute position, the packed queries it is scored with, and its rule.
 pub(super) struct BlockSegment<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
-    /// Floats between consecutive slots.
+    pub keys: KvView<'a>,
+    pub values: KvView<'a>,
+    /// Values between consecutive slots.
     pub stride: usize,
     /// Offset of this KV head inside a slot.
     pub offset: usize,
@@ -65,6 +66,33 @@ pub(super) struct BlockScratch {
     sum: Vec<f32>,
     /// `Σ e·s` per row, for the entropy.
     weighted: Vec<f64>,
+    /// An f16 segment's block of keys or values widened to f32, `[key][head_dim]`.
+    widened: Vec<f32>,
+}
+
+/// A block of `n` slots from `start` of one KV head's rows as the `gemm` crate reads them:
+/// a pointer and the stride between slots. f32 rows are read in place; f16 rows are widened
+/// into `buf` first (`n × head_dim` conversions against `rows × n × head_dim` multiplications).
+fn block_rows(
+    rows: KvView<'_>,
+    seg: &BlockSegment<'_>,
+    start: usize,
+    n: usize,
+    head_dim: usize,
+    buf: &mut Vec<f32>,
+) -> (*const f32, usize) {
+    let first = start * seg.stride + seg.offset;
+    match rows {
+        KvView::F32(v) => (v[first..].as_ptr(), seg.stride),
+        KvView::F16(v) => {
+            use half::slice::HalfFloatSliceExt;
+            buf.resize(n * head_dim, 0.0);
+            for (j, out) in buf.chunks_exact_mut(head_dim).enumerate() {
+                v[first + j * seg.stride..][..head_dim].convert_to_f32_slice(out);
+            }
+            (buf.as_ptr(), head_dim)
+        }
+    }
 }
 
 /// Where a block's rows are: `rows = tokens × group`, row `r` is token `r / group` at absolute
@@ -105,9 +133,11 @@ pub(super) fn attend_block<'s>(
         let mut start = seg.slots.start;
         while start < seg.slots.end {
             let n = (seg.slots.end - start).min(KEY_BLOCK);
+            let (keys, key_stride) = block_rows(seg.keys, seg, start, n, d, &mut s.widened);
             // S = Q · Kᵀ for keys start..start + n (row stride n).
             // SAFETY: every pointer and stride below describes memory inside the slices: `n`
-            // keys from `start`, `head_dim` floats each at `offset`, rows of `stride` floats.
+            // keys from `start`, `head_dim` floats each, rows `key_stride` floats apart (in the
+            // segment at `offset`, or in the widened copy).
             unsafe {
                 gemm(
                     rows,
@@ -120,8 +150,8 @@ pub(super) fn attend_block<'s>(
                     seg.queries.as_ptr(),
                     1,
                     d as isize,
-                    seg.keys.as_ptr().add(start * seg.stride + seg.offset),
-                    seg.stride as isize,
+                    keys,
+                    key_stride as isize,
                     1,
                     0.0,
                     1.0,
@@ -148,6 +178,8 @@ pub(super) fn attend_block<'s>(
                 any |= seen;
             }
             if any {
+                let (values, value_stride) =
+                    block_rows(seg.values, seg, start, n, d, &mut s.widened);
                 // O += P · V.
                 // SAFETY: as above, for the values.
                 unsafe {
@@ -162,9 +194,9 @@ pub(super) fn attend_block<'s>(
                         s.scores.as_ptr(),
                         1,
                         n as isize,
-                        seg.values.as_ptr().add(start * seg.stride + seg.offset),
+                        values,
                         1,
-                        seg.stride as isize,
+                        value_stride as isize,
                         1.0,
                         1.0,
                         false,

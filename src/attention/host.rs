@@ -1,4 +1,5 @@
-//! The bounded Λ cache and its fused attention pass (CPU, f32).
+//! The bounded Λ cache and its fused attention pass (CPU; keys and values f32 or f16,
+//! `kv_store.rs`).
 //!
 //! Per layer: a *global store* holding the first `G` tokens' keys unrotated (they are scored
 //! against the query rotated to `D` once they leave the window), and a *ring* of `L` slots holding
@@ -13,6 +14,7 @@ use std::ops::Range;
 
 use super::blocked::{BlockScratch, BlockSegment, BlockShape, Visible, attend_block};
 use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilities, merge_parts};
+use super::kv_store::{KvType, KvVec};
 use super::persist::Undo;
 use super::recall::{Recall, RecallStats, Recalled};
 use crate::kernels::{DisjointRows, pool_execute_chunked};
@@ -52,13 +54,13 @@ use super::{
 pub struct HostLayerCache {
     pub(super) geometry: LayerGeometry,
     /// `[slot][kv_head][head_dim]`, unrotated keys of the sinks and the pinned tokens.
-    pub(super) global_k: Vec<f32>,
-    pub(super) global_v: Vec<f32>,
+    pub(super) global_k: KvVec,
+    pub(super) global_v: KvVec,
     /// Absolute position of each global slot.
     pub(super) global_pos: Vec<u64>,
     /// `[slot][kv_head][head_dim]`, rotated keys; slot of position `p` is `p % window`.
-    pub(super) ring_k: Vec<f32>,
-    pub(super) ring_v: Vec<f32>,
+    pub(super) ring_k: KvVec,
+    pub(super) ring_v: KvVec,
     /// Absolute position held by each ring slot.
     pub(super) ring_pos: Vec<u64>,
     /// Tokens this layer has seen.
@@ -126,14 +128,14 @@ pub struct CacheStats {
 }
 
 impl HostLayerCache {
-    pub fn new(geometry: LayerGeometry) -> Self {
+    pub fn new(geometry: LayerGeometry, kv_type: KvType) -> Self {
         Self {
             geometry,
-            global_k: Vec::new(),
-            global_v: Vec::new(),
+            global_k: KvVec::new(kv_type),
+            global_v: KvVec::new(kv_type),
             global_pos: Vec::new(),
-            ring_k: Vec::new(),
-            ring_v: Vec::new(),
+            ring_k: KvVec::new(kv_type),
+            ring_v: KvVec::new(kv_type),
             ring_pos: Vec::new(),
             seen: 0,
             pinned: Vec::new(),
@@ -235,11 +237,11 @@ impl HostLayerCache {
         positions.sort_unstable();
         for pos in positions {
             let slot = (pos % self.geometry.window as u64) as usize;
-            let mut k = self.ring_k[slot * row..(slot + 1) * row].to_vec();
+            let mut k = self.ring_k.to_f32(slot * row..(slot + 1) * row);
             rope.unrotate_rows(&mut k, n_kv, hd, |_| pos);
-            self.global_k.extend_from_slice(&k);
+            self.global_k.extend(&k);
             self.global_v
-                .extend_from_slice(&self.ring_v[slot * row..(slot + 1) * row]);
+                .extend(&self.ring_v.to_f32(slot * row..(slot + 1) * row));
             self.global_pos.push(pos);
         }
         self.pins_to_copy = false;
@@ -265,11 +267,27 @@ impl HostLayerCache {
 
     /// Allocated bytes of K/V storage (capacity, not length: what the process really holds).
     pub fn bytes(&self) -> usize {
-        4 * (self.global_k.capacity()
-            + self.global_v.capacity()
-            + self.ring_k.capacity()
-            + self.ring_v.capacity())
+        self.global_k.capacity_bytes()
+            + self.global_v.capacity_bytes()
+            + self.ring_k.capacity_bytes()
+            + self.ring_v.capacity_bytes()
             + 8 * (self.ring_pos.capacity() + self.global_pos.capacity())
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.ring_k.kv_type()
+    }
+
+    /// The same contents held as `kv_type` (f16 rounds what f32 held).
+    pub(super) fn convert(&mut self, kv_type: KvType) {
+        for v in [
+            &mut self.global_k,
+            &mut self.global_v,
+            &mut self.ring_k,
+            &mut self.ring_v,
+        ] {
+            *v = v.converted(kv_type);
+        }
     }
 
     /// Positions currently in the ring, oldest first.
@@ -293,8 +311,8 @@ impl HostLayerCache {
             self.ring_v.reserve_exact(extra * row);
         }
         self.ring_pos.resize(slots, u64::MAX);
-        self.ring_k.resize(slots * row, 0.0);
-        self.ring_v.resize(slots * row, 0.0);
+        self.ring_k.resize(slots * row);
+        self.ring_v.resize(slots * row);
     }
 
     /// Runs Λ attention for a chunk and stores it, in four steps: the chunk's sinks and pins
@@ -359,7 +377,7 @@ impl HostLayerCache {
     /// for the sinks).
     fn store_globals(&mut self, input: &AttentionInput<'_>) {
         let (n_global, row, pos0) = (self.geometry.n_global, self.row(), self.seen);
-        if pos0 < n_global as u64 && self.global_k.capacity() == 0 {
+        if pos0 < n_global as u64 && self.global_k.capacity_bytes() == 0 {
             self.global_k.reserve_exact(n_global * row);
             self.global_v.reserve_exact(n_global * row);
             self.global_pos.reserve_exact(n_global);
@@ -367,10 +385,8 @@ impl HostLayerCache {
         for t in 0..input.n_tokens {
             let pos = pos0 + t as u64;
             if (pos as usize) < n_global || is_pinned(&self.pinned, pos) {
-                self.global_k
-                    .extend_from_slice(&input.k[t * row..(t + 1) * row]);
-                self.global_v
-                    .extend_from_slice(&input.v[t * row..(t + 1) * row]);
+                self.global_k.extend(&input.k[t * row..(t + 1) * row]);
+                self.global_v.extend(&input.v[t * row..(t + 1) * row]);
                 self.global_pos.push(pos);
             }
         }
@@ -547,8 +563,8 @@ impl HostLayerCache {
         };
         let sinks = Segment {
             rows: view(
-                &self.global_k,
-                &self.global_v,
+                self.global_k.view(),
+                self.global_v.view(),
                 if c.q_global.is_some() && first {
                     self.global_len()
                 } else {
@@ -564,8 +580,8 @@ impl HostLayerCache {
         let recalled = c.recalled.filter(|_| first);
         let recall = Segment {
             rows: view(
-                recalled.map_or(&[][..], |r| &r.keys),
-                recalled.map_or(&[][..], |r| &r.values),
+                recalled.map_or(&[][..], |r| &r.keys).into(),
+                recalled.map_or(&[][..], |r| &r.values).into(),
                 recalled.map_or(0, Recalled::len),
             ),
             queries: sinks.queries,
@@ -575,8 +591,8 @@ impl HostLayerCache {
         let ring_start = ring.start;
         let ring = Segment {
             rows: view(
-                &self.ring_k[ring_start * row..],
-                &self.ring_v[ring_start * row..],
+                self.ring_k.view().from(ring_start * row),
+                self.ring_v.view().from(ring_start * row),
                 ring.len(),
             ),
             queries,
@@ -586,7 +602,11 @@ impl HostLayerCache {
             },
         };
         let chunk = Segment {
-            rows: view(&c.keys, c.input.v, if last { c.input.n_tokens } else { 0 }),
+            rows: view(
+                (&c.keys).into(),
+                c.input.v.into(),
+                if last { c.input.n_tokens } else { 0 },
+            ),
             queries,
             visible: |u: usize| u <= t && ((t - u) as u64) < window,
         };
@@ -648,8 +668,8 @@ impl HostLayerCache {
             let mut segments = Vec::with_capacity(4);
             if c.q_global.is_some() {
                 segments.push(segment(
-                    &self.global_k,
-                    &self.global_v,
+                    self.global_k.view(),
+                    self.global_v.view(),
                     &self.global_pos,
                     0..self.global_len(),
                     &scratch.q_glob,
@@ -658,8 +678,8 @@ impl HostLayerCache {
             }
             if let Some(r) = recall_rows {
                 segments.push(segment(
-                    &r.keys,
-                    &r.values,
+                    (&r.keys).into(),
+                    (&r.values).into(),
                     &r.positions,
                     0..r.len(),
                     &scratch.q_glob,
@@ -667,16 +687,16 @@ impl HostLayerCache {
                 ));
             }
             segments.push(segment(
-                &self.ring_k,
-                &self.ring_v,
+                self.ring_k.view(),
+                self.ring_v.view(),
                 &self.ring_pos,
                 0..self.ring_len(),
                 &scratch.q_loc,
                 Visible::Window(window),
             ));
             segments.push(segment(
-                &c.keys,
-                input.v,
+                (&c.keys).into(),
+                input.v.into(),
                 &chunk_positions,
                 window_start(t0 as u64, window) as usize..t1,
                 &scratch.q_loc,
@@ -726,10 +746,10 @@ impl HostLayerCache {
             }
             self.keep_for_rewind(slot);
             self.ring_pos[slot] = pos;
-            self.ring_k[slot * row..(slot + 1) * row]
-                .copy_from_slice(&c.keys[t * row..(t + 1) * row]);
-            self.ring_v[slot * row..(slot + 1) * row]
-                .copy_from_slice(&c.input.v[t * row..(t + 1) * row]);
+            self.ring_k
+                .write(slot * row, &c.keys[t * row..(t + 1) * row]);
+            self.ring_v
+                .write(slot * row, &c.input.v[t * row..(t + 1) * row]);
         }
     }
 
@@ -756,7 +776,7 @@ impl HostLayerCache {
         old.sort_unstable();
         let e = &mut self.evicted;
         for (pos, slot) in old {
-            let mut k = self.ring_k[slot * row..(slot + 1) * row].to_vec();
+            let mut k = self.ring_k.to_f32(slot * row..(slot + 1) * row);
             c.input.rope.unrotate_rows(
                 &mut k,
                 self.geometry.n_kv_heads,
@@ -766,7 +786,7 @@ impl HostLayerCache {
             e.positions.push(pos);
             e.keys.extend_from_slice(&k);
             e.values
-                .extend_from_slice(&self.ring_v[slot * row..(slot + 1) * row]);
+                .extend_from_slice(&self.ring_v.to_f32(slot * row..(slot + 1) * row));
         }
         for t in 0..n {
             let pos = c.pos0 + t as u64;
@@ -888,6 +908,36 @@ struct Part {
 /// Whether `pos` falls in one of the sorted, disjoint `ranges`.
 pub(super) fn is_pinned(ranges: &[Range<u64>], pos: u64) -> bool {
     ranges.iter().any(|r| r.contains(&pos))
+}
+
+/// How many positions of `range` before `next` a cache no longer holds, when only `globals`
+/// (sinks and pinned copies) can hold a position before `recent_from`. Counted over the
+/// globals and the recent positions, never over the range itself: a pin read from a damaged
+/// conversation can span 2^48 positions, and a walk over it hung the resume.
+pub(super) fn evicted_in(
+    range: Range<u64>,
+    next: u64,
+    recent_from: u64,
+    globals: &[u64],
+    holds: impl Fn(u64) -> bool,
+) -> u64 {
+    let end = range.end.min(next);
+    if range.start >= end {
+        return 0;
+    }
+    let early = range.start..end.min(recent_from);
+    let mut kept: Vec<u64> = globals
+        .iter()
+        .copied()
+        .filter(|&p| early.contains(&p) && holds(p))
+        .collect();
+    kept.sort_unstable();
+    kept.dedup();
+    let early_lost = (early.end.saturating_sub(early.start)).saturating_sub(kept.len() as u64);
+    let recent_lost = (range.start.max(recent_from)..end)
+        .filter(|&p| !holds(p))
+        .count() as u64;
+    early_lost + recent_lost
 }
 
 /// Adds `range` to the sorted, disjoint `ranges`, merging what overlaps or touches.
@@ -1021,7 +1071,10 @@ impl std::fmt::Debug for RecallSlot {
 impl HostCache {
     pub fn new(params: LambdaParams, layers: Vec<LayerGeometry>) -> Self {
         Self {
-            layers: layers.into_iter().map(HostLayerCache::new).collect(),
+            layers: layers
+                .into_iter()
+                .map(|g| HostLayerCache::new(g, KvType::F32))
+                .collect(),
             params,
             next_position: 0,
             pinned: Vec::new(),
@@ -1029,6 +1082,17 @@ impl HostCache {
             mark_position: None,
             recall: RecallSlot::default(),
         }
+    }
+
+    /// Holds keys and values as `kv_type` from now on (what is held is converted).
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        self.layers.iter_mut().for_each(|l| l.convert(kv_type));
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        self.layers
+            .first()
+            .map_or(KvType::F32, HostLayerCache::kv_type)
     }
 
     /// Turns recall on: from now on, tokens leaving the window of a recalling layer go to
@@ -1070,10 +1134,20 @@ impl HostCache {
     /// Pins `range` (absolute positions): its tokens stay attended, like sinks, until unpinned.
     /// Returns how many of its tokens were already evicted and so cannot be pinned.
     pub fn pin(&mut self, range: Range<u64>) -> u64 {
-        let lost = range
-            .clone()
-            .filter(|&p| p < self.next_position && !self.holds(p))
-            .count() as u64;
+        let lost = match self.reference_layer() {
+            Some(l) => evicted_in(
+                range.clone(),
+                self.next_position,
+                window_start(l.seen, l.geometry.window as u64),
+                &l.global_pos,
+                |p| self.holds(p),
+            ),
+            // No layer holds anything: every position already fed is lost.
+            None => range
+                .end
+                .min(self.next_position)
+                .saturating_sub(range.start),
+        };
         add_range(&mut self.pinned, range);
         self.apply_pins();
         lost
@@ -1200,6 +1274,7 @@ mod tests {
     use crate::attention::{Rope, RopeStyle, reference_lambda_attention};
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
+    #[derive(Clone, Copy)]
     struct Case {
         t: usize,
         chunk: usize,
@@ -1208,14 +1283,29 @@ mod tests {
         d: Option<u64>,
         heads: usize,
         kv: usize,
+        hd: usize,
     }
 
     fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    fn run(case: &Case, style: RopeStyle) -> f64 {
-        let hd = 16;
+    /// The largest |Δ| against the oracle each storage type may show. f32 is exact up to the
+    /// order of additions (seen: 3e-7). f16 rounds each stored key and value by up to 2⁻¹¹ of
+    /// itself: on these inputs (keys up to 3, queries and values up to 1) outputs move by up to
+    /// 4e-4 (seen over the whole grid). A wrong mask, rotation or distance moves them by 1e-1.
+    fn tolerance(kv_type: KvType) -> f64 {
+        match kv_type {
+            KvType::F32 => 1e-5,
+            KvType::F16 => 2e-3,
+        }
+    }
+
+    const KV_TYPES: [KvType; 2] = [KvType::F32, KvType::F16];
+
+    /// Max |Δ| of the cache's outputs against the oracle, and the tolerance of `kv_type`.
+    fn run(case: &Case, style: RopeStyle, kv_type: KvType) -> f64 {
+        let hd = case.hd;
         let mut rng = StdRng::seed_from_u64(
             (case.t * 31 + case.chunk * 7 + case.g * 3 + case.l + case.kv) as u64,
         );
@@ -1232,7 +1322,7 @@ mod tests {
         let expected = reference_lambda_attention(
             &q, &k, &v, case.t, case.heads, case.kv, hd, params, &rope, scale,
         );
-        let mut cache = HostLayerCache::new(LayerGeometry::full(params, case.kv, hd));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, case.kv, hd), kv_type);
         let mut got = Vec::new();
         let mut start = 0;
         while start < case.t {
@@ -1281,17 +1371,20 @@ mod tests {
                                 d,
                                 heads,
                                 kv,
+                                hd: 16,
                             };
                             let style = if checked % 2 == 0 {
                                 RopeStyle::Neox
                             } else {
                                 RopeStyle::Interleaved
                             };
-                            let err = run(&case, style);
-                            assert!(
-                                err <= 1e-5,
-                                "T={t} chunk={chunk} G={g} L={l} D={d:?} heads={heads}/{kv}: max |Δ| = {err}"
-                            );
+                            for kv_type in KV_TYPES {
+                                let err = run(&case, style, kv_type);
+                                assert!(
+                                    err <= tolerance(kv_type),
+                                    "{kv_type} T={t} chunk={chunk} G={g} L={l} D={d:?} heads={heads}/{kv}: max |Δ| = {err}"
+                                );
+                            }
                             checked += 1;
                         }
                     }
@@ -1312,9 +1405,36 @@ mod tests {
             d: None,
             heads: 4,
             kv: 2,
+            hd: 16,
         };
-        let err = run(&case, RopeStyle::Neox);
-        assert!(err <= 1e-5, "max |Δ| = {err}");
+        for kv_type in KV_TYPES {
+            let err = run(&case, RopeStyle::Neox, kv_type);
+            assert!(err <= tolerance(kv_type), "{kv_type}: max |Δ| = {err}");
+        }
+    }
+
+    /// 64-dimensional heads take the kernels' register-blocked value pass (with AVX-512).
+    #[test]
+    fn heads_of_64_match_the_reference() {
+        let case = Case {
+            t: 300,
+            chunk: 1,
+            g: 4,
+            l: 100,
+            d: None,
+            heads: 6,
+            kv: 2,
+            hd: 64,
+        };
+        for kv_type in KV_TYPES {
+            for chunk in [1, 64] {
+                let err = run(&Case { chunk, ..case }, RopeStyle::Neox, kv_type);
+                assert!(
+                    err <= tolerance(kv_type),
+                    "{kv_type} chunk {chunk}: max |Δ| = {err}"
+                );
+            }
+        }
     }
 
     /// Oracle test 3: the cache holds exactly min(T, G + L) entries and stops allocating.
@@ -1322,7 +1442,7 @@ mod tests {
     fn bounded_after_100k_tokens_without_reallocation() {
         let params = LambdaParams::new(4, 64, None).unwrap();
         let (hd, kv) = (8, 1);
-        let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd), KvType::F32);
         let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
         let mut rng = StdRng::seed_from_u64(7);
         let mut bytes_when_full = None;
@@ -1371,12 +1491,15 @@ mod tests {
             d: Some(200),
             heads: 4,
             kv: 1,
+            hd: 16,
         };
-        let err = run(&case, RopeStyle::Neox);
-        assert!(err <= 1e-5, "max |Δ| = {err}");
+        for kv_type in KV_TYPES {
+            let err = run(&case, RopeStyle::Neox, kv_type);
+            assert!(err <= tolerance(kv_type), "{kv_type}: max |Δ| = {err}");
+        }
         // The split did happen (on any machine with two cores or more).
         let params = LambdaParams::new(case.g, case.l, case.d).unwrap();
-        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 1, 16));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 1, 16), KvType::F32);
         let rope = Rope::new(16, 10_000.0, RopeStyle::Neox);
         let mut rng = StdRng::seed_from_u64(5);
         let x = random(&mut rng, SPLIT_MIN_KEYS * 16);
@@ -1408,12 +1531,15 @@ mod tests {
                 d,
                 heads: 6,
                 kv: 2,
+                hd: 16,
             };
-            let err = run(&case, RopeStyle::Neox);
-            assert!(
-                err <= 1e-5,
-                "T={t} chunk={chunk} G={g} L={l}: max |Δ| = {err}"
-            );
+            for kv_type in KV_TYPES {
+                let err = run(&case, RopeStyle::Neox, kv_type);
+                assert!(
+                    err <= tolerance(kv_type),
+                    "{kv_type} T={t} chunk={chunk} G={g} L={l}: max |Δ| = {err}"
+                );
+            }
         }
     }
 
@@ -1431,7 +1557,7 @@ mod tests {
         let v = random(&mut rng, t * kv * hd);
         let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
         let entropies = |chunk: usize| {
-            let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd));
+            let mut cache = HostLayerCache::new(LayerGeometry::full(params, kv, hd), KvType::F32);
             cache.set_entropy(true);
             let mut all = Vec::new();
             for start in (0..t).step_by(chunk) {
@@ -1595,7 +1721,7 @@ mod tests {
     #[test]
     fn rejects_bad_shapes() {
         let params = LambdaParams::new(0, 4, None).unwrap();
-        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 2, 4));
+        let mut cache = HostLayerCache::new(LayerGeometry::full(params, 2, 4), KvType::F32);
         let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
         let x = [0f32; 8];
         let input = AttentionInput {

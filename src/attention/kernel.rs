@@ -8,16 +8,17 @@
 //! in registers across all keys). Scores of keys the rule hides are −∞ and contribute exactly
 //! zero.
 
+use super::kv_store::{KvElem, KvView};
 use crate::kernels::fast_exp;
 
 /// How many slots ahead of use rows are prefetched.
 const PREFETCH_AHEAD: usize = 8;
 
-/// Keys and values stored `[slot][kv_head][head_dim]`, viewed for one KV head.
+/// Keys and values stored `[slot][kv_head][head_dim]` (f32 or f16), viewed for one KV head.
 pub(super) struct Rows<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
-    /// Floats between consecutive slots (`n_kv_heads · head_dim`).
+    pub keys: KvView<'a>,
+    pub values: KvView<'a>,
+    /// Values between consecutive slots (`n_kv_heads · head_dim`).
     pub stride: usize,
     /// Offset of this KV head inside a slot.
     pub offset: usize,
@@ -29,11 +30,11 @@ impl Rows<'_> {
     /// strided and cross a 4 KiB page every few slots, where hardware prefetchers stop; without
     /// this, the pass waits on memory rather than computing.
     #[inline(always)]
-    fn prefetch(&self, data: &[f32], j: usize, from: usize, d: usize) {
+    fn prefetch<E>(&self, data: &[E], j: usize, from: usize, d: usize) {
         #[cfg(target_arch = "x86_64")]
         if j < self.len {
             let start = j * self.stride + self.offset + from;
-            for line in (0..d).step_by(16) {
+            for line in (0..d).step_by(64 / size_of::<E>()) {
                 // SAFETY: prefetch is a hint that never faults; the address is inside `data`.
                 unsafe {
                     use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
@@ -43,14 +44,10 @@ impl Rows<'_> {
         }
     }
 
+    /// The first `d` values of slot `j` of `data` (the keys or the values, typed).
     #[inline]
-    fn key(&self, j: usize, d: usize) -> &[f32] {
-        &self.keys[j * self.stride + self.offset..][..d]
-    }
-
-    #[inline]
-    fn value(&self, j: usize, d: usize) -> &[f32] {
-        &self.values[j * self.stride + self.offset..][..d]
+    fn row<'d, E>(&self, data: &'d [E], j: usize, d: usize) -> &'d [E] {
+        &data[j * self.stride + self.offset..][..d]
     }
 }
 
@@ -209,6 +206,23 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
     }
 
     fn score(&self, scores: &mut [f32], at: Placement, scale: f32) {
+        match self.rows.keys {
+            KvView::F32(keys) => self.score_in(keys, scores, at, scale),
+            KvView::F16(keys) => self.score_in(keys, scores, at, scale),
+        }
+    }
+
+    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+        match self.rows.values {
+            KvView::F32(values) => self.accumulate_in(values, probs, at, out),
+            KvView::F16(values) => self.accumulate_in(values, probs, at, out),
+        }
+    }
+}
+
+impl<F: Fn(usize) -> bool> Segment<'_, F> {
+    /// [`SegmentView::score`] over keys of one element type.
+    fn score_in<E: KvElem>(&self, keys: &[E], scores: &mut [f32], at: Placement, scale: f32) {
         let Placement {
             base,
             n_keys,
@@ -217,13 +231,13 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         } = at;
         let blocked = head_dim.is_multiple_of(16);
         let mut d = [0f32; 4];
-        for j in self.score_blocks(scores, at, scale)..self.rows.len {
-            self.rows
-                .prefetch(self.rows.keys, j + PREFETCH_AHEAD, 0, head_dim);
+        let mut widened = Vec::new();
+        for j in self.score_blocks(keys, scores, at, scale)..self.rows.len {
+            self.rows.prefetch(keys, j + PREFETCH_AHEAD, 0, head_dim);
             if !(self.visible)(j) {
                 continue;
             }
-            let k = self.rows.key(j, head_dim);
+            let k = E::as_f32(self.rows.row(keys, j, head_dim), &mut widened);
             // Up to four heads per sweep over the key: independent FMA chains, one key load.
             let mut g = 0;
             while g < group {
@@ -247,7 +261,14 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         }
     }
 
-    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+    /// [`SegmentView::accumulate`] over values of one element type.
+    fn accumulate_in<E: KvElem>(
+        &self,
+        values: &[E],
+        probs: &[f32],
+        at: Placement,
+        out: &mut [f32],
+    ) {
         let Placement {
             base,
             n_keys,
@@ -256,14 +277,14 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         } = at;
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
         if head_dim.is_multiple_of(SLICE) {
-            self.accumulate_in_registers(probs, at, out);
+            self.accumulate_in_registers(values, probs, at, out);
             return;
         }
         // Portable: each value row added into every head's outputs.
+        let mut widened = Vec::new();
         for j in 0..self.rows.len {
-            self.rows
-                .prefetch(self.rows.values, j + PREFETCH_AHEAD, 0, head_dim);
-            let v = self.rows.value(j, head_dim);
+            self.rows.prefetch(values, j + PREFETCH_AHEAD, 0, head_dim);
+            let v = E::as_f32(self.rows.row(values, j, head_dim), &mut widened);
             for g in 0..group {
                 let p = probs[g * n_keys + base + j];
                 if p != 0.0 {
@@ -274,6 +295,10 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         }
     }
 }
+
+/// Output values per register-blocked pass over the value rows.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+const SLICE: usize = 64;
 
 /// Where the transposed sum of [`Segment::score_blocks`] leaves key `k` of a block: lane
 /// `4 · (k mod 4) + k / 4`.
@@ -322,16 +347,18 @@ fn transposed_sums(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m
     }
 }
 
-/// Output values per register-blocked pass over the value rows.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-const SLICE: usize = 64;
-
 impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// Scores whole blocks of 16 keys (AVX-512): each head's 16 dot products are summed across
     /// lanes together ([`transposed_sums`]) and stored as one vector, hidden keys as −∞.
     /// Returns how many keys it scored; the caller scores the rest one by one.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    fn score_blocks(&self, scores: &mut [f32], at: Placement, scale: f32) -> usize {
+    fn score_blocks<E: KvElem>(
+        &self,
+        keys: &[E],
+        scores: &mut [f32],
+        at: Placement,
+        scale: f32,
+    ) -> usize {
         use std::arch::x86_64::*;
         let Placement {
             base,
@@ -348,13 +375,13 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         for block in 0..blocks {
             let j0 = 16 * block;
             for k in 0..16 {
-                self.rows.prefetch(self.rows.keys, j0 + 16 + k, 0, head_dim);
+                self.rows.prefetch(keys, j0 + 16 + k, 0, head_dim);
             }
             let visible = (0..16).fold(0u16, |m, k| m | (((self.visible)(j0 + k) as u16) << k));
             if visible == 0 {
                 continue; // the buffer starts at −∞
             }
-            let keys: [&[f32]; 16] = std::array::from_fn(|k| self.rows.key(j0 + k, head_dim));
+            let rows: [&[E]; 16] = std::array::from_fn(|k| self.rows.row(keys, j0 + k, head_dim));
             for g in 0..group {
                 let q = &self.queries[g * head_dim..(g + 1) * head_dim];
                 // SAFETY: AVX-512 F is enabled for this build; every load reads 16 of the
@@ -364,8 +391,8 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
                     let mut a = [_mm512_setzero_ps(); 16];
                     for c in (0..head_dim).step_by(16) {
                         let qv = _mm512_loadu_ps(q.as_ptr().add(c));
-                        for (a, key) in a.iter_mut().zip(keys) {
-                            *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(key.as_ptr().add(c)), *a);
+                        for (a, key) in a.iter_mut().zip(rows) {
+                            *a = _mm512_fmadd_ps(qv, E::load16(key.as_ptr().add(c)), *a);
                         }
                     }
                     let s = _mm512_mul_ps(transposed_sums(a), _mm512_set1_ps(scale));
@@ -379,7 +406,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
 
     /// Without AVX-512 every key is scored one by one.
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    fn score_blocks(&self, _: &mut [f32], _: Placement, _: f32) -> usize {
+    fn score_blocks<E>(&self, _: &[E], _: &mut [f32], _: Placement, _: f32) -> usize {
         0
     }
 
@@ -387,7 +414,13 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// over all the keys (16 vectors): adding into `out` per key was bound by its loads and
     /// stores. Each pass reads one slice of every value row.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    fn accumulate_in_registers(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+    fn accumulate_in_registers<E: KvElem>(
+        &self,
+        values: &[E],
+        probs: &[f32],
+        at: Placement,
+        out: &mut [f32],
+    ) {
         let Placement {
             base,
             n_keys,
@@ -401,10 +434,10 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             let out = &mut out[g * head_dim..];
             for slice in (0..head_dim).step_by(SLICE) {
                 match n {
-                    4 => self.add_weighted([0, 1, 2, 3].map(probs), slice, head_dim, out),
-                    3 => self.add_weighted([0, 1, 2].map(probs), slice, head_dim, out),
-                    2 => self.add_weighted([0, 1].map(probs), slice, head_dim, out),
-                    _ => self.add_weighted([0].map(probs), slice, head_dim, out),
+                    4 => self.add_weighted(values, [0, 1, 2, 3].map(probs), slice, head_dim, out),
+                    3 => self.add_weighted(values, [0, 1, 2].map(probs), slice, head_dim, out),
+                    2 => self.add_weighted(values, [0, 1].map(probs), slice, head_dim, out),
+                    _ => self.add_weighted(values, [0].map(probs), slice, head_dim, out),
                 }
             }
             g += n;
@@ -416,8 +449,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// intrinsics: the compiler left a portable version scalar, with its sums on the stack).
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     #[inline(always)]
-    fn add_weighted<const H: usize>(
+    fn add_weighted<E: KvElem, const H: usize>(
         &self,
+        values: &[E],
         probs: [&[f32]; H],
         slice: usize,
         head_dim: usize,
@@ -432,11 +466,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); SLICE / 16]; H];
             for j in 0..self.rows.len {
-                self.rows
-                    .prefetch(self.rows.values, j + PREFETCH_AHEAD, slice, SLICE);
-                let v = self.rows.value(j, slice + SLICE)[slice..].as_ptr();
-                let v: [__m512; SLICE / 16] =
-                    std::array::from_fn(|c| _mm512_loadu_ps(v.add(16 * c)));
+                self.rows.prefetch(values, j + PREFETCH_AHEAD, slice, SLICE);
+                let v = self.rows.row(values, j, slice + SLICE)[slice..].as_ptr();
+                let v: [__m512; SLICE / 16] = std::array::from_fn(|c| E::load16(v.add(16 * c)));
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(*probs[h].get_unchecked(j));
                     for (a, v) in acc.iter_mut().zip(v) {
@@ -565,8 +597,8 @@ mod tests {
             let hidden = |s: usize, j: usize| (s == 0 && j == 2) || (s == 1 && j % 7 == 3);
             let segment = |s: usize| Segment {
                 rows: Rows {
-                    keys: &keys[s],
-                    values: &values[s],
+                    keys: (&keys[s]).into(),
+                    values: (&values[s]).into(),
                     stride,
                     offset: kv * head_dim,
                     len: lens[s],

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::recall::{Recall, RecallStats};
 use super::{
-    AttentionCache, AttentionError, AttentionInput, CacheStats, HostCache, LambdaParams,
+    AttentionCache, AttentionError, AttentionInput, CacheStats, HostCache, KvType, LambdaParams,
     LayerGeometry, RewindPoint, SlotState, SnapshotError, TensorCache, TensorInput,
 };
 
@@ -66,6 +66,28 @@ impl KvCache {
         match self {
             Self::Host(c) => Ok(Self::Tensor(TensorCache::from_host(c, device)?)),
             device_cache => Ok(device_cache.clone()),
+        }
+    }
+
+    /// Holds keys and values as `kv_type` from now on (what is held is converted). The host
+    /// cache only: the tensor cache keeps the model's dtype, and says so in the log.
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        match self {
+            Self::Host(c) => c.set_kv_type(kv_type),
+            Self::Tensor(_) if kv_type != KvType::F32 => {
+                tracing::warn!(
+                    "kv type {kv_type} applies to the CPU cache; the device keeps its own"
+                )
+            }
+            Self::Tensor(_) => {}
+        }
+    }
+
+    /// How keys and values are held (the tensor cache: as f32 when read back).
+    pub fn kv_type(&self) -> KvType {
+        match self {
+            Self::Host(c) => c.kv_type(),
+            Self::Tensor(_) => KvType::F32,
         }
     }
 
@@ -319,7 +341,7 @@ impl AttentionCache for KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{Rope, RopeStyle, reference_lambda_attention_pinned};
+    use crate::attention::{MAX_POSITION, Rope, RopeStyle, reference_lambda_attention_pinned};
     use crate::device::test_device;
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
@@ -490,6 +512,53 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             assert!(err <= 1e-5, "restored on {target:?}: max |Δ| = {err}");
+        }
+    }
+
+    /// What a pin reports lost is counted over the cache, not the range: a pin of every
+    /// position a cache can reach (a damaged saved conversation held one; walking it hung the
+    /// resume) answers at once, and every pin reports what a walk over its range would.
+    #[test]
+    fn a_pin_of_every_position_counts_its_losses_without_walking_them() {
+        let (hd, heads, kv, t) = (8, 2, 1, 90);
+        let params = LambdaParams::new(2, 16, None).unwrap();
+        let rope = Rope::new(hd, 10_000.0, RopeStyle::Neox);
+        let mut rng = StdRng::seed_from_u64(3);
+        let (q, k, v) = (
+            random(&mut rng, t * heads * hd, 1.0),
+            random(&mut rng, t * kv * hd, 1.0),
+            random(&mut rng, t * kv * hd, 1.0),
+        );
+        let layers = vec![LayerGeometry::full(params, kv, hd)];
+        let device = test_device();
+        for mut cache in [
+            KvCache::Host(HostCache::new(params, layers.clone())),
+            KvCache::Tensor(TensorCache::new(params, layers, &device)),
+        ] {
+            cache.pin(20..26);
+            let input = AttentionInput {
+                q: &q,
+                k: &k,
+                v: &v,
+                n_tokens: t,
+                n_heads: heads,
+                rope: &rope,
+                scale: 0.3,
+            };
+            cache.attend(0, &input).unwrap();
+            cache.advance(t);
+            let walked = |cache: &KvCache, r: &Range<u64>| {
+                (r.start..r.end.min(t as u64))
+                    .filter(|&p| !cache.holds(p))
+                    .count() as u64
+            };
+            // 90 fed; held: 2 sinks, 6 pinned, and the 15 keys the next query's window of 16
+            // (itself included) sees.
+            assert_eq!(walked(&cache, &(0..MAX_POSITION)), 90 - 23);
+            for r in [10..30, 70..200, 0..2, 85..86, 95..99, 0..MAX_POSITION] {
+                let want = walked(&cache, &r);
+                assert_eq!(cache.pin(r.clone()), want, "{r:?}");
+            }
         }
     }
 }

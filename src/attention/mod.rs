@@ -12,6 +12,7 @@ mod blocked;
 mod host;
 mod kernel;
 mod kv_cache;
+mod kv_store;
 mod oracle;
 mod persist;
 pub mod recall;
@@ -21,6 +22,7 @@ mod tensor;
 
 pub use host::{CacheStats, HostCache, HostLayerCache};
 pub use kv_cache::KvCache;
+pub use kv_store::KvType;
 pub use oracle::{
     OracleCache, reference_lambda_attention, reference_lambda_attention_pinned,
     reference_lambda_attention_recalled,

@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 
+use super::kv_store::KvVec;
 use super::snapshot::SnapshotError;
 use super::{HostCache, HostLayerCache, LambdaParams, LayerGeometry, TensorCache};
 
@@ -47,8 +48,10 @@ impl HostLayerCache {
         if self.ring_pos.get(slot) != Some(&pos) {
             return false;
         }
-        out[..row].copy_from_slice(&self.ring_k[slot * row..(slot + 1) * row]);
-        out[row..].copy_from_slice(&self.ring_v[slot * row..(slot + 1) * row]);
+        self.ring_k
+            .read(slot * row..(slot + 1) * row, &mut out[..row]);
+        self.ring_v
+            .read(slot * row..(slot + 1) * row, &mut out[row..]);
         true
     }
 
@@ -63,8 +66,8 @@ impl HostLayerCache {
         undo.saved.push((
             slot,
             self.ring_pos[slot],
-            self.ring_k[slot * row..(slot + 1) * row].to_vec(),
-            self.ring_v[slot * row..(slot + 1) * row].to_vec(),
+            self.ring_k.to_f32(slot * row..(slot + 1) * row),
+            self.ring_v.to_f32(slot * row..(slot + 1) * row),
         ));
     }
 
@@ -83,8 +86,8 @@ impl HostLayerCache {
         let row = self.geometry.n_kv_heads * self.geometry.head_dim;
         for (slot, pos, k, v) in undo.saved {
             self.ring_pos[slot] = pos;
-            self.ring_k[slot * row..(slot + 1) * row].copy_from_slice(&k);
-            self.ring_v[slot * row..(slot + 1) * row].copy_from_slice(&v);
+            self.ring_k.write(slot * row, &k);
+            self.ring_v.write(slot * row, &v);
         }
         self.ring_pos.truncate(undo.ring_len);
         self.ring_k.truncate(undo.ring_len * row);
@@ -143,8 +146,8 @@ impl HostCache {
     pub fn globals_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let mut globals = self.clone();
         for layer in &mut globals.layers {
-            layer.ring_k = Vec::new();
-            layer.ring_v = Vec::new();
+            layer.ring_k = KvVec::new(layer.kv_type());
+            layer.ring_v = KvVec::new(layer.kv_type());
             layer.ring_pos = Vec::new();
         }
         globals.to_snapshot()
@@ -264,8 +267,8 @@ impl HostLayerCache {
             self.grow_ring((slot + 1).min(window));
         }
         self.ring_pos[slot] = pos;
-        self.ring_k[slot * row..(slot + 1) * row].copy_from_slice(&data[..row]);
-        self.ring_v[slot * row..(slot + 1) * row].copy_from_slice(&data[row..]);
+        self.ring_k.write(slot * row, &data[..row]);
+        self.ring_v.write(slot * row, &data[row..]);
     }
 }
 

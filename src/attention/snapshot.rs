@@ -1,7 +1,8 @@
 //! The bounded cache as a safetensors file, so a saved conversation resumes exactly where it
 //! stopped without running its history through the model again.
 //!
-//! Per layer `i`: `layers.i.{global_k, global_v, ring_k, ring_v}` (f32, `[slots, kv·head_dim]`)
+//! Per layer `i`: `layers.i.{global_k, global_v, ring_k, ring_v}` (`[slots, kv·head_dim]`, f32 or
+//! f16: the cache's [`KvType`], which restores with them)
 //! and `layers.i.{global_pos, ring_pos}` (u64). The header's metadata holds the Λ parameters,
 //! each layer's token count, the pinned ranges and a format tag. Loading checks every shape
 //! against the model's own geometry: a snapshot from another model or other parameters is
@@ -12,6 +13,7 @@ use std::ops::Range;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+use super::kv_store::{KvType, KvVec};
 use super::{HostCache, HostLayerCache, LambdaParams, LayerGeometry, MAX_POSITION};
 
 const FORMAT: &str = "lambdachat-kv-1";
@@ -58,19 +60,30 @@ fn values_of<T: bytemuck::Pod>(b: &[u8]) -> Vec<T> {
 impl HostCache {
     /// Serializes the whole cache (what is attended now, nothing else).
     pub fn to_snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let mut buffers: Vec<(String, Dtype, Vec<usize>, &[u8])> = Vec::new();
+        let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
             let row = l.geometry.n_kv_heads * l.geometry.head_dim;
             let (g, r) = (l.global_pos.len(), l.ring_pos.len());
+            let kv = dtype_of(l.kv_type());
             let mut add = |name: &str, dtype, shape: Vec<usize>, data| {
                 buffers.push((format!("layers.{i}.{name}"), dtype, shape, data))
             };
-            add("global_k", Dtype::F32, vec![g, row], bytes_of(&l.global_k));
-            add("global_v", Dtype::F32, vec![g, row], bytes_of(&l.global_v));
-            add("global_pos", Dtype::U64, vec![g], bytes_of(&l.global_pos));
-            add("ring_k", Dtype::F32, vec![r, row], bytes_of(&l.ring_k));
-            add("ring_v", Dtype::F32, vec![r, row], bytes_of(&l.ring_v));
-            add("ring_pos", Dtype::U64, vec![r], bytes_of(&l.ring_pos));
+            add("global_k", kv, vec![g, row], l.global_k.to_le_bytes());
+            add("global_v", kv, vec![g, row], l.global_v.to_le_bytes());
+            add(
+                "global_pos",
+                Dtype::U64,
+                vec![g],
+                bytes_of(&l.global_pos).to_vec(),
+            );
+            add("ring_k", kv, vec![r, row], l.ring_k.to_le_bytes());
+            add("ring_v", kv, vec![r, row], l.ring_v.to_le_bytes());
+            add(
+                "ring_pos",
+                Dtype::U64,
+                vec![r],
+                bytes_of(&l.ring_pos).to_vec(),
+            );
         }
         let header = Header {
             n_global: self.params.n_global,
@@ -132,6 +145,8 @@ impl HostCache {
             load_layer(&tensors, i, layer, header.seen[i])?;
             check_positions(i, layer, params)?;
         }
+        // One type for every layer (a hand-made file could mix them): the first layer's.
+        cache.set_kv_type(cache.kv_type());
         cache.next_position = header.next_position;
         let pinned: Vec<Range<u64>> = header.pinned.iter().map(|&(s, e)| s..e).collect();
         cache.pinned = pinned.clone();
@@ -209,6 +224,14 @@ fn check_positions(
     Ok(())
 }
 
+/// The safetensors dtype a [`KvType`] is stored as.
+fn dtype_of(kv_type: KvType) -> Dtype {
+    match kv_type {
+        KvType::F32 => Dtype::F32,
+        KvType::F16 => Dtype::F16,
+    }
+}
+
 fn load_layer(
     tensors: &SafeTensors<'_>,
     i: usize,
@@ -233,11 +256,17 @@ fn load_layer(
         }
         Ok((rows, t.data()))
     };
-    let (g, global_k) = get("global_k", Dtype::F32, row)?;
-    let (g_v, global_v) = get("global_v", Dtype::F32, row)?;
+    // The layer's keys decide its type (f32 or f16); the other three must agree.
+    let kv_type = match tensors.tensor(&format!("layers.{i}.ring_k"))?.dtype() {
+        Dtype::F16 => KvType::F16,
+        _ => KvType::F32,
+    };
+    let kv = dtype_of(kv_type);
+    let (g, global_k) = get("global_k", kv, row)?;
+    let (g_v, global_v) = get("global_v", kv, row)?;
     let (g_p, global_pos) = get("global_pos", Dtype::U64, 1)?;
-    let (r, ring_k) = get("ring_k", Dtype::F32, row)?;
-    let (r_v, ring_v) = get("ring_v", Dtype::F32, row)?;
+    let (r, ring_k) = get("ring_k", kv, row)?;
+    let (r_v, ring_v) = get("ring_v", kv, row)?;
     let (r_p, ring_pos) = get("ring_pos", Dtype::U64, 1)?;
     if g != g_v || g != g_p || r != r_v || r != r_p || r > layer.geometry.window {
         return Err(SnapshotError::Mismatch(format!(
@@ -245,11 +274,11 @@ fn load_layer(
             layer.geometry.window
         )));
     }
-    layer.global_k = values_of(global_k);
-    layer.global_v = values_of(global_v);
+    layer.global_k = KvVec::from_le_bytes(kv_type, global_k);
+    layer.global_v = KvVec::from_le_bytes(kv_type, global_v);
     layer.global_pos = values_of(global_pos);
-    layer.ring_k = values_of(ring_k);
-    layer.ring_v = values_of(ring_v);
+    layer.ring_k = KvVec::from_le_bytes(kv_type, ring_k);
+    layer.ring_v = KvVec::from_le_bytes(kv_type, ring_v);
     layer.ring_pos = values_of(ring_pos);
     layer.seen = seen;
     Ok(())
@@ -304,6 +333,51 @@ mod tests {
         assert!(matches!(err, SnapshotError::Mismatch(_)), "{err}");
         let err = HostCache::from_snapshot(b"garbage", params, vec![]).unwrap_err();
         assert!(matches!(err, SnapshotError::Format(_)), "{err}");
+    }
+
+    /// An f16 cache saves its keys and values as f16 (half the bytes) and restores as f16,
+    /// continuing exactly; converted to f32 after the restore it continues within f16's
+    /// rounding.
+    #[test]
+    fn an_f16_cache_restores_as_f16_and_converts() {
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let geometry = vec![LayerGeometry::full(params, 1, 4); 2];
+        let rope = Rope::new(4, 10_000.0, RopeStyle::Neox);
+        let tokens: Vec<f32> = (0..4 * 40)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0)
+            .collect();
+        let mut sizes = Vec::new();
+        let mut halves = Vec::new();
+        for kv_type in [KvType::F32, KvType::F16] {
+            let mut original = HostCache::new(params, geometry.clone());
+            original.set_kv_type(kv_type);
+            feed(&mut original, &rope, &tokens[..4 * 25]);
+            let bytes = original.to_snapshot().unwrap();
+            sizes.push(bytes.len());
+            let mut restored = HostCache::from_snapshot(&bytes, params, geometry.clone()).unwrap();
+            assert_eq!(restored.kv_type(), kv_type);
+            let mut widened = restored.clone();
+            widened.set_kv_type(KvType::F32);
+            let a = feed(&mut original, &rope, &tokens[4 * 25..]);
+            let b = feed(&mut restored, &rope, &tokens[4 * 25..]);
+            assert_eq!(a, b, "{kv_type:?}");
+            let c = feed(&mut widened, &rope, &tokens[4 * 25..]);
+            let err = a
+                .iter()
+                .zip(&c)
+                .map(|(a, c)| (a - c).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 2e-3, "{kv_type:?} widened: max |Δ| = {err}");
+            halves.push(a);
+        }
+        // Two bytes fewer per value: 2 layers × (2 sinks + 8 ring slots) × 4 values × (k, v).
+        assert_eq!(sizes[0] - sizes[1], 2 * 2 * 10 * 4 * 2, "{sizes:?}");
+        let err = halves[0]
+            .iter()
+            .zip(&halves[1])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err > 0.0 && err < 2e-3, "f16 against f32: max |Δ| = {err}");
     }
 
     /// Counters and positions a cache could not have are refused, not trusted: a ring position

@@ -17,11 +17,12 @@ use std::ops::Range;
 use candle_core::{D, DType, Device, Tensor};
 
 use super::host::{
-    CacheStats, HostCache, Occupancy, add_range, is_pinned, merge_shares, remove_range,
+    CacheStats, HostCache, Occupancy, add_range, evicted_in, is_pinned, merge_shares, remove_range,
 };
+use super::kv_store::KvVec;
 use super::{
     AttentionCache, AttentionError, AttentionInput, LambdaParams, LayerGeometry, Rope, RopeStyle,
-    TensorInput,
+    TensorInput, window_start,
 };
 
 fn tensor_err(e: candle_core::Error) -> AttentionError {
@@ -174,7 +175,7 @@ impl TensorCache {
     pub fn holds(&self, pos: u64) -> bool {
         pos < self.next_position
             && self.reference_layer().is_some_and(|l| {
-                pos >= Self::first_key(self.next_position, l.geometry.window)
+                pos >= window_start(self.next_position, l.geometry.window as u64)
                     || l.stores.global_pos.contains(&pos)
             })
     }
@@ -182,10 +183,20 @@ impl TensorCache {
     /// Pins `range`: its tokens stay attended, like sinks, until unpinned. Returns how many were
     /// already evicted and cannot come back.
     pub fn pin(&mut self, range: Range<u64>) -> u64 {
-        let lost = range
-            .clone()
-            .filter(|&p| p < self.next_position && !self.holds(p))
-            .count() as u64;
+        let lost = match self.reference_layer() {
+            Some(l) => evicted_in(
+                range.clone(),
+                self.next_position,
+                window_start(self.next_position, l.geometry.window as u64),
+                &l.stores.global_pos,
+                |p| self.holds(p),
+            ),
+            // No layer holds anything: every position already fed is lost.
+            None => range
+                .end
+                .min(self.next_position)
+                .saturating_sub(range.start),
+        };
         let before = self.globals_version();
         add_range(&mut self.pinned, range);
         self.schedule_pin_copies();
@@ -336,24 +347,22 @@ impl TensorCache {
         for (host, l) in cache.layers.iter_mut().zip(&self.layers) {
             let g = &l.geometry;
             let row = g.n_kv_heads * g.head_dim;
-            host.global_k = rows(&l.stores.global_k)?;
-            host.global_v = rows(&l.stores.global_v)?;
+            host.global_k = KvVec::F32(rows(&l.stores.global_k)?);
+            host.global_v = KvVec::F32(rows(&l.stores.global_v)?);
             host.global_pos = l.stores.global_pos.clone();
             // Window row r is position first_key + r; the ring keeps it in slot p % window.
             let (k, v) = (rows(&l.stores.window_k)?, rows(&l.stores.window_v)?);
             let n = l.stores.window_len();
             let first_key = Self::first_key(self.next_position, g.window);
             host.ring_pos = vec![u64::MAX; n];
-            host.ring_k = vec![0.0; n * row];
-            host.ring_v = vec![0.0; n * row];
+            host.ring_k = KvVec::F32(vec![0.0; n * row]);
+            host.ring_v = KvVec::F32(vec![0.0; n * row]);
             for r in 0..n {
                 let pos = first_key + r as u64;
                 let slot = (pos % g.window as u64) as usize;
                 host.ring_pos[slot] = pos;
-                host.ring_k[slot * row..(slot + 1) * row]
-                    .copy_from_slice(&k[r * row..(r + 1) * row]);
-                host.ring_v[slot * row..(slot + 1) * row]
-                    .copy_from_slice(&v[r * row..(r + 1) * row]);
+                host.ring_k.write(slot * row, &k[r * row..(r + 1) * row]);
+                host.ring_v.write(slot * row, &v[r * row..(r + 1) * row]);
             }
             host.seen = self.next_position;
             host.probe = self.probe;
@@ -400,16 +409,17 @@ impl TensorCache {
                     g.window
                 )));
             }
-            let gather = |ring: &[f32]| -> Vec<f32> {
+            let gather = |ring: &KvVec| -> Vec<f32> {
                 slots
                     .iter()
-                    .flat_map(|(_, s)| ring[s * row..(s + 1) * row].iter().copied())
+                    .flat_map(|(_, s)| ring.to_f32(s * row..(s + 1) * row))
                     .collect()
             };
             let n_global = host.global_pos.len();
+            let all = |v: &KvVec| v.to_f32(0..v.len());
             l.stores = Stores {
-                global_k: upload(host.global_k.clone(), n_global)?,
-                global_v: upload(host.global_v.clone(), n_global)?,
+                global_k: upload(all(&host.global_k), n_global)?,
+                global_v: upload(all(&host.global_v), n_global)?,
                 global_pos: host.global_pos.clone(),
                 window_k: upload(gather(&host.ring_k), slots.len())?,
                 window_v: upload(gather(&host.ring_v), slots.len())?,

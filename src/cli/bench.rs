@@ -94,12 +94,13 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
     let limit = bandwidth_limit(&engine)?;
     if !args.json {
         println!(
-            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, after {} prompt tokens",
+            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, {} keys and values, after {} prompt tokens",
             engine.model.info().name,
             engine.path.display(),
             candle_core::utils::get_num_threads(),
             params.n_global,
             params.n_local,
+            engine.kv_type,
             prompt.len()
         );
         if let Some(l) = &limit {

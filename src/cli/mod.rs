@@ -17,10 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::attention::recall::RecallParams;
-use crate::attention::{AttentionError, DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, LambdaParams};
+use crate::attention::{AttentionError, DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, KvType, LambdaParams};
 use crate::config::Config;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::engine::Engine;
@@ -119,6 +119,7 @@ impl ModelArgs {
             },
             device,
             kernels: self.kernels,
+            kv_type: KvType::default(),
         })
     }
 }
@@ -147,6 +148,10 @@ pub struct LambdaArgs {
     /// Distance at which sinks outside the window are seen [default: n_local]
     #[arg(long)]
     pub distance_limit: Option<u64>,
+    /// How the cache holds keys and values: f16 halves its memory and the attention's reads
+    /// [default: f32]
+    #[arg(long, value_enum)]
+    pub kv_type: Option<KvType>,
 }
 
 /// Recall of evicted context, docs/ALGORITHM.md §10 (flags beat the config file, which beats
@@ -249,6 +254,29 @@ pub struct RunSettings {
     pub sampling: SamplingParams,
 }
 
+/// The config file's `[lambda] kv_type`, checked: a name that is not a type is an error at its
+/// line and column.
+fn kv_type_of(config: &Config) -> Result<Option<KvType>> {
+    let Some(name) = &config.lambda.kv_type else {
+        return Ok(None);
+    };
+    KvType::from_str(name.get_ref(), false)
+        .map(Some)
+        .map_err(|_| {
+            let names: Vec<String> = KvType::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|v| v.get_name().to_string())
+                .collect();
+            let message = format!(
+                "kv_type is \"{}\"; expected one of {}",
+                name.get_ref(),
+                names.join(", ")
+            );
+            config.error_at(name.span(), message).into()
+        })
+}
+
 impl RunArgs {
     /// Merges flags over the config file over the defaults, and validates the result before
     /// any download or load.
@@ -280,9 +308,16 @@ impl RunArgs {
             ..d
         };
         sampling.validate()?;
+        let load_options = LoadOptions {
+            kv_type: match self.lambda.kv_type {
+                Some(t) => t,
+                None => kv_type_of(config)?.unwrap_or_default(),
+            },
+            ..self.model.load_options()?
+        };
         Ok(RunSettings {
             model: self.model.model.clone().or_else(|| config.model.clone()),
-            load_options: self.model.load_options()?,
+            load_options,
             lambda,
             recall,
             sampling,

@@ -405,7 +405,7 @@ pub fn new_cache(
     recall: &RecallSetup,
 ) -> Result<KvCache, EvalError> {
     let layers = engine.model.layer_geometry(params);
-    let mut cache = KvCache::new(params, layers.clone(), &engine.device);
+    let mut cache = engine.empty_cache(params);
     if mode == Mode::Recall {
         recall.params.check_layers(&layers)?;
         cache.set_recall(Recall::temporary_in(recall.params, &layers, &recall.dir))?;
@@ -443,15 +443,16 @@ pub fn feed(
 }
 
 /// Bytes the KV cache of `params` holds after `tokens` tokens (sliding layers capped at their
-/// window), as f32 keys and values: what `vanilla` needs before it starts.
+/// window), keys and values of the engine's type: what `vanilla` needs before it starts.
 pub fn kv_bytes_at(engine: &Engine, params: LambdaParams, tokens: usize) -> u64 {
+    let bytes = engine.kv_type.bytes();
     engine
         .model
         .layer_geometry(params)
         .iter()
         .map(|g| {
             let slots = tokens.min(g.window) + tokens.min(g.n_global);
-            (slots * g.n_kv_heads * g.head_dim * 2 * 4) as u64
+            (slots * g.n_kv_heads * g.head_dim * 2 * bytes) as u64
         })
         .sum()
 }

@@ -12,6 +12,7 @@ use super::ModelError;
 use super::gguf::GgufFile;
 use super::hf::HfModel;
 use super::metadata::Metadata;
+use crate::attention::KvType;
 use crate::error::candle_msg;
 
 /// An opened model file or directory, with the load options that decide how its weights are
@@ -60,6 +61,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Who multiplies by a GGUF's quantized matrices.
     pub kernels: Kernels,
+    /// How conversations' caches hold keys and values (the engine is what sessions ask).
+    pub kv_type: KvType,
 }
 
 impl Default for LoadOptions {
@@ -68,6 +71,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             kernels: Kernels::Ours,
+            kv_type: KvType::default(),
         }
     }
 }

@@ -156,6 +156,43 @@ impl SessionHead {
         }
     }
 
+    /// A head read back, as a resume may trust it: its counts in order (or an error), and its
+    /// pins clipped to the conversation, sorted and merged. A head is a file someone may have
+    /// edited: a pin of 2^62 positions once hung the resume that walked it. Pins past the end
+    /// are clipped rather than refused, as a pinned reply that was then regenerated shorter
+    /// leaves one.
+    pub fn checked(mut self) -> Result<Self, String> {
+        use crate::attention::MAX_POSITION;
+        if self.token_count > MAX_POSITION {
+            return Err(format!(
+                "{} tokens recorded, past the limit of {MAX_POSITION}",
+                self.token_count
+            ));
+        }
+        if self.tokens_fed > self.token_count {
+            return Err(format!(
+                "{} tokens fed of {} recorded",
+                self.tokens_fed, self.token_count
+            ));
+        }
+        let count = self.token_count;
+        let mut pins: Vec<(u64, u64)> = self
+            .pinned
+            .iter()
+            .map(|&(start, end)| (start, end.min(count)))
+            .filter(|(start, end)| start < end)
+            .collect();
+        pins.sort_unstable();
+        self.pinned = Vec::with_capacity(pins.len());
+        for (start, end) in pins {
+            match self.pinned.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => self.pinned.push((start, end)),
+            }
+        }
+        Ok(self)
+    }
+
     pub fn params(&self) -> Result<LambdaParams, crate::attention::ParamsError> {
         LambdaParams::new(self.n_global, self.n_local, Some(self.distance_limit))
     }

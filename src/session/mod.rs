@@ -229,7 +229,7 @@ impl Session {
         system: Option<String>,
         history: Box<dyn History>,
     ) -> Result<Self, SessionError> {
-        let cache = KvCache::new(params, engine.model.layer_geometry(params), &engine.device);
+        let cache = engine.empty_cache(params);
         let mut session = Self {
             template: template_mode(&engine, system.as_deref()),
             cache,
@@ -266,7 +266,9 @@ impl Session {
     ) -> Result<(Self, Resumed), SessionError> {
         let head = history
             .head()?
-            .ok_or_else(|| SessionError::Damaged("no saved state".into()))?;
+            .ok_or_else(|| SessionError::Damaged("no saved state".into()))?
+            .checked()
+            .map_err(SessionError::Damaged)?;
         // Saved parameters get the cap a new conversation gets: never past the training length.
         let saved = head.params()?;
         let cap = engine.model.info().context_length;
@@ -278,7 +280,7 @@ impl Session {
         let layers = engine.model.layer_geometry(params);
         let mut session = Self {
             template: template_mode(&engine, head.system.as_deref()),
-            cache: KvCache::new(params, layers.clone(), &engine.device),
+            cache: engine.empty_cache(params),
             sampler: Sampler::new(sampling)?,
             unsaved: Unsaved::at(head.token_count),
             kv: KvSaved::none(),
@@ -314,6 +316,8 @@ impl Session {
                     forget_from: None,
                 };
                 session.cache = cache;
+                // A cache saved as another type (the setting changed since) is converted.
+                session.cache.set_kv_type(session.engine.kv_type);
                 Resumed::Saved {
                     refeed: session.head.tokens_fed - at,
                 }
@@ -704,8 +708,7 @@ impl Session {
     /// New Λ parameters: a new cache, filled by [`Self::catch_up`] from the history (the sinks,
     /// the pins and the window, never the whole conversation).
     pub fn set_params(&mut self, params: LambdaParams) {
-        let layers = self.engine.model.layer_geometry(params);
-        self.cache = KvCache::new(params, layers, &self.engine.device);
+        self.cache = self.engine.empty_cache(params);
         self.regen = None;
         self.kv = KvSaved::none();
         self.head.n_global = params.n_global;
@@ -1110,6 +1113,7 @@ impl Session {
         // Filled on the host (a window with a gap before it is the host cache's to hold), then
         // moved to the engine's device.
         let mut cache = KvCache::Host(HostCache::new(params, layers));
+        cache.set_kv_type(self.engine.kv_type);
         for p in &pins {
             cache.pin(p.clone());
         }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use super::kv_file::{KvFile, KvFileError};
 use super::token_rows;
 use super::{StoreError, connect, kv_dir, now, role_name, role_of};
-use crate::attention::{KvCache, LambdaParams, LayerGeometry, SlotState};
+use crate::attention::{KvCache, LambdaParams, LayerGeometry, MAX_POSITION, SlotState};
 use crate::session::{
     Batch, History, HistoryError, MessagePlace, MessageRecord, SavedKv, SessionHead, TokenRun,
 };
@@ -174,12 +174,17 @@ pub(super) fn insert_tokens(
 
 /// A token row's run, or the conversation is damaged.
 fn decode_run(id: i64, first: i64, data: &[u8]) -> Result<TokenRun, HistoryError> {
-    token_rows::decode(first as u64, data).ok_or_else(|| {
-        HistoryError::Store(
-            StoreError::Damaged(id, format!("the token run at {first} does not decode"))
-                .to_string(),
-        )
-    })
+    // A negative start (or one near u64::MAX once cast) would wrap the run's end: refused with
+    // the other damage (found by the `store_load` fuzz target).
+    let start = u64::try_from(first).ok().filter(|&f| f <= MAX_POSITION);
+    start
+        .and_then(|f| token_rows::decode(f, data))
+        .ok_or_else(|| {
+            HistoryError::Store(
+                StoreError::Damaged(id, format!("the token run at {first} does not decode"))
+                    .to_string(),
+            )
+        })
 }
 
 pub struct StoreHistory {

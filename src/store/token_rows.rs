@@ -3,6 +3,7 @@
 //! of 12, so a turn's tokens fit in a page or two — and every page a save touches is written
 //! twice (the WAL, then the checkpoint).
 
+use crate::attention::MAX_POSITION;
 use crate::session::TokenRun;
 
 fn put(out: &mut Vec<u8>, mut v: u64) {
@@ -42,12 +43,13 @@ pub fn encode(ids: &[u32], offsets: &[u64]) -> Vec<u8> {
     out
 }
 
-/// The run starting at position `first` from its blob; `None` when the blob is damaged.
+/// The run starting at position `first` from its blob; `None` when the blob is damaged or the
+/// run would end past [`MAX_POSITION`].
 pub fn decode(first: u64, mut data: &[u8]) -> Option<TokenRun> {
     let n = usize::try_from(take(&mut data)?).ok()?;
     // Every value takes a byte at least: a count past what is left is damage, not a size to
     // allocate.
-    if n > data.len() / 2 {
+    if n > data.len() / 2 || first.checked_add(n as u64)? > MAX_POSITION {
         return None;
     }
     let mut run = TokenRun::starting_at(first);
