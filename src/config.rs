@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(c.lambda.n_global, Some(64));
         assert_eq!(
             c.lambda.kv_type.as_ref().map(|t| t.get_ref().as_str()),
-            Some("f32")
+            Some("f16")
         );
         assert_eq!(c.sampling.temperature, Some(0.7));
         assert!(c.theme.contains_key("user"));

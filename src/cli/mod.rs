@@ -20,7 +20,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::attention::recall::RecallParams;
-use crate::attention::{AttentionError, DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, KvType, LambdaParams};
+use crate::attention::{
+    AttentionError, DEFAULT_KV_TYPE, DEFAULT_N_GLOBAL, DEFAULT_N_LOCAL, KvType, LambdaParams,
+};
 use crate::config::Config;
 use crate::device::{DeviceChoice, DeviceError};
 use crate::engine::Engine;
@@ -148,8 +150,8 @@ pub struct LambdaArgs {
     /// Distance at which sinks outside the window are seen [default: n_local]
     #[arg(long)]
     pub distance_limit: Option<u64>,
-    /// How the cache holds keys and values: f16 halves its memory and the attention's reads
-    /// [default: f32]
+    /// How the cache holds keys and values: f16 halves its memory and the attention's reads,
+    /// f32 is exact [default: f16]
     #[arg(long, value_enum)]
     pub kv_type: Option<KvType>,
 }
@@ -311,7 +313,7 @@ impl RunArgs {
         let load_options = LoadOptions {
             kv_type: match self.lambda.kv_type {
                 Some(t) => t,
-                None => kv_type_of(config)?.unwrap_or_default(),
+                None => kv_type_of(config)?.unwrap_or(DEFAULT_KV_TYPE),
             },
             ..self.model.load_options()?
         };
