@@ -1,0 +1,126 @@
+//! A conversation keeps going across the cache's element types: saved with f16 keys and values
+//! and resumed with f16 it continues bit for bit (the KV file widens f16 exactly), and resumed
+//! with f32 — or saved with f32 and resumed with f16 — its cache is converted and it continues
+//! within f16's rounding. On the tiny model, with a window small enough to evict.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use lambdachat::attention::{KvType, LambdaParams};
+use lambdachat::engine::Engine;
+use lambdachat::model::LoadOptions;
+use lambdachat::sampling::SamplingParams;
+use lambdachat::session::{Resumed, Session};
+use lambdachat::store::Store;
+
+fn engine(path: &Path, kv_type: KvType) -> Arc<Engine> {
+    let options = LoadOptions {
+        kv_type,
+        ..LoadOptions::default()
+    };
+    Arc::new(Engine::load_with(path, options).unwrap())
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        repeat_penalty: 1.0,
+        ..SamplingParams::default()
+    }
+}
+
+/// The next logits after one more turn and one fixed token, and the bytes the cache holds
+/// then (what tells its type).
+fn next_logits(s: &mut Session) -> (Vec<f32>, u64) {
+    let never = AtomicBool::new(false);
+    s.turn("and then what happened", Some(5), &never, &mut |_| {})
+        .unwrap();
+    let logits = s.feed(&[7]).unwrap();
+    let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (logits, s.stats().bytes)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_conversation_resumes_across_kv_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    common::tiny::write_gguf(&model, "qwen2");
+    let (f16, f32) = (engine(&model, KvType::F16), engine(&model, KvType::F32));
+    let params = LambdaParams::new(4, 16, None).unwrap();
+    let never = AtomicBool::new(false);
+
+    // Saved by an engine of `saved_as`; then either continued in place or resumed by `resumed`.
+    let run = |name: &str, saved_as: &Arc<Engine>, resumed: Option<&Arc<Engine>>| {
+        let store = Store::open(&dir.path().join(format!("{name}.db"))).unwrap();
+        let id = store.create("t", "tiny", params).unwrap();
+        let mut s = Session::with_history(
+            saved_as.clone(),
+            params,
+            greedy(),
+            None,
+            Box::new(store.history(id).unwrap()),
+        )
+        .unwrap();
+        s.turn(
+            "hello world, a first question",
+            Some(8),
+            &never,
+            &mut |_| {},
+        )
+        .unwrap();
+        s.save().unwrap();
+        assert!(s.stats().evicted > 0, "the window of 16 has evicted tokens");
+        let Some(engine) = resumed else {
+            return next_logits(&mut s);
+        };
+        drop(s);
+        let history = Box::new(store.history(id).unwrap());
+        let (mut s, how) = Session::resume(engine.clone(), greedy(), history).unwrap();
+        assert!(matches!(how, Resumed::Saved { .. }), "{name}: {how:?}");
+        s.catch_up(&never, &mut |_| {}).unwrap();
+        next_logits(&mut s)
+    };
+
+    let (f16_straight, f16_bytes) = run("f16", &f16, None);
+    let (f16_resumed, _) = run("f16-f16", &f16, Some(&f16));
+    assert_eq!(f16_straight, f16_resumed, "f16 → file → f16 is exact");
+
+    let (f32_straight, f32_bytes) = run("f32", &f32, None);
+    // Bytes allocated (capacities, which grow unevenly): an f16 cache holds about half.
+    let is_f16 = |bytes: u64| (bytes as f64) < 0.6 * f32_bytes as f64;
+    assert!(is_f16(f16_bytes), "{f16_bytes} against {f32_bytes}");
+    let (f16_in_f32, bytes) = run("f16-f32", &f16, Some(&f32));
+    assert!(
+        !is_f16(bytes),
+        "an f16 cache resumed by an f32 engine is f32: {bytes}"
+    );
+    let (f32_in_f16, bytes) = run("f32-f16", &f32, Some(&f16));
+    assert!(
+        is_f16(bytes),
+        "an f32 cache resumed by an f16 engine is f16: {bytes}"
+    );
+    let scale = f32_straight.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (what, logits) in [
+        ("f16 straight", &f16_straight),
+        ("f16 resumed as f32", &f16_in_f32),
+        ("f32 resumed as f16", &f32_in_f16),
+    ] {
+        let err = max_diff(&f32_straight, logits);
+        assert!(
+            err <= 1e-2 * scale.max(1.0),
+            "{what}: max |Δ| = {err} against f32 (logits up to {scale})"
+        );
+    }
+    assert_ne!(f16_straight, f32_straight, "the types do differ");
+}
