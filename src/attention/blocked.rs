@@ -13,7 +13,7 @@ use gemm::{Parallelism, gemm};
 
 use super::kv_store::KvView;
 use super::window_start;
-use crate::kernels::fast_exp;
+use crate::kernels::{Kernel, fast_exp};
 
 /// Keys scored per step: `rows × KEY_BLOCK` scores stay in the L2 cache.
 const KEY_BLOCK: usize = 512;
@@ -163,17 +163,17 @@ pub(super) fn attend_block<'s>(
             }
             let positions = &seg.positions[start..start + n];
             let mut any = false;
+            let kernel = Kernel::detect();
             for r in 0..rows {
                 let row = &mut s.scores[r * n..(r + 1) * n];
                 let i = first_position + (r / group) as u64;
-                let seen = update_row(
-                    row,
-                    positions,
-                    seg.visible.bounds(i),
-                    &mut s.max[r],
-                    &mut s.sum[r],
-                    entropy.is_some().then_some(&mut s.weighted[r]),
-                    &mut s.out[r * d..(r + 1) * d],
+                let (max, sum) = (&mut s.max[r], &mut s.sum[r]);
+                let weighted = entropy.is_some().then_some(&mut s.weighted[r]);
+                let out = &mut s.out[r * d..(r + 1) * d];
+                let bounds = seg.visible.bounds(i);
+                let seen = kernel.vectorize(
+                    #[inline(always)]
+                    || update_row(row, positions, bounds, max, sum, weighted, out),
                 );
                 any |= seen;
             }
@@ -229,7 +229,9 @@ pub(super) fn attend_block<'s>(
 
 /// One row of one key block: masks what the rule hides, moves the running max, rescales the
 /// row's sum, output and entropy term, and turns the scores into `exp(s − max)` (0 where
-/// hidden) for the `P · V` product. Returns whether any key was visible.
+/// hidden) for the `P · V` product. Returns whether any key was visible. Inlined into
+/// [`Kernel::vectorize`] by its caller, so it runs at the CPU's vector width.
+#[inline(always)]
 fn update_row(
     row: &mut [f32],
     positions: &[u64],

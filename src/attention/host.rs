@@ -17,6 +17,7 @@ use super::kernel::{Rows, Segment, attend_group, mean_entropy, mean_probabilitie
 use super::kv_store::{KvType, KvVec};
 use super::persist::Undo;
 use super::recall::{Recall, RecallStats, Recalled};
+use crate::kernels::Kernel;
 use crate::kernels::{DisjointRows, pool_execute_chunked};
 
 /// Chunks of at least this many tokens attend as matrix products (`blocked.rs`); smaller ones
@@ -611,6 +612,7 @@ impl HostLayerCache {
             visible: |u: usize| u <= t && ((t - u) as u64) < window,
         };
         attend_group(
+            Kernel::detect(),
             [&sinks, &recall, &ring, &chunk],
             c.group,
             head_dim,

@@ -9,7 +9,7 @@
 //! zero.
 
 use super::kv_store::{KvElem, KvView};
-use crate::kernels::fast_exp;
+use crate::kernels::{Kernel, fast_exp};
 
 /// How many slots ahead of use rows are prefetched.
 const PREFETCH_AHEAD: usize = 8;
@@ -45,7 +45,7 @@ impl Rows<'_> {
     }
 
     /// The first `d` values of slot `j` of `data` (the keys or the values, typed).
-    #[inline]
+    #[inline(always)]
     fn row<'d, E>(&self, data: &'d [E], j: usize, d: usize) -> &'d [E] {
         &data[j * self.stride + self.offset..][..d]
     }
@@ -64,8 +64,10 @@ pub(super) struct Segment<'a, F: Fn(usize) -> bool> {
 ///
 /// With `partial`, the keys are one part of a row's keys ([`merge_parts`] combines the parts):
 /// `out` is left unnormalized (`Σ e^(s − max) · v` per head) and `partial` gets each head's
-/// `[max, sum]`.
+/// `[max, sum]`. `kernel` is the instruction set the passes run with (`Kernel::detect`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attend_group<const N: usize>(
+    kernel: Kernel,
     segments: [&dyn SegmentView; N],
     group: usize,
     head_dim: usize,
@@ -86,14 +88,18 @@ pub(super) fn attend_group<const N: usize>(
         head_dim,
     };
     for seg in &segments {
-        seg.score(scores, at, scale);
+        seg.score(kernel, scores, at, scale);
         at.base += seg.len();
     }
     // Pass 2: softmax numerators per head; `sums` keeps the denominators (a part's stats also
     // keep the maxima they are relative to).
     let mut partial = partial;
     for (g, sum) in sums.iter_mut().enumerate() {
-        let (max, total) = softmax_numerators(&mut scores[g * n_keys..(g + 1) * n_keys]);
+        let row = &mut scores[g * n_keys..(g + 1) * n_keys];
+        let (max, total) = kernel.vectorize(
+            #[inline(always)]
+            || softmax_numerators(row),
+        );
         *sum = total;
         if let Some(stats) = partial.as_deref_mut() {
             stats[2 * g..2 * g + 2].copy_from_slice(&[max, total]);
@@ -103,7 +109,7 @@ pub(super) fn attend_group<const N: usize>(
     out.fill(0.0);
     at.base = 0;
     for seg in &segments {
-        seg.accumulate(scores, at, out);
+        seg.accumulate(kernel, scores, at, out);
         at.base += seg.len();
     }
     if partial.is_some() {
@@ -195,9 +201,9 @@ pub(super) struct Placement {
 pub(super) trait SegmentView {
     fn len(&self) -> usize;
     /// Writes this segment's scaled scores; hidden keys keep their −∞.
-    fn score(&self, scores: &mut [f32], at: Placement, scale: f32);
+    fn score(&self, kernel: Kernel, scores: &mut [f32], at: Placement, scale: f32);
     /// Adds this segment's probability-weighted values to `out` (`group × head_dim`).
-    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]);
+    fn accumulate(&self, kernel: Kernel, probs: &[f32], at: Placement, out: &mut [f32]);
 }
 
 impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
@@ -205,24 +211,50 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
         self.rows.len
     }
 
-    fn score(&self, scores: &mut [f32], at: Placement, scale: f32) {
+    fn score(&self, kernel: Kernel, scores: &mut [f32], at: Placement, scale: f32) {
+        let wide = kernel.has_avx512();
         match self.rows.keys {
-            KvView::F32(keys) => self.score_in(keys, scores, at, scale),
-            KvView::F16(keys) => self.score_in(keys, scores, at, scale),
+            KvView::F32(keys) => kernel.vectorize(
+                #[inline(always)]
+                || self.score_in(keys, scores, at, scale, wide),
+            ),
+            KvView::F16(keys) => kernel.vectorize(
+                #[inline(always)]
+                || self.score_in(keys, scores, at, scale, wide),
+            ),
         }
     }
 
-    fn accumulate(&self, probs: &[f32], at: Placement, out: &mut [f32]) {
+    fn accumulate(&self, kernel: Kernel, probs: &[f32], at: Placement, out: &mut [f32]) {
+        let wide = kernel.has_avx512();
         match self.rows.values {
-            KvView::F32(values) => self.accumulate_in(values, probs, at, out),
-            KvView::F16(values) => self.accumulate_in(values, probs, at, out),
+            KvView::F32(values) => kernel.vectorize(
+                #[inline(always)]
+                || self.accumulate_in(values, probs, at, out, wide),
+            ),
+            KvView::F16(values) => kernel.vectorize(
+                #[inline(always)]
+                || self.accumulate_in(values, probs, at, out, wide),
+            ),
         }
     }
 }
 
+/// The passes are generic bodies inlined into [`Kernel::vectorize`]: compiled once per
+/// instruction set and chosen at run time, so a portable binary runs the wide code where the
+/// CPU has it. `wide` (AVX-512 F present) adds the hand-written AVX-512 blocks.
 impl<F: Fn(usize) -> bool> Segment<'_, F> {
-    /// [`SegmentView::score`] over keys of one element type.
-    fn score_in<E: KvElem>(&self, keys: &[E], scores: &mut [f32], at: Placement, scale: f32) {
+    /// [`SegmentView::score`] over keys of one element type; `wide` scores whole blocks of 16
+    /// keys with AVX-512 first.
+    #[inline(always)]
+    fn score_in<E: KvElem>(
+        &self,
+        keys: &[E],
+        scores: &mut [f32],
+        at: Placement,
+        scale: f32,
+        wide: bool,
+    ) {
         let Placement {
             base,
             n_keys,
@@ -232,7 +264,19 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         let blocked = head_dim.is_multiple_of(16);
         let mut d = [0f32; 4];
         let mut widened = Vec::new();
-        for j in self.score_blocks(keys, scores, at, scale)..self.rows.len {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `wide` only where the CPU has AVX-512 F.
+        let first = if wide {
+            unsafe { self.score_blocks(keys, scores, at, scale) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let first = {
+            let _ = wide;
+            0
+        };
+        for j in first..self.rows.len {
             self.rows.prefetch(keys, j + PREFETCH_AHEAD, 0, head_dim);
             if !(self.visible)(j) {
                 continue;
@@ -261,13 +305,16 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         }
     }
 
-    /// [`SegmentView::accumulate`] over values of one element type.
+    /// [`SegmentView::accumulate`] over values of one element type: each value row added into
+    /// every head's outputs, or with `wide` the outputs held in AVX-512 registers.
+    #[inline(always)]
     fn accumulate_in<E: KvElem>(
         &self,
         values: &[E],
         probs: &[f32],
         at: Placement,
         out: &mut [f32],
+        wide: bool,
     ) {
         let Placement {
             base,
@@ -275,12 +322,14 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             group,
             head_dim,
         } = at;
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if head_dim.is_multiple_of(SLICE) {
-            self.accumulate_in_registers(values, probs, at, out);
+        #[cfg(target_arch = "x86_64")]
+        if wide && head_dim.is_multiple_of(SLICE) {
+            // SAFETY: `wide` only where the CPU has AVX-512 F.
+            unsafe { self.accumulate_in_registers(values, probs, at, out) };
             return;
         }
-        // Portable: each value row added into every head's outputs.
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = wide;
         let mut widened = Vec::new();
         for j in 0..self.rows.len {
             self.rows.prefetch(values, j + PREFETCH_AHEAD, 0, head_dim);
@@ -297,22 +346,23 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
 }
 
 /// Output values per register-blocked pass over the value rows.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[cfg(target_arch = "x86_64")]
 const SLICE: usize = 64;
 
 /// Where the transposed sum of [`Segment::score_blocks`] leaves key `k` of a block: lane
 /// `4 · (k mod 4) + k / 4`.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[cfg(target_arch = "x86_64")]
 const KEY_LANES: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
 
 /// The 16 lane sums of `a[0..16]` as one vector (`sum(a[k])` in lane `k`): four levels of
 /// pairwise shuffles and adds, 45 operations for 16 sums where reducing each vector alone
 /// takes about 8 apiece.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-#[inline(always)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
 fn transposed_sums(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    // SAFETY: AVX-512 F is enabled for this build; no memory is touched.
+    // SAFETY: reads the 16 lane indices of `KEY_LANES`; everything else is registers.
     unsafe {
         // 128-bit lanes [x0+x2, x1+x3, y0+y2, y1+y3]: the first half sums to Σx, the second Σy.
         let b: [__m512; 8] = std::array::from_fn(|i| {
@@ -351,7 +401,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// Scores whole blocks of 16 keys (AVX-512): each head's 16 dot products are summed across
     /// lanes together ([`transposed_sums`]) and stored as one vector, hidden keys as −∞.
     /// Returns how many keys it scored; the caller scores the rest one by one.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     fn score_blocks<E: KvElem>(
         &self,
         keys: &[E],
@@ -372,6 +424,10 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         }
         assert!(self.queries.len() >= group * head_dim);
         assert!(scores.len() >= (group - 1) * n_keys + base + blocks * 16);
+        // Keys that are not f32 are widened once per block here, not in every head's pass (7
+        // conversions of each key for the default model's groups of 7 heads, the pass's
+        // bottleneck); the block stays in L1.
+        let mut widened = Vec::new();
         for block in 0..blocks {
             let j0 = 16 * block;
             for k in 0..16 {
@@ -381,18 +437,34 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             if visible == 0 {
                 continue; // the buffer starts at −∞
             }
-            let rows: [&[E]; 16] = std::array::from_fn(|k| self.rows.row(keys, j0 + k, head_dim));
+            let stored: [&[E]; 16] = std::array::from_fn(|k| self.rows.row(keys, j0 + k, head_dim));
+            if E::f32_row(stored[0]).is_none() {
+                widened.resize(16 * head_dim, 0.0);
+                for (row, out) in stored.iter().zip(widened.chunks_exact_mut(head_dim)) {
+                    for c in (0..head_dim).step_by(16) {
+                        // SAFETY: 16 of the `head_dim` values of the row and of its place.
+                        unsafe {
+                            _mm512_storeu_ps(
+                                out.as_mut_ptr().add(c),
+                                E::load16(row.as_ptr().add(c)),
+                            )
+                        };
+                    }
+                }
+            }
+            let rows: [&[f32]; 16] = std::array::from_fn(|k| {
+                E::f32_row(stored[k]).unwrap_or_else(|| &widened[k * head_dim..(k + 1) * head_dim])
+            });
             for g in 0..group {
                 let q = &self.queries[g * head_dim..(g + 1) * head_dim];
-                // SAFETY: AVX-512 F is enabled for this build; every load reads 16 of the
-                // `head_dim` values of `q` and of the key rows, and the store writes 16 of the
-                // scores the assertion above checked.
+                // SAFETY: every load reads 16 of the `head_dim` values of `q` and of the key
+                // rows, and the store writes 16 of the scores the assertion above checked.
                 unsafe {
                     let mut a = [_mm512_setzero_ps(); 16];
                     for c in (0..head_dim).step_by(16) {
                         let qv = _mm512_loadu_ps(q.as_ptr().add(c));
                         for (a, key) in a.iter_mut().zip(rows) {
-                            *a = _mm512_fmadd_ps(qv, E::load16(key.as_ptr().add(c)), *a);
+                            *a = _mm512_fmadd_ps(qv, _mm512_loadu_ps(key.as_ptr().add(c)), *a);
                         }
                     }
                     let s = _mm512_mul_ps(transposed_sums(a), _mm512_set1_ps(scale));
@@ -404,16 +476,12 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         16 * blocks
     }
 
-    /// Without AVX-512 every key is scored one by one.
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
-    fn score_blocks<E>(&self, _: &[E], _: &mut [f32], _: Placement, _: f32) -> usize {
-        0
-    }
-
     /// The value pass with up to four heads × one 64-value slice of the outputs in registers
     /// over all the keys (16 vectors): adding into `out` per key was bound by its loads and
     /// stores. Each pass reads one slice of every value row.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     fn accumulate_in_registers<E: KvElem>(
         &self,
         values: &[E],
@@ -447,8 +515,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// Adds `Σ_j p_h[j] · v_j[slice .. slice + 64]` to head `h`'s outputs (those at
     /// `h · head_dim + slice`) for `H` heads, summed in 4 × 16 lanes per head (written with
     /// intrinsics: the compiler left a portable version scalar, with its sums on the stack).
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    #[inline(always)]
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     fn add_weighted<E: KvElem, const H: usize>(
         &self,
         values: &[E],
@@ -461,7 +530,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         for p in probs {
             assert!(p.len() >= self.rows.len);
         }
-        // SAFETY: AVX-512 F is enabled for this build; each load reads 16 of the 64 values
+        // SAFETY: each load reads 16 of the 64 values
         // `value(j, slice + 64)[slice..]` checks, and `j` is inside every `probs` (above).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); SLICE / 16]; H];
@@ -514,7 +583,7 @@ fn dots<const N: usize>(q: &[f32], k: &[f32], head_dim: usize) -> [f32; N] {
     acc.map(tree_sum)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Sixteen independent lanes vectorize without reassociation flags.
     let mut lanes = [0f32; 16];
@@ -535,6 +604,7 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// In place `x ← e^(x − max)` (−∞ → 0) over a row of scores; returns the max and the sum. Max
 /// and sum run in 16 lanes so neither reduction is a serial chain.
+#[inline(always)]
 fn softmax_numerators(row: &mut [f32]) -> (f32, f32) {
     let mut m = [f32::NEG_INFINITY; 16];
     let chunks = row.chunks_exact(16);
@@ -582,23 +652,52 @@ mod tests {
     /// blocked score and value passes (whole blocks of 16 keys plus a remainder, heads in fours
     /// and the rest) and the one-key-at-a-time paths (`head_dim` not a multiple of 16 or 64),
     /// over two segments with keys hidden in both.
+    ///
+    /// Every instruction set the CPU has, with keys and values stored as f32 and as f16 (the
+    /// random values are f16 numbers, so both hold the same ones and share the tolerance).
     #[test]
     fn group_attention_matches_a_direct_softmax() {
+        for kernel in Kernel::available() {
+            for halves in [false, true] {
+                group_attention_matches_a_direct_softmax_on(kernel, halves);
+            }
+        }
+    }
+
+    /// [`group_attention_matches_a_direct_softmax`] with one instruction set and storage.
+    fn group_attention_matches_a_direct_softmax_on(kernel: Kernel, halves: bool) {
+        use half::f16;
         let mut rng = StdRng::seed_from_u64(11);
         for (group, head_dim, n_kv_heads) in [(7, 64, 2), (4, 256, 1), (3, 32, 2), (2, 24, 1)] {
             let stride = n_kv_heads * head_dim;
             let lens = [5usize, 45];
-            let mut random =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let mut random = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                    .collect()
+            };
             let keys: Vec<Vec<f32>> = lens.iter().map(|&n| random(n * stride)).collect();
             let values: Vec<Vec<f32>> = lens.iter().map(|&n| random(n * stride)).collect();
             let queries: Vec<Vec<f32>> = lens.iter().map(|_| random(group * head_dim)).collect();
+            let to_f16 = |rows: &Vec<Vec<f32>>| -> Vec<Vec<f16>> {
+                rows.iter()
+                    .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
+                    .collect()
+            };
+            let (keys16, values16) = (to_f16(&keys), to_f16(&values));
+            fn view<'a>(halves: bool, f32s: &'a [f32], f16s: &'a [f16]) -> KvView<'a> {
+                if halves {
+                    KvView::F16(f16s)
+                } else {
+                    KvView::F32(f32s)
+                }
+            }
             let kv = n_kv_heads - 1;
             let hidden = |s: usize, j: usize| (s == 0 && j == 2) || (s == 1 && j % 7 == 3);
             let segment = |s: usize| Segment {
                 rows: Rows {
-                    keys: (&keys[s]).into(),
-                    values: (&values[s]).into(),
+                    keys: view(halves, &keys[s], &keys16[s]),
+                    values: view(halves, &values[s], &values16[s]),
                     stride,
                     offset: kv * head_dim,
                     len: lens[s],
@@ -611,6 +710,7 @@ mod tests {
             let mut out = vec![0f32; group * head_dim];
             let mut scratch = Vec::new();
             attend_group(
+                kernel,
                 [&first, &second],
                 group,
                 head_dim,
@@ -624,7 +724,17 @@ mod tests {
             let mut stats = vec![vec![0f32; 2 * group]; 2];
             for (p, segment) in [&first, &second].into_iter().enumerate() {
                 let (o, s) = (&mut outs[p], &mut stats[p]);
-                attend_group([segment], group, head_dim, scale, o, &mut scratch, Some(s));
+                let part = Some(&mut s[..]);
+                attend_group(
+                    kernel,
+                    [segment],
+                    group,
+                    head_dim,
+                    scale,
+                    o,
+                    &mut scratch,
+                    part,
+                );
             }
             let mut merged = vec![0f32; group * head_dim];
             let (outs, stats): (Vec<&[f32]>, Vec<&[f32]>) = outs
@@ -639,7 +749,7 @@ mod tests {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 split < 1e-5,
-                "group {group} head_dim {head_dim}: split {split}"
+                "{kernel:?} f16 {halves} group {group} head_dim {head_dim}: split {split}"
             );
             for g in 0..group {
                 let mut weights = Vec::new();
@@ -664,7 +774,8 @@ mod tests {
                     let got = out[g * head_dim + d] as f64;
                     assert!(
                         (got - want).abs() < 1e-4,
-                        "group {group} head_dim {head_dim}: head {g} value {d}: {got} vs {want}"
+                        "{kernel:?} f16 {halves} group {group} head_dim {head_dim}: head {g} \
+                         value {d}: {got} vs {want}"
                     );
                 }
             }

@@ -53,11 +53,14 @@ pub(super) trait KvElem: Copy + Send + Sync + 'static {
     /// `row` as f32: the row itself for f32, converted into `buf` otherwise.
     fn as_f32<'a>(row: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 
+    /// `row` itself when it is f32 already.
+    fn f32_row(row: &[Self]) -> Option<&[f32]>;
+
     /// Sixteen elements from `p`, widened to f32.
     ///
     /// # Safety
     /// `p` must point to 16 readable elements.
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
@@ -67,10 +70,16 @@ impl KvElem for f32 {
         row
     }
 
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     #[inline(always)]
+    fn f32_row(row: &[f32]) -> Option<&[f32]> {
+        Some(row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
-        // SAFETY: the caller guarantees 16 readable floats; AVX-512 F is enabled for this build.
+        // SAFETY: the caller guarantees 16 readable floats.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
@@ -83,11 +92,17 @@ impl KvElem for f16 {
         buf
     }
 
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     #[inline(always)]
+    fn f32_row(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps};
-        // SAFETY: the caller guarantees 16 readable halves (32 bytes); AVX-512 F is enabled.
+        // SAFETY: the caller guarantees 16 readable halves (32 bytes).
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
 }

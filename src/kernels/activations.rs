@@ -20,8 +20,18 @@ pub struct Q8Rows {
 }
 
 impl Q8Rows {
-    /// Quantizes `x` (`rows × cols`, row-major; `cols` a multiple of 32).
+    /// Quantizes `x` (`rows × cols`, row-major; `cols` a multiple of 32), vectorized for the
+    /// CPU (`Kernel::vectorize`: in a portable build the baseline's `round` is a libm call per
+    /// value).
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
+        super::Kernel::detect().vectorize(
+            #[inline(always)]
+            || Self::quantize_here(x, rows, cols),
+        )
+    }
+
+    #[inline(always)]
+    fn quantize_here(x: &[f32], rows: usize, cols: usize) -> Self {
         debug_assert_eq!(x.len(), rows * cols);
         debug_assert_eq!(cols % BLOCK, 0);
         let mut qs = vec![0i8; rows * cols];

@@ -142,9 +142,10 @@ pub(crate) fn pool_execute_chunked<F: Fn(std::ops::Range<usize>) + Sync>(n_items
 }
 
 /// Which implementation this CPU runs, in order of capability (each needs the features of the
-/// ones before it).
+/// ones before it): of the matrix products here and of the attention (`attention::kernel`,
+/// `attention::blocked`), so one `LAMBDACHAT_KERNELS` caps them all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kernel {
+pub(crate) enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -155,7 +156,7 @@ enum Kernel {
 impl Kernel {
     /// Every implementation this CPU can run (for the tests): the variants up to the best.
     #[cfg(test)]
-    fn available() -> Vec<Self> {
+    pub(crate) fn available() -> Vec<Self> {
         let best = Self::detect();
         let mut all = vec![Self::Scalar];
         #[cfg(target_arch = "x86_64")]
@@ -169,7 +170,7 @@ impl Kernel {
 
     /// The best implementation this CPU runs, capped by `LAMBDACHAT_KERNELS` (`scalar`, `avx2`)
     /// when set: the test suite runs with the wider paths forced off, as on an older CPU.
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let cap = std::env::var("LAMBDACHAT_KERNELS").ok();
@@ -200,6 +201,33 @@ impl Kernel {
             _ => Self::Avx512Vnni,
             #[cfg(not(target_arch = "x86_64"))]
             _ => Self::Scalar,
+        }
+    }
+
+    /// Whether this implementation may run AVX-512 F code (the attention's blocked scores and
+    /// registers-held value sums).
+    pub(crate) fn has_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Self::Avx512Vnni;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Runs `f` compiled for this implementation's instruction set: `f` is inlined into a
+    /// function built with those features, so the compiler vectorizes its plain loops (and
+    /// whatever `f` inlines) for them — AVX-512 or AVX2 in a portable binary whose baseline
+    /// is SSE2. `f` and its callees should be `#[inline(always)]`, or they are compiled for
+    /// the baseline.
+    #[inline(always)]
+    pub(crate) fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        match self {
+            // SAFETY: `detect` chose this implementation because the CPU has its features.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => unsafe { x86::with_avx512(f) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { x86::with_avx2(f) },
+            Self::Scalar => f(),
         }
     }
 

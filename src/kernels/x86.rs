@@ -24,7 +24,28 @@ pub fn avx2() -> bool {
 pub fn avx512_vnni() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512dq")
         && is_x86_feature_detected!("avx512vnni")
+}
+
+/// `f()` built with AVX-512 (F, BW, VL, DQ) and AVX2, FMA, F16C enabled (`Kernel::vectorize`):
+/// VL and DQ let the compiler use AVX-512's registers and masks for narrower vectors too.
+///
+/// # Safety
+/// The CPU must have [`avx512_vnni`]'s and [`avx2`]'s features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `f()` built with AVX2, FMA and F16C enabled (`Kernel::vectorize`).
+///
+/// # Safety
+/// The CPU must have [`avx2`]'s features.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// A weight format's tile block as vectors.
