@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 pub use crate::attention::recall::RecallParams;
-pub use crate::attention::{CacheStats, LambdaParams, window_start};
+pub use crate::attention::{CacheStats, KvType, LambdaParams, window_start};
 pub use crate::chat::{Message, Role, code_blocks};
 pub use crate::sampling::SamplingParams;
 
@@ -263,6 +263,8 @@ pub struct Settings {
     pub max_tokens: usize,
     /// Recall's parameters when it is on (the status bar then counts recalled tokens).
     pub recall: Option<RecallParams>,
+    /// How the cache holds keys and values (the status bar names it beside the KV size).
+    pub kv_type: KvType,
 }
 
 /// One line of the session list.

@@ -188,6 +188,7 @@ fn run(
         sampling: options.sampling.clone(),
         max_tokens: options.max_tokens,
         recall: options.recall.as_ref().map(|(p, _)| *p),
+        kv_type: engine.kv_type,
     };
     let session = Session::new(
         engine.clone(),

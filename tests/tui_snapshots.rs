@@ -4,7 +4,7 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use lambdachat::protocol::{
-    CacheStats, Event, InspectView, LambdaParams, Message, MessageMap, RecallParams, Role,
+    CacheStats, Event, InspectView, KvType, LambdaParams, Message, MessageMap, RecallParams, Role,
     SamplingParams, Settings, ShownMessage, StopReason, Timeline, TokenInfo, TokenState,
     code_blocks,
 };
@@ -25,6 +25,7 @@ fn app(size: (u16, u16)) -> App {
             sampling: SamplingParams::default(),
             max_tokens: 512,
             recall: None,
+            kv_type: KvType::F16,
         },
     }));
     app
@@ -203,6 +204,7 @@ fn visualizer_with_recalled_tokens() {
             sampling: SamplingParams::default(),
             max_tokens: 512,
             recall: Some(RecallParams::default()),
+            kv_type: KvType::F16,
         },
     }));
     let mut messages = Vec::new();

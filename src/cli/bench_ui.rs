@@ -129,6 +129,7 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
             sampling: settings.sampling.clone(),
             max_tokens: args.generate.max(1),
             recall: settings.recall,
+            kv_type: settings.load_options.kv_type,
         },
     }));
     app.update(Msg::Worker(Event::Opened {

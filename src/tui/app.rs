@@ -691,7 +691,7 @@ impl App {
 mod tests {
     use super::*;
     use crate::protocol::{
-        CacheStats, InspectView, LambdaParams, MessageMap, SamplingParams, SessionSummary,
+        CacheStats, InspectView, KvType, LambdaParams, MessageMap, SamplingParams, SessionSummary,
         ShownMessage, TokenInfo, TokenState,
     };
 
@@ -701,6 +701,7 @@ mod tests {
             sampling: SamplingParams::default(),
             max_tokens: 100,
             recall: None,
+            kv_type: KvType::F16,
         }
     }
 

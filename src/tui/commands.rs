@@ -186,6 +186,7 @@ pub fn complete(line: &str) -> Vec<(String, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::KvType;
 
     fn settings() -> Settings {
         Settings {
@@ -193,6 +194,7 @@ mod tests {
             sampling: SamplingParams::default(),
             max_tokens: 512,
             recall: None,
+            kv_type: KvType::F16,
         }
     }
 

@@ -229,10 +229,14 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
             ),
         ]);
     }
+    let kv_type = app.settings.as_ref().map(|s| s.kv_type.name());
     spans.extend([
         sep(),
         Span::raw(format!("KV {:.1} MiB", s.bytes as f64 / (1 << 20) as f64)),
     ]);
+    if let Some(name) = kv_type {
+        spans.extend([Span::raw(" "), Span::styled(name, dim)]);
+    }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
