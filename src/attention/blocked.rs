@@ -120,6 +120,7 @@ pub(super) fn attend_block<'s>(
         first_position,
     } = shape;
     let s = scratch;
+    let kernel = Kernel::detect();
     s.out.clear();
     s.out.resize(rows * d, 0.0);
     s.max.clear();
@@ -163,7 +164,6 @@ pub(super) fn attend_block<'s>(
             }
             let positions = &seg.positions[start..start + n];
             let mut any = false;
-            let kernel = Kernel::detect();
             for r in 0..rows {
                 let row = &mut s.scores[r * n..(r + 1) * n];
                 let i = first_position + (r / group) as u64;
