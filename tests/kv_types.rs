@@ -1,7 +1,8 @@
 //! A conversation keeps going across the cache's element types: saved with f16 keys and values
 //! and resumed with f16 it continues bit for bit (the KV file widens f16 exactly), and resumed
 //! with f32 — or saved with f32 and resumed with f16 — its cache is converted and it continues
-//! within f16's rounding. On the tiny model, with a window small enough to evict.
+//! within f16's rounding. On the tiny model, with a window small enough to evict. The KV file
+//! stores what the cache holds: an f16 conversation's file takes half an f32 one's bytes.
 
 mod common;
 
@@ -62,7 +63,10 @@ fn a_conversation_resumes_across_kv_types() {
 
     // Saved by an engine of `saved_as`; then either continued in place or resumed by `resumed`.
     let run = |name: &str, saved_as: &Arc<Engine>, resumed: Option<&Arc<Engine>>| {
-        let store = Store::open(&dir.path().join(format!("{name}.db"))).unwrap();
+        // A directory each: the KV files sit beside the database, named by session.
+        let own = dir.path().join(name);
+        std::fs::create_dir_all(&own).unwrap();
+        let store = Store::open(&own.join("s.db")).unwrap();
         let id = store.create("t", "tiny", params).unwrap();
         let mut s = Session::with_history(
             saved_as.clone(),
@@ -97,6 +101,10 @@ fn a_conversation_resumes_across_kv_types() {
     assert_eq!(f16_straight, f16_resumed, "f16 → file → f16 is exact");
 
     let (f32_straight, f32_bytes) = run("f32", &f32, None);
+    let file_bytes =
+        |name: &str| lambdachat::store::kv_token_bytes(&dir.path().join(name).join("s.db"));
+    assert!(file_bytes("f32") > 0);
+    assert_eq!(2 * file_bytes("f16"), file_bytes("f32"));
     // Bytes allocated (capacities, which grow unevenly): an f16 cache holds about half.
     let is_f16 = |bytes: u64| (bytes as f64) < 0.6 * f32_bytes as f64;
     assert!(is_f16(f16_bytes), "{f16_bytes} against {f32_bytes}");

@@ -314,11 +314,12 @@ impl History for StoreHistory {
     ) -> Result<(), HistoryError> {
         let slots = cache.params().n_local as u64 + 1;
         let floats = cache.slot_floats();
+        let kv_type = cache.kv_type();
         let path = kv_path(&self.path, self.id);
         let existing = if restart {
             None
         } else {
-            KvFile::open(&path, floats, slots).map_err(kv_err)?
+            KvFile::open_as(&path, floats, slots, kv_type).map_err(kv_err)?
         };
         let window = positions.end.saturating_sub(slots - 1);
         let created = existing.is_none();
@@ -332,11 +333,12 @@ impl History for StoreHistory {
                 (f, start..positions.end)
             }
             None => {
-                // A new file (or another layout): it is whole only once the window is in it.
+                // A new file (or another layout or type): it is whole only once the window is
+                // in it.
                 self.db
                     .execute("UPDATE sessions SET kv_whole = 0 WHERE id = ?1", [self.id])
                     .map_err(sql)?;
-                let f = KvFile::create(&path, floats, slots).map_err(kv_err)?;
+                let f = KvFile::create(&path, floats, slots, kv_type).map_err(kv_err)?;
                 (f, window..positions.end)
             }
         };

@@ -3,16 +3,26 @@
 //! of its token. A save writes the slots of the tokens fed since the last one — bytes in
 //! proportion to the new tokens, never the whole window — and the file never grows.
 //!
-//! Layout: a 4 KiB header (magic, the slot size and count), a table of one 16-byte entry per
-//! slot (the position it holds, a CRC-32 of its data, whether every layer had it), then the
+//! Layout: a 4 KiB header (magic, the slot size and count, the element type), a table of one
+//! 16-byte entry per slot (the position it holds, a CRC-32 of its data, whether every layer had it), then the
 //! slots. Each position is written data first, entry second: a process killed at any moment
 //! leaves a whole window ending at the last position written (the slot being written held a
 //! position one past the oldest that window needs: hence `n_local + 1` slots).
+//!
+//! Values are stored as the cache holds them ([`KvType`]): an f16 cache writes half the bytes
+//! of an f32 one, and since f16 → f32 → f16 is exact, nothing is lost on the way through the
+//! f32 slots the cache hands over. Files written before the element type existed have zeros
+//! where it sits, which reads as f32, as they are.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use crate::attention::KvType;
 
 const MAGIC: &[u8; 8] = b"LCKVRNG1";
 const HEADER: u64 = 4096;
@@ -34,7 +44,10 @@ pub struct KvFile {
     path: PathBuf,
     slot_floats: u64,
     slots: u64,
+    kv_type: KvType,
     table: Vec<Entry>,
+    /// An f16 file's slot as stored, reused from one write to the next.
+    halves: Vec<f16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +62,17 @@ impl KvFile {
     }
 
     fn slot_bytes(&self) -> u64 {
-        self.slot_floats * 4
+        self.slot_floats * self.kv_type.bytes() as u64
     }
 
-    /// Creates (or empties) the file for slots of `slot_floats` floats, `slots` of them.
-    pub fn create(path: &Path, slot_floats: usize, slots: u64) -> Result<Self, KvFileError> {
+    /// Creates (or empties) the file for slots of `slot_floats` values stored as `kv_type`,
+    /// `slots` of them.
+    pub fn create(
+        path: &Path,
+        slot_floats: usize,
+        slots: u64,
+        kv_type: KvType,
+    ) -> Result<Self, KvFileError> {
         let err = |e| KvFileError::Io(path.to_path_buf(), e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -66,6 +85,7 @@ impl KvFile {
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&(slot_floats as u64).to_le_bytes());
         header[16..24].copy_from_slice(&slots.to_le_bytes());
+        header[24..32].copy_from_slice(&type_code(kv_type).to_le_bytes());
         file.write_all(&header).map_err(err)?;
         let empty = Entry {
             position: EMPTY,
@@ -80,14 +100,28 @@ impl KvFile {
             path: path.to_path_buf(),
             slot_floats: slot_floats as u64,
             slots,
+            kv_type,
             table: vec![empty; slots as usize],
+            halves: Vec::new(),
         })
     }
 
-    /// Opens the file when it has this layout; `None` when it is missing or another layout.
+    /// Opens the file when it has this layout, with values of any type (they are read as f32);
+    /// `None` when it is missing or another layout.
     pub fn open(path: &Path, slot_floats: usize, slots: u64) -> Result<Option<Self>, KvFileError> {
         Ok(Self::open_any(path)?
             .filter(|f| f.slot_floats == slot_floats as u64 && f.slots == slots))
+    }
+
+    /// Opens the file when it has this layout and stores values as `kv_type` (what a save
+    /// writes into: a cache of another type starts a new file).
+    pub fn open_as(
+        path: &Path,
+        slot_floats: usize,
+        slots: u64,
+        kv_type: KvType,
+    ) -> Result<Option<Self>, KvFileError> {
+        Ok(Self::open(path, slot_floats, slots)?.filter(|f| f.kv_type == kv_type))
     }
 
     /// Opens the file whatever its layout; `None` when it is missing or not a KV file.
@@ -104,6 +138,9 @@ impl KvFile {
         }
         let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
         let (slot_floats, slots) = (word(8), word(16));
+        let Some(kv_type) = type_of(word(24)) else {
+            return Ok(None);
+        };
         if &header[..8] != MAGIC || slot_floats == 0 || slots == 0 || slots > 1 << 24 {
             return Ok(None);
         }
@@ -118,7 +155,9 @@ impl KvFile {
             path: path.to_path_buf(),
             slot_floats,
             slots,
+            kv_type,
             table,
+            halves: Vec::new(),
         }))
     }
 
@@ -153,10 +192,11 @@ impl KvFile {
     /// The bytes one token takes in the file at `path` (every layer's keys and values), from its
     /// header; `None` when it is not a KV file.
     pub fn token_bytes(path: &Path) -> Option<u64> {
-        let mut header = [0u8; 24];
+        let mut header = [0u8; 32];
         File::open(path).ok()?.read_exact(&mut header).ok()?;
         let floats = u64::from_le_bytes(header[8..16].try_into().ok()?);
-        (&header[..8] == MAGIC).then_some(floats * 4)
+        let kv_type = type_of(u64::from_le_bytes(header[24..32].try_into().ok()?))?;
+        (&header[..8] == MAGIC).then_some(floats.checked_mul(kv_type.bytes() as u64)?)
     }
 
     /// What slot `position` would sit in holds now.
@@ -164,7 +204,8 @@ impl KvFile {
         self.table[(position % self.slots) as usize]
     }
 
-    /// Writes position `position`'s slot: data first, then its entry.
+    /// Writes position `position`'s slot (`data` as f32, stored as the file's type): data
+    /// first, then its entry.
     pub fn write(
         &mut self,
         position: u64,
@@ -173,7 +214,14 @@ impl KvFile {
     ) -> Result<(), KvFileError> {
         let err = |e| KvFileError::Io(self.path.clone(), e);
         let slot = position % self.slots;
-        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let bytes: &[u8] = match self.kv_type {
+            KvType::F32 => bytemuck::cast_slice(data),
+            KvType::F16 => {
+                self.halves.resize(data.len(), f16::ZERO);
+                self.halves.convert_from_f32_slice(data);
+                bytemuck::cast_slice(&self.halves)
+            }
+        };
         debug_assert_eq!(bytes.len() as u64, self.slot_bytes());
         self.file
             .write_all_at(bytes, self.data_offset() + slot * self.slot_bytes())
@@ -208,7 +256,18 @@ impl KvFile {
         self.file
             .read_exact_at(&mut bytes, self.data_offset() + slot * self.slot_bytes())
             .ok()?;
-        (crc32fast::hash(&bytes) == entry.crc).then(|| bytemuck::pod_collect_to_vec(&bytes))
+        if crc32fast::hash(&bytes) != entry.crc {
+            return None;
+        }
+        Some(match self.kv_type {
+            KvType::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            KvType::F16 => {
+                let halves: Vec<f16> = bytemuck::pod_collect_to_vec(&bytes);
+                let mut floats = vec![0f32; halves.len()];
+                halves.convert_to_f32_slice(&mut floats);
+                floats
+            }
+        })
     }
 
     /// The latest window end in `from..=to` the table vouches for: every position of the
@@ -230,6 +289,22 @@ impl KvFile {
                 e.position == p && (e.complete || p + narrowest < end)
             })
         })
+    }
+}
+
+/// The header's word for an element type (0, what files before it have there, is f32).
+fn type_code(kv_type: KvType) -> u64 {
+    match kv_type {
+        KvType::F32 => 0,
+        KvType::F16 => 1,
+    }
+}
+
+fn type_of(code: u64) -> Option<KvType> {
+    match code {
+        0 => Some(KvType::F32),
+        1 => Some(KvType::F16),
+        _ => None,
     }
 }
 
@@ -257,7 +332,7 @@ mod tests {
     fn slots_wrap_and_a_window_survives_a_torn_save() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.kv");
-        let mut f = KvFile::create(&path, 4, 5).unwrap();
+        let mut f = KvFile::create(&path, 4, 5, KvType::F32).unwrap();
         let slot = |p: u64| vec![p as f32; 4];
         for p in 0..7 {
             f.write(p, &slot(p), true).unwrap();
@@ -300,7 +375,7 @@ mod tests {
     fn forgotten_positions_serve_no_window_and_the_search_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.kv");
-        let mut f = KvFile::create(&path, 4, 5).unwrap();
+        let mut f = KvFile::create(&path, 4, 5, KvType::F32).unwrap();
         for p in 0..7 {
             f.write(p, &[p as f32; 4], true).unwrap();
         }
@@ -316,5 +391,40 @@ mod tests {
             Some(0),
             "only the empty window"
         );
+    }
+
+    #[test]
+    fn an_f16_file_takes_half_the_bytes_and_gives_back_what_an_f16_cache_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.kv");
+        // Values an f16 cache holds (already rounded to f16), and one that is not.
+        let held: Vec<f32> = (0..8)
+            .map(|i| f16::from_f32(i as f32 * 0.3 - 1.1).to_f32())
+            .collect();
+        let mut f = KvFile::create(&path, 8, 3, KvType::F16).unwrap();
+        f.write(0, &held, true).unwrap();
+        f.write(1, &[1.0 / 3.0; 8], true).unwrap();
+        f.sync().unwrap();
+        assert_eq!(KvFile::token_bytes(&path), Some(16));
+        let f = KvFile::open(&path, 8, 3).unwrap().unwrap();
+        assert_eq!(f.read(0), Some(held), "f16 → f32 → f16 is exact");
+        assert_eq!(f.read(1), Some(vec![f16::from_f32(1.0 / 3.0).to_f32(); 8]));
+        // A save of an f32 cache does not write into it, and neither takes the other's file.
+        assert!(KvFile::open_as(&path, 8, 3, KvType::F32).unwrap().is_none());
+        assert!(KvFile::open_as(&path, 8, 3, KvType::F16).unwrap().is_some());
+        let f32_path = dir.path().join("f32.kv");
+        KvFile::create(&f32_path, 8, 3, KvType::F32).unwrap();
+        assert_eq!(KvFile::token_bytes(&f32_path), Some(32));
+        assert!(
+            KvFile::open_as(&f32_path, 8, 3, KvType::F16)
+                .unwrap()
+                .is_none()
+        );
+        // An unknown type in the header is not a KV file of ours.
+        let mut header = std::fs::read(&path).unwrap();
+        header[24] = 7;
+        std::fs::write(&path, &header).unwrap();
+        assert!(KvFile::open(&path, 8, 3).unwrap().is_none());
+        assert_eq!(KvFile::token_bytes(&path), None);
     }
 }
