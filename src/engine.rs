@@ -131,4 +131,14 @@ impl Engine {
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }
+
+    /// The token a reply ends with in this model's template (its end-of-turn marker, else the
+    /// end of text): what closes a reply that was given rather than generated.
+    pub fn end_of_turn(&self) -> Option<u32> {
+        END_OF_TURN_MARKERS
+            .iter()
+            .filter(|m| self.template.source().contains(*m))
+            .find_map(|m| self.tokenizer.token_id(m))
+            .or(self.tokenizer.eos)
+    }
 }

@@ -989,6 +989,34 @@ impl Session {
         Ok(report)
     }
 
+    /// One exchange whose reply is given, not generated: a conversation a client sends whole (an
+    /// OpenAI-style request holds every earlier reply) is read into the session this way. The
+    /// user's message is fed as a turn's prompt, then the reply as plain text; the conversation
+    /// then stands as after a generated reply that ended its turn. A transaction like
+    /// [`Self::turn`]: on an error nothing of it stays. Returns the tokens fed.
+    pub fn exchange(&mut self, user: &str, reply: &str) -> Result<usize, SessionError> {
+        self.drop_regen();
+        let before = self.checkpoint();
+        let point = self.cache.mark();
+        let never = AtomicBool::new(false);
+        let fed = match self.prompt_and_prefill(user, &never, &mut |_| {}) {
+            Ok(Prefilled::Ready(_, prompt)) => self.given_reply(reply).map(|n| prompt + n),
+            Ok(Prefilled::Stopped(_)) => Err(SessionError::Logits("a prompt stopped".into())),
+            Err(e) => Err(e),
+        };
+        match fed {
+            Ok(n) => {
+                self.cache.forget(point);
+                Ok(n)
+            }
+            Err(e) => {
+                self.cache.rewind(point);
+                self.restore(before);
+                Err(e)
+            }
+        }
+    }
+
     /// Records the user's message and feeds its prompt: the text up to the end of the message's
     /// content can be stopped between chunks, the template's few tokens after it (the end of
     /// the turn, the reply's opening) are fed with it or not at all. A stopped prompt forgets
@@ -1287,28 +1315,12 @@ impl Session {
             on_event(TurnEvent::Text(&text));
             reply.push_str(&text);
         }
-        let end = self.head.token_count;
-        let mut fed_added = reply.clone();
-        if stop == StopReason::EndOfTurn {
-            let stop_id = self.head.pending.last().copied();
-            let stop_text = stop_id.and_then(|id| engine.tokenizer.decode(&[id]).ok());
-            if let Some(id) = stop_id {
-                self.record(id, base + reply.len() as u64);
-            }
-            fed_added.push_str(&stop_text.unwrap_or_default());
-        }
-        self.head.fed_len = base + fed_added.len() as u64;
-        self.head.fed_tail.push_str(&fed_added);
-        let record = MessageRecord {
-            index: self.head.message_count,
-            role: Role::Assistant,
-            content: reply.clone(),
-            tokens: first..end,
-            span: base..base + reply.len() as u64,
-            code_before: self.head.code_count,
+        let stop_id = if stop == StopReason::EndOfTurn {
+            self.head.pending.last().copied()
+        } else {
+            None
         };
-        self.head.tail.push(record.clone());
-        self.add_message(record);
+        self.close_reply(base, first, &reply, stop_id);
         Ok(TurnReport {
             prompt_tokens: 0,
             generated_tokens: generated,
@@ -1317,6 +1329,61 @@ impl Session {
             stop,
             reply,
         })
+    }
+
+    /// Records a reply whose tokens from `first` on were recorded (its text `reply`, at byte
+    /// `base` of the fed text) as the conversation's next message, with the end-of-turn token
+    /// `stop` that closes it (pending: the next turn feeds it first).
+    fn close_reply(&mut self, base: u64, first: u64, reply: &str, stop: Option<u32>) {
+        let end = self.head.token_count;
+        let mut fed_added = reply.to_string();
+        if let Some(id) = stop {
+            self.record(id, base + reply.len() as u64);
+            let text = self.engine.tokenizer.decode(&[id]).ok();
+            fed_added.push_str(&text.unwrap_or_default());
+        }
+        self.head.fed_len = base + fed_added.len() as u64;
+        self.head.fed_tail.push_str(&fed_added);
+        let record = MessageRecord {
+            index: self.head.message_count,
+            role: Role::Assistant,
+            content: reply.to_string(),
+            tokens: first..end,
+            span: base..base + reply.len() as u64,
+            code_before: self.head.code_count,
+        };
+        self.head.tail.push(record.clone());
+        self.add_message(record);
+    }
+
+    /// Feeds a reply that was given rather than generated: its text as plain text (no control
+    /// token inside), remembered for the repeat penalty as a generated one is, then closed by
+    /// the template's end-of-turn token. Returns the tokens fed.
+    fn given_reply(&mut self, reply: &str) -> Result<usize, SessionError> {
+        let engine = self.engine.clone();
+        let base = self.head.fed_len;
+        let first = self.head.token_count;
+        let (ids, starts) = engine
+            .tokenizer
+            .encode_with_offsets(reply, &[0..reply.len()])?;
+        for (&id, &s) in ids.iter().zip(&starts) {
+            self.record(id, base + s as u64);
+        }
+        if !ids.is_empty() {
+            let never = AtomicBool::new(false);
+            self.feed_cancellable(&ids, self.prefill_chunk, &never, &mut |_| {})?;
+            self.head.tokens_fed = self.cache.next_position();
+        }
+        let keep = self.sampler.params().repeat_last_n.max(1);
+        let recent = &mut self.head.recent;
+        recent.extend(&ids[ids.len().saturating_sub(keep)..]);
+        if recent.len() > 2 * keep {
+            recent.drain(..recent.len() - keep);
+        }
+        let stop = engine.end_of_turn();
+        self.head.pending.extend(stop);
+        self.close_reply(base, first, reply, stop);
+        Ok(ids.len())
     }
 
     /// Hands what changed since the last save to the history: the new messages and tokens with
