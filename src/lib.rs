@@ -24,6 +24,7 @@ pub mod model;
 pub mod progress;
 pub mod protocol;
 pub mod sampling;
+pub mod server;
 pub mod session;
 pub mod store;
 pub mod tokenizer;

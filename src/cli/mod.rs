@@ -10,6 +10,7 @@ mod chat;
 mod eval;
 mod inspect;
 mod models;
+mod serve;
 mod sessions;
 mod terminal_text;
 
@@ -51,6 +52,8 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Answer one prompt, streaming the reply to stdout.
     Ask(ask::AskArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming).
+    Serve(serve::ServeArgs),
     /// Measure decode and prefill speed, cache size and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -420,6 +423,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Chat(c) => chat::run(c, &config),
         Command::Ask(a) => ask::run(a, &config),
+        Command::Serve(s) => serve::run(s, &config),
         Command::Bench(b) => bench::run(b, &config),
         Command::Eval(e) => eval::run(e, &config),
         Command::Inspect(i) => inspect::run(i),

@@ -1363,9 +1363,10 @@ impl Session {
         let engine = self.engine.clone();
         let base = self.head.fed_len;
         let first = self.head.token_count;
+        let whole = 0..reply.len();
         let (ids, starts) = engine
             .tokenizer
-            .encode_with_offsets(reply, &[0..reply.len()])?;
+            .encode_with_offsets(reply, std::slice::from_ref(&whole))?;
         for (&id, &s) in ids.iter().zip(&starts) {
             self.record(id, base + s as u64);
         }

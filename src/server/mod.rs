@@ -1,0 +1,386 @@
+//! `lambdachat serve`: an OpenAI-compatible HTTP server whose conversations run on Λ caches.
+//!
+//! - `POST /v1/chat/completions`: streaming (server-sent events ending in `data: [DONE]`) or
+//!   not; `usage` carries a `lambdachat` extension (tokens reused, fed, seen, attended,
+//!   evicted; KV bytes).
+//! - `GET /v1/models`, `GET /health`.
+//!
+//! The HTTP side (axum on a current-thread tokio runtime) checks requests and never touches the
+//! model; [`generator`] runs every job on one thread that owns the live conversations. Errors
+//! take OpenAI's shape (`{"error": {message, type, param, code}}`) with the matching status.
+//! With an API key every route but `/health` needs `Authorization: Bearer KEY`, compared in
+//! constant time. Message text is never logged.
+
+mod generator;
+mod openai;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use generator::{Event, Job, Refused};
+pub use generator::{Generator, GeneratorOptions};
+use openai::{ApiError, ChatRequest, FinishReason, Usage};
+
+use crate::sampling::SamplingParams;
+
+/// What the HTTP side needs.
+pub struct ServerState {
+    pub generator: Generator,
+    /// The model's name in responses and `/v1/models`.
+    pub model: String,
+    /// Sampling when a request does not say.
+    pub sampling: SamplingParams,
+    /// The most tokens a reply may ask for (and what it gets when it does not ask).
+    pub max_tokens: usize,
+    /// Requests whose body is larger are refused (413).
+    pub max_body_bytes: usize,
+    /// SHA-256 of the API key, when there is one.
+    api_key: Option<[u8; 32]>,
+    started: u64,
+    requests: AtomicU64,
+}
+
+impl ServerState {
+    pub fn new(
+        generator: Generator,
+        model: String,
+        sampling: SamplingParams,
+        max_tokens: usize,
+        api_key: Option<&str>,
+    ) -> Self {
+        Self {
+            generator,
+            model,
+            sampling,
+            max_tokens,
+            max_body_bytes: 4 << 20,
+            api_key: api_key.map(digest),
+            started: now(),
+            requests: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Why the server will not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without an API key: anyone who can reach it could use the model (pass --api-key KEY or set LAMBDACHAT_API_KEY, or listen on 127.0.0.1)"
+    )]
+    NeedsKey(String),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// Checks that a server on `host` may start with or without a key: anything but a loopback
+/// address needs one.
+pub fn check_exposure(host: &str, api_key: Option<&str>) -> Result<(), ServeError> {
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback || api_key.is_some_and(|k| !k.is_empty()) {
+        Ok(())
+    } else {
+        Err(ServeError::NeedsKey(host.to_string()))
+    }
+}
+
+/// Binds `host:port` (port 0: any free port).
+pub async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, ServeError> {
+    let addr = format!("{host}:{port}");
+    tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| ServeError::Bind(addr, e))
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServerState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+pub fn router(state: Arc<ServerState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Equal digests, compared without an early exit (the time says nothing about the key).
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authorize(
+    State(state): State<Arc<ServerState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|k| digest(k.trim()));
+        if !given.is_some_and(|g| same_digest(&g, key)) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                "a valid API key is needed: Authorization: Bearer KEY",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        &format!("no route {} {}", request.method(), request.uri().path()),
+    )
+}
+
+async fn models(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.model,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "lambdachat",
+        }]
+    }))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn chat_completions(
+    State(state): State<Arc<ServerState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = body.map_err(|e| ApiError {
+        status: e.status(),
+        message: e.body_text(),
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+    })?;
+    let request = request.check(&state.sampling, state.max_tokens)?;
+    let (events, replies) = unbounded_channel();
+    let stream = request.stream;
+    let include_usage = request.include_usage;
+    state
+        .generator
+        .submit(Job { request, events })
+        .map_err(|refused| match refused {
+            Refused::Busy => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "server_busy",
+                "the server is busy with other requests; retry shortly",
+            ),
+            Refused::Gone => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "generator_stopped",
+                "the model is not running any more; restart the server",
+            ),
+        })?;
+    let n = state.requests.fetch_add(1, Ordering::Relaxed);
+    let id = format!("chatcmpl-{:x}-{n}", state.started);
+    if stream {
+        let chunks = stream_chunks(id, state.model.clone(), replies, include_usage);
+        return Ok(Sse::new(chunks)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let (text, finish, usage) = collect(replies).await?;
+    let body = openai::Completion {
+        id: &id,
+        object: "chat.completion",
+        created: now(),
+        model: &state.model,
+        choices: vec![openai::Choice {
+            index: 0,
+            message: openai::ReplyMessage {
+                role: "assistant",
+                content: &text,
+            },
+            finish_reason: finish,
+        }],
+        usage: &usage,
+    };
+    Ok(Json(body).into_response())
+}
+
+fn failed(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "generation_failed",
+        &message,
+    )
+}
+
+/// A whole reply, for a request that does not stream.
+async fn collect(
+    mut replies: UnboundedReceiver<Event>,
+) -> Result<(String, FinishReason, Usage), ApiError> {
+    let mut text = String::new();
+    while let Some(event) = replies.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(finish, usage) => return Ok((text, finish, usage)),
+            Event::Failed(message) => return Err(failed(message)),
+        }
+    }
+    Err(failed(
+        "the generator stopped before the reply ended".into(),
+    ))
+}
+
+/// The reply as OpenAI's chunks: the role first, then text as it comes, the finish reason, the
+/// usage when asked for, and `[DONE]`. Dropped when the client goes away, which closes the
+/// channel and so stops the generation.
+fn stream_chunks(
+    id: String,
+    model: String,
+    replies: UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let created = now();
+    let chunk = move |delta: openai::Delta<'_>,
+                      finish: Option<FinishReason>,
+                      usage: Option<&Usage>,
+                      with_choice: bool| {
+        let body = openai::Chunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model: &model,
+            choices: if with_choice {
+                vec![openai::ChunkChoice {
+                    index: 0,
+                    delta,
+                    finish_reason: finish,
+                }]
+            } else {
+                Vec::new()
+            },
+            usage,
+        };
+        SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default())
+    };
+    let first = chunk(
+        openai::Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        },
+        None,
+        None,
+        true,
+    );
+    let state = (replies, VecDeque::from([first]), false);
+    futures::stream::unfold(state, move |(mut replies, mut queue, mut ended)| {
+        let chunk = chunk.clone();
+        async move {
+            while queue.is_empty() && !ended {
+                let event = replies.recv().await;
+                ended = !matches!(event, Some(Event::Text(_)));
+                match event {
+                    Some(Event::Text(t)) => {
+                        let delta = openai::Delta {
+                            role: None,
+                            content: Some(&t),
+                        };
+                        queue.push_back(chunk(delta, None, None, true));
+                    }
+                    Some(Event::Done(finish, usage)) => {
+                        queue.push_back(chunk(openai::Delta::default(), Some(finish), None, true));
+                        if include_usage {
+                            let delta = openai::Delta::default();
+                            queue.push_back(chunk(delta, None, Some(&usage), false));
+                        }
+                    }
+                    Some(Event::Failed(message)) => {
+                        queue.push_back(
+                            SseEvent::default().data(failed(message).body().to_string()),
+                        );
+                    }
+                    None => {
+                        let gone = failed("the generator stopped before the reply ended".into());
+                        queue.push_back(SseEvent::default().data(gone.body().to_string()));
+                    }
+                }
+                if ended {
+                    queue.push_back(SseEvent::default().data("[DONE]"));
+                }
+            }
+            let event = queue.pop_front()?;
+            Some((Ok(event), (replies, queue, ended)))
+        }
+    })
+}

@@ -1,0 +1,458 @@
+//! OpenAI's chat-completions wire format: the request as clients send it, checked into what the
+//! generator runs, and the responses and errors as clients expect them.
+//!
+//! Unknown request fields are ignored, as OpenAI-compatible servers do (clients send `user`,
+//! `frequency_penalty`, `logprobs` …); fields that would change the answer and that this server
+//! cannot honour (`n` > 1, tools) are refused rather than ignored.
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{Message, Role};
+use crate::sampling::SamplingParams;
+
+/// A chat-completions request. Its `model` is not read: the server runs one model, whatever a
+/// client names (as llama-server does).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<WireMessage>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// A message's content: a string, or parts of which only text ones are understood.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// At most this many stop sequences, as OpenAI allows.
+const MAX_STOPS: usize = 4;
+
+/// A request checked: what the generator runs.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub messages: Vec<Message>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl ChatRequest {
+    /// Checks the request against what the server can do: `defaults` are the server's sampling
+    /// flags, `max_tokens_cap` its limit on a reply's length.
+    pub fn check(
+        self,
+        defaults: &SamplingParams,
+        max_tokens_cap: usize,
+    ) -> Result<Checked, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+        }
+        if self
+            .tools
+            .as_ref()
+            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(ApiError::invalid(
+                "tools are not supported by this server",
+                Some("tools"),
+            ));
+        }
+        let messages = self
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| m.check(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_order(&messages)?;
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => {
+                return Err(ApiError::invalid(
+                    "max_tokens must be at least 1",
+                    Some("max_tokens"),
+                ));
+            }
+            Some(n) if n > max_tokens_cap => {
+                return Err(ApiError::invalid(
+                    &format!("max_tokens is {n}; this server allows at most {max_tokens_cap}"),
+                    Some("max_tokens"),
+                ));
+            }
+            Some(n) => n,
+            None => max_tokens_cap,
+        };
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                &format!("stop takes up to {MAX_STOPS} non-empty strings"),
+                Some("stop"),
+            ));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            seed: self.seed.unwrap_or(defaults.seed),
+            ..defaults.clone()
+        };
+        sampling
+            .validate()
+            .map_err(|e| ApiError::invalid(&e.to_string(), None))?;
+        Ok(Checked {
+            messages,
+            sampling,
+            max_tokens,
+            stop,
+            stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+impl WireMessage {
+    fn check(self, index: usize) -> Result<Message, ApiError> {
+        let param = format!("messages[{index}]");
+        let role = match self.role.as_str() {
+            "system" | "developer" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::invalid(
+                    &format!(
+                        "{param}: role \"{other}\" is not supported (system, user, assistant)"
+                    ),
+                    Some(&param),
+                ));
+            }
+        };
+        let content = match self.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                &format!(
+                                    "{param}: content parts of type \"{kind}\" are not supported"
+                                ),
+                                Some(&param),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        Ok(Message::new(role, content))
+    }
+}
+
+/// A conversation the session can read: a system message only first, every assistant message
+/// after a user message, and a user message last.
+fn check_order(messages: &[Message]) -> Result<(), ApiError> {
+    let mut after_user = false;
+    for (i, m) in messages.iter().enumerate() {
+        match m.role {
+            Role::System if i > 0 => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}]: a system message may only come first"),
+                    Some("messages"),
+                ));
+            }
+            Role::Assistant if !after_user => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}]: an assistant message must follow a user message"),
+                    Some("messages"),
+                ));
+            }
+            _ => {}
+        }
+        after_user = m.role == Role::User;
+    }
+    if !after_user {
+        return Err(ApiError::invalid(
+            "the last message must be the user's",
+            Some("messages"),
+        ));
+    }
+    Ok(())
+}
+
+/// How a reply ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// Token counts: OpenAI's three, and what the Λ cache did under `lambdachat`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens of the conversation before the reply (reused and fed).
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub lambdachat: LambdaUsage,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LambdaUsage {
+    /// The request continued a conversation the server held.
+    pub continued: bool,
+    /// Tokens of the conversation that were already in the cache.
+    pub tokens_reused: u64,
+    /// Tokens run through the model for the request's messages.
+    pub tokens_fed: u64,
+    /// Every token the conversation has seen.
+    pub tokens_seen: u64,
+    /// Tokens the next query attends (sinks, pins and window).
+    pub tokens_attended: u64,
+    pub tokens_evicted: u64,
+    pub kv_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Completion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<Choice<'a>>,
+    pub usage: &'a Usage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Choice<'a> {
+    pub index: u32,
+    pub message: ReplyMessage<'a>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplyMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Chunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<&'a Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+/// An error as OpenAI sends it: a status and `{"error": {message, type, param, code}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(message: &str, param: Option<&str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.to_string(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: &str) -> Self {
+        Self {
+            status,
+            message: message.to_string(),
+            kind,
+            param: None,
+            code: Some(code),
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(json: serde_json::Value) -> Result<Checked, ApiError> {
+        serde_json::from_value::<ChatRequest>(json)
+            .unwrap()
+            .check(&SamplingParams::default(), 512)
+    }
+
+    #[test]
+    fn a_plain_request_takes_the_server_defaults() {
+        let c = check(serde_json::json!({
+            "model": "x", "messages": [{"role": "user", "content": "hi"}], "user": "ignored"
+        }))
+        .unwrap();
+        assert_eq!(c.messages, vec![Message::new(Role::User, "hi")]);
+        assert_eq!(c.max_tokens, 512);
+        assert_eq!(c.sampling, SamplingParams::default());
+        assert!(!c.stream && !c.include_usage && c.stop.is_empty());
+    }
+
+    #[test]
+    fn fields_are_read_and_parts_joined() {
+        let c = check(serde_json::json!({
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null},
+                {"role": "user", "content": "c"}
+            ],
+            "temperature": 0.0, "top_p": 0.5, "seed": 7, "max_completion_tokens": 9,
+            "stop": "END", "stream": true, "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        assert_eq!(c.messages[0], Message::new(Role::System, "be brief"));
+        assert_eq!(c.messages[1].content, "ab");
+        assert_eq!(c.messages[2], Message::new(Role::Assistant, ""));
+        assert_eq!(
+            (c.sampling.temperature, c.sampling.top_p, c.sampling.seed),
+            (0.0, 0.5, 7)
+        );
+        assert_eq!(c.max_tokens, 9);
+        assert_eq!(c.stop, vec!["END".to_string()]);
+        assert!(c.stream && c.include_usage);
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_by_name() {
+        let user = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let refused = |extra: serde_json::Value| {
+            let mut req = serde_json::json!({"messages": user});
+            req.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = check(req).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            e.message
+        };
+        assert!(refused(serde_json::json!({"n": 2})).contains("n = 1"));
+        assert!(refused(serde_json::json!({"tools": [{"type": "function"}]})).contains("tools"));
+        assert!(refused(serde_json::json!({"max_tokens": 513})).contains("at most 512"));
+        assert!(refused(serde_json::json!({"max_tokens": 0})).contains("at least 1"));
+        assert!(refused(serde_json::json!({"stop": ["a", "b", "c", "d", "e"]})).contains("stop"));
+        assert!(refused(serde_json::json!({"stop": [""]})).contains("stop"));
+        assert!(refused(serde_json::json!({"temperature": -1.0})).contains("emperature"));
+        let order = |messages: serde_json::Value| {
+            check(serde_json::json!({"messages": messages}))
+                .unwrap_err()
+                .message
+        };
+        assert!(order(serde_json::json!([])).contains("last message"));
+        assert!(
+            order(serde_json::json!([{"role": "assistant", "content": "x"}]))
+                .contains("follow a user")
+        );
+        assert!(order(serde_json::json!([{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "user", "content": "y"}])).contains("only come first"));
+        assert!(order(serde_json::json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])).contains("last message"));
+        assert!(order(serde_json::json!([{"role": "tool", "content": "x"}])).contains("\"tool\""));
+        assert!(
+            order(serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]))
+                .contains("image_url")
+        );
+    }
+
+    #[test]
+    fn errors_have_openais_shape() {
+        let body = ApiError::invalid("bad", Some("stop")).body();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "bad", "type": "invalid_request_error", "param": "stop", "code": null}})
+        );
+    }
+}

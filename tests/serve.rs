@@ -1,0 +1,375 @@
+//! `lambdachat serve` through HTTP, as a client sees it: the server runs in this process on the
+//! tiny model (a free port on 127.0.0.1) and is driven with a plain HTTP client. Covered: the
+//! responses' OpenAI shape, streaming, a continued conversation feeding only its new message,
+//! stop sequences, the API key, 429 when the queue is full, a client that disconnects, and
+//! errors in OpenAI's shape.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lambdachat::attention::LambdaParams;
+use lambdachat::engine::Engine;
+use lambdachat::sampling::SamplingParams;
+use lambdachat::server::{self, Generator, GeneratorOptions, ServerState};
+use serde_json::{Value, json};
+
+struct Options {
+    key: Option<&'static str>,
+    queue: usize,
+    conversations: usize,
+    max_tokens: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            key: None,
+            queue: 4,
+            conversations: 4,
+            max_tokens: 64,
+        }
+    }
+}
+
+/// Starts a server on the tiny model; returns its base URL.
+fn start(options: Options) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    common::tiny::write_gguf(&path, "qwen2");
+    let engine = Arc::new(Engine::load(&path).unwrap());
+    let generator = Generator::start(
+        engine,
+        GeneratorOptions {
+            params: LambdaParams::new(4, 32, None).unwrap(),
+            conversations: options.conversations,
+            queue: options.queue,
+            recall: None,
+        },
+    )
+    .unwrap();
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let state = Arc::new(ServerState::new(
+        generator,
+        "tiny".into(),
+        greedy,
+        options.max_tokens,
+        options.key,
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _dir = dir;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = server::bind("127.0.0.1", 0).await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            server::serve(listener, state, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    format!("http://{}", rx.recv().unwrap())
+}
+
+fn post(url: &str, body: &Value) -> (u16, Value) {
+    match ureq::post(url).send_json(body.clone()) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+#[test]
+fn a_reply_and_a_continued_conversation() {
+    let base = start(Options::default());
+    let url = format!("{base}/v1/chat/completions");
+    let first_messages = vec![
+        json!({"role": "system", "content": "be brief"}),
+        user("hello there"),
+    ];
+    let (status, first) = post(
+        &url,
+        &json!({"model": "any", "messages": first_messages, "max_tokens": 6}),
+    );
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["object"], "chat.completion");
+    assert_eq!(first["model"], "tiny");
+    assert!(first["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &first["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let reply = choice["message"]["content"].as_str().unwrap().to_string();
+    let usage = &first["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=6).contains(&completion), "{usage}");
+    if completion == 6 {
+        assert_eq!(choice["finish_reason"], "length");
+    }
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion
+    );
+    let ext = &usage["lambdachat"];
+    assert_eq!(ext["continued"], false);
+    assert_eq!(ext["tokens_reused"], 0);
+    let first_fed = ext["tokens_fed"].as_u64().unwrap();
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), first_fed);
+
+    // The client sends the conversation back with one more message: only that is fed.
+    let mut messages = first_messages.clone();
+    messages.push(json!({"role": "assistant", "content": reply}));
+    messages.push(user("and again"));
+    let (status, second) = post(&url, &json!({"messages": messages, "max_tokens": 6}));
+    assert_eq!(status, 200, "{second}");
+    let ext = &second["usage"]["lambdachat"];
+    assert_eq!(ext["continued"], true, "{second}");
+    let reused = ext["tokens_reused"].as_u64().unwrap();
+    assert_eq!(reused, first_fed + completion);
+    let fed = ext["tokens_fed"].as_u64().unwrap();
+    assert!(fed < first_fed, "fed {fed} for one short message");
+    assert_eq!(
+        second["usage"]["prompt_tokens"].as_u64().unwrap(),
+        reused + fed
+    );
+    assert!(ext["tokens_seen"].as_u64().unwrap() > 32, "past the window");
+    assert!(ext["tokens_evicted"].as_u64().unwrap() > 0);
+    assert!(ext["tokens_attended"].as_u64().unwrap() <= 4 + 32);
+
+    // The same conversation with another reply in it is not the held one: read whole.
+    let mut other = first_messages.clone();
+    other.push(json!({"role": "assistant", "content": "something else"}));
+    other.push(user("and again"));
+    let (status, third) = post(&url, &json!({"messages": other, "max_tokens": 2}));
+    assert_eq!(status, 200, "{third}");
+    let ext = &third["usage"]["lambdachat"];
+    assert_eq!(ext["continued"], false);
+    assert!(ext["tokens_fed"].as_u64().unwrap() > first_fed);
+}
+
+/// The SSE lines' JSON payloads, up to and including `[DONE]` (as the string "[DONE]").
+fn stream(url: &str, body: &Value) -> Vec<Value> {
+    let response = ureq::post(url).send_json(body.clone()).unwrap();
+    assert_eq!(response.header("content-type"), Some("text/event-stream"));
+    let mut events = Vec::new();
+    for line in BufReader::new(response.into_reader()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            events.push(Value::String(data.into()));
+            break;
+        }
+        events.push(serde_json::from_str(data).unwrap());
+    }
+    events
+}
+
+#[test]
+fn streaming_gives_the_same_reply_in_chunks() {
+    let base = start(Options::default());
+    let url = format!("{base}/v1/chat/completions");
+    let body = json!({"messages": [user("tell me a story")], "max_tokens": 12});
+    let (_, whole) = post(&url, &body);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = stream(&url, &streamed);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(events[0]["object"], "chat.completion.chunk");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let n = events.len();
+    let usage = &events[n - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        usage["usage"]["completion_tokens"],
+        whole["usage"]["completion_tokens"]
+    );
+    let finish = &events[n - 3]["choices"][0];
+    assert_eq!(
+        finish["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    let text: String = events[..n - 3]
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // Without include_usage: no usage chunk.
+    streamed["stream_options"] = json!({"include_usage": false});
+    let events = stream(&url, &streamed);
+    assert!(events.iter().all(|e| e.get("usage").is_none()));
+}
+
+#[test]
+fn a_stop_sequence_ends_the_reply_before_it() {
+    let base = start(Options::default());
+    let url = format!("{base}/v1/chat/completions");
+    let body = json!({"messages": [user("count")], "max_tokens": 24});
+    let (_, whole) = post(&url, &body);
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
+    // A stop sequence from the middle of the greedy reply.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "a reply long enough to cut: {text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let expected = &text[..text.find(&stop).unwrap()];
+    let mut cut = body.clone();
+    cut["stop"] = json!([stop]);
+    let (_, stopped) = post(&url, &cut);
+    assert_eq!(stopped["choices"][0]["message"]["content"], expected);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+}
+
+#[test]
+fn the_api_key_guards_everything_but_health() {
+    let base = start(Options {
+        key: Some("sesame"),
+        ..Options::default()
+    });
+    assert_eq!(
+        ureq::get(&format!("{base}/health"))
+            .call()
+            .unwrap()
+            .status(),
+        200
+    );
+    let models = format!("{base}/v1/models");
+    match ureq::get(&models).call() {
+        Err(ureq::Error::Status(401, r)) => {
+            let body: Value = r.into_json().unwrap();
+            assert_eq!(body["error"]["code"], "invalid_api_key");
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let wrong = ureq::get(&models)
+        .set("Authorization", "Bearer sesam")
+        .call();
+    assert!(matches!(wrong, Err(ureq::Error::Status(401, _))));
+    let list: Value = ureq::get(&models)
+        .set("Authorization", "Bearer sesame")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], "tiny");
+}
+
+#[test]
+fn bad_requests_get_openais_errors() {
+    let base = start(Options::default());
+    let url = format!("{base}/v1/chat/completions");
+    let raw = |body: &str| match ureq::post(&url)
+        .set("Content-Type", "application/json")
+        .send_string(body)
+    {
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json::<Value>().unwrap()),
+        other => panic!("expected an error, got {other:?}"),
+    };
+    let (code, body) = raw("{not json");
+    assert_eq!(code, 400);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (code, _) = raw(r#"{"messages": "no"}"#);
+    assert_eq!(code, 422);
+    let (code, body) =
+        raw(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}"#);
+    assert_eq!(code, 400);
+    assert_eq!(body["error"]["param"], "max_tokens");
+    let big = format!(
+        r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#,
+        "x".repeat(5 << 20)
+    );
+    let (code, _) = raw(&big);
+    assert_eq!(code, 413);
+    match ureq::get(&format!("{base}/v1/nothing")).call() {
+        Err(ureq::Error::Status(404, r)) => {
+            let body: Value = r.into_json().unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("/v1/nothing")
+            );
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_client_that_leaves_frees_the_model() {
+    let base = start(Options {
+        queue: 0,
+        max_tokens: 1_000_000,
+        ..Options::default()
+    });
+    let url = format!("{base}/v1/chat/completions");
+    // A reply that would run for a long time, streamed; its first text shows it is running.
+    // (The tiny model soon goes on with tokens that show no text: the server must notice a
+    // client's leaving without text to send.)
+    let long =
+        json!({"messages": [user("go on forever")], "max_tokens": 1_000_000, "stream": true});
+    let response = ureq::post(&url).send_json(long).unwrap();
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    let mut texts = 0;
+    while texts < 1 {
+        let line = lines.next().unwrap().unwrap();
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            texts += 1;
+        }
+        assert!(
+            !line.contains("finish_reason\":\""),
+            "it ended early: {line}"
+        );
+    }
+    let busy = ureq::post(&url).send_json(json!({"messages": [user("me too")], "max_tokens": 1}));
+    match busy {
+        Err(ureq::Error::Status(429, r)) => {
+            assert_eq!(r.header("retry-after"), Some("1"));
+            let body: Value = r.into_json().unwrap();
+            assert_eq!(body["error"]["code"], "server_busy");
+        }
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // The client goes away: generation stops at its next token and the model is free again.
+    drop(lines);
+    let start = Instant::now();
+    loop {
+        let (status, _) = post(
+            &url,
+            &json!({"messages": [user("me too")], "max_tokens": 1}),
+        );
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still busy after the client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_exposed_server_needs_a_key() {
+    assert!(server::check_exposure("127.0.0.1", None).is_ok());
+    assert!(server::check_exposure("::1", None).is_ok());
+    assert!(server::check_exposure("localhost", None).is_ok());
+    let e = server::check_exposure("0.0.0.0", None).unwrap_err();
+    assert!(e.to_string().contains("--api-key"), "{e}");
+    assert!(server::check_exposure("0.0.0.0", Some("")).is_err());
+    assert!(server::check_exposure("0.0.0.0", Some("k")).is_ok());
+}
