@@ -1,6 +1,6 @@
 //! `lambdachat ask`: one prompt in, the reply streamed to stdout.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,25 +26,59 @@ pub struct AskArgs {
     /// Print timing and cache statistics to stderr
     #[arg(long, short)]
     pub verbose: bool,
-    /// The prompt; `-` or nothing reads it from stdin
+    /// Print one JSON object when the reply is done (reply, usage, stop reason, timings)
+    /// instead of streaming the text
+    #[arg(long)]
+    pub json: bool,
+    /// The prompt; `-` or nothing reads it from stdin. With a prompt, text piped to stdin is
+    /// appended to it as a fenced block (`git diff | lambdachat ask "review this"`)
     pub prompt: Option<String>,
 }
 
-fn read_prompt(arg: Option<String>) -> Result<String> {
+/// The most text read from stdin: more is surely not meant for a prompt.
+const MAX_STDIN: u64 = 8 << 20;
+
+/// Everything on stdin, as UTF-8.
+fn read_stdin() -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .take(MAX_STDIN + 1)
+        .read_to_end(&mut bytes)
+        .context("reading stdin")?;
+    if bytes.len() as u64 > MAX_STDIN {
+        bail!(
+            "stdin holds more than {} MiB; a prompt that long is not read",
+            MAX_STDIN >> 20
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the text on stdin is not valid UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// `text` in a fenced block whose fence is longer than any run of backticks inside it.
+fn fenced(text: &str) -> String {
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest.max(2) + 1);
+    format!("{fence}\n{}\n{fence}", text.trim_end_matches('\n'))
+}
+
+/// The prompt: the argument, stdin, or the argument with piped stdin appended as a block.
+fn read_prompt(arg: Option<String>, stdin_is_terminal: bool) -> Result<String> {
     let text = match arg.as_deref() {
-        Some("-") | None => {
-            let mut bytes = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut bytes)
-                .context("reading the prompt from stdin")?;
-            String::from_utf8(bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "the prompt on stdin is not valid UTF-8 (invalid byte at offset {})",
-                    e.utf8_error().valid_up_to()
-                )
-            })?
+        Some("-") | None => read_stdin()?,
+        Some(p) if stdin_is_terminal => p.to_string(),
+        Some(p) => {
+            let piped = read_stdin()?;
+            if piped.trim().is_empty() {
+                p.to_string()
+            } else {
+                format!("{p}\n\n{}", fenced(&piped))
+            }
         }
-        Some(p) => p.to_string(),
     };
     if text.trim().is_empty() {
         bail!("the prompt is empty");
@@ -52,9 +86,17 @@ fn read_prompt(arg: Option<String>) -> Result<String> {
     Ok(text)
 }
 
+fn stop_name(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::EndOfTurn => "end_of_turn",
+        StopReason::Length => "length",
+        StopReason::Cancelled => "cancelled",
+    }
+}
+
 pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
     let settings = args.run.settings(config)?;
-    let prompt = read_prompt(args.prompt.clone())?;
+    let prompt = read_prompt(args.prompt.clone(), std::io::stdin().is_terminal())?;
     let (engine, params) = settings.load()?;
     if args.verbose {
         eprintln!(
@@ -67,6 +109,8 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
             params.distance_limit
         );
     }
+    let engine_load_s = engine.load_time.as_secs_f64();
+    let model_name = engine.model.info().name.clone();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
@@ -79,14 +123,39 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
     )?;
     session.set_recall(settings.recall_setup()?)?;
     let report = Device::Cpu.with_context(|| {
-        let mut out = super::terminal_text::ReplyOut::stdout();
+        let mut out = (!args.json).then(super::terminal_text::ReplyOut::stdout);
         session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |e| {
-            if let TurnEvent::Text(text) = e {
+            if let (TurnEvent::Text(text), Some(out)) = (e, out.as_mut()) {
                 out.write(text);
             }
         })
     })?;
-    println!();
+    if args.json {
+        let s = session.stats();
+        let object = serde_json::json!({
+            "reply": report.reply,
+            "stop": stop_name(report.stop),
+            "usage": {
+                "prompt_tokens": report.prompt_tokens,
+                "completion_tokens": report.generated_tokens,
+                "tokens_seen": s.tokens_seen,
+                "tokens_attended": s.attended_global + s.attended_window,
+                "tokens_evicted": s.evicted,
+                "kv_bytes": s.bytes,
+            },
+            "timings": {
+                "load_s": engine_load_s,
+                "prefill_s": report.prefill_time.as_secs_f64(),
+                "decode_s": report.decode_time.as_secs_f64(),
+                "prefill_tok_s": report.prefill_tok_s(),
+                "decode_tok_s": report.decode_tok_s(),
+            },
+            "model": model_name,
+        });
+        println!("{object}");
+    } else {
+        println!();
+    }
     if args.verbose {
         let s = session.stats();
         eprintln!(
@@ -114,4 +183,22 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
     } else {
         0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piped_text_gets_a_fence_longer_than_any_inside_it() {
+        assert_eq!(fenced("a\nb\n"), "```\na\nb\n```");
+        assert_eq!(fenced("x ```rust\ny\n```"), "````\nx ```rust\ny\n```\n````");
+        assert_eq!(fenced("`````"), "``````\n`````\n``````");
+    }
+
+    #[test]
+    fn an_argument_is_the_prompt_when_stdin_is_a_terminal() {
+        assert_eq!(read_prompt(Some("hi".into()), true).unwrap(), "hi");
+        assert!(read_prompt(Some("  ".into()), true).is_err());
+    }
 }

@@ -74,6 +74,10 @@ pub enum Command {
         #[command(subcommand)]
         command: Option<sessions::SessionsCommand>,
     },
+    /// Print a shell's completion script: `lambdachat completions bash > ~/.local/share/bash-completion/completions/lambdachat`
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): `lambdachat man > ~/.local/share/man/man1/lambdachat.1`
+    Man,
 }
 
 /// Which model to run.
@@ -416,6 +420,22 @@ pub fn resolve_model(model: Option<&std::path::Path>, progress: &dyn Progress) -
 }
 
 pub fn run(cli: Cli) -> Result<i32> {
+    // What describes the command line needs no config file (nor a valid one).
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "lambdachat", &mut script);
+            return print_all(&script);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page)?;
+            return print_all(&page);
+        }
+        _ => {}
+    }
     let config = Config::load(cli.config.as_deref())?;
     // Every part of the file is checked before anything starts, whichever command runs.
     crate::tui::keymap::Keymap::from_config(&config)?;
@@ -430,6 +450,16 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Convert(c) => convert(c),
         Command::Models { command } => models::run(command),
         Command::Sessions { command } => sessions::run(command),
+        Command::Completions { .. } | Command::Man => unreachable!("handled before the config"),
+    }
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> Result<i32> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(0),
     }
 }
 
