@@ -59,13 +59,6 @@ fn read_stdin() -> Result<String> {
     })
 }
 
-/// `text` in a fenced block whose fence is longer than any run of backticks inside it.
-fn fenced(text: &str) -> String {
-    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
-    let fence = "`".repeat(longest.max(2) + 1);
-    format!("{fence}\n{}\n{fence}", text.trim_end_matches('\n'))
-}
-
 /// The prompt: the argument, stdin, or the argument with piped stdin appended as a block.
 fn read_prompt(arg: Option<String>, stdin_is_terminal: bool) -> Result<String> {
     let text = match arg.as_deref() {
@@ -76,7 +69,7 @@ fn read_prompt(arg: Option<String>, stdin_is_terminal: bool) -> Result<String> {
             if piped.trim().is_empty() {
                 p.to_string()
             } else {
-                format!("{p}\n\n{}", fenced(&piped))
+                format!("{p}\n\n{}", crate::tui::attach::fenced(&piped, ""))
             }
         }
     };
@@ -188,13 +181,6 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn piped_text_gets_a_fence_longer_than_any_inside_it() {
-        assert_eq!(fenced("a\nb\n"), "```\na\nb\n```");
-        assert_eq!(fenced("x ```rust\ny\n```"), "````\nx ```rust\ny\n```\n````");
-        assert_eq!(fenced("`````"), "``````\n`````\n``````");
-    }
 
     #[test]
     fn an_argument_is_the_prompt_when_stdin_is_a_terminal() {

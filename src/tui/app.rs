@@ -28,6 +28,8 @@ pub enum Msg {
     Worker(Event),
     /// SIGTERM / SIGHUP: save and quit.
     Terminate,
+    /// A `/file` read: the block to insert, or why not.
+    Attached(Result<String, String>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +39,8 @@ pub enum Effect {
     Cancel,
     /// Put text on the clipboard (OSC 52).
     Copy(String),
+    /// Read a text file for the input (`/file`): answered by [`Msg::Attached`].
+    Attach(String),
     /// Leave the event loop (the worker has saved and stopped).
     Exit,
 }
@@ -160,6 +164,17 @@ impl App {
                     })) => editor.insert_str(&text.replace(['\n', '\r'], " ")),
                     _ => self.input.insert_str(&text),
                 }
+                Vec::new()
+            }
+            Msg::Attached(Ok(block)) => {
+                self.input.insert_str(&block);
+                let label = block.lines().next().unwrap_or("");
+                let name = label.trim_start_matches("File ").trim_end_matches(':');
+                self.note(format!("inserted {name}; Enter sends"));
+                Vec::new()
+            }
+            Msg::Attached(Err(e)) => {
+                self.error(e);
                 Vec::new()
             }
             Msg::Wheel(rows) if rows < 0 => {
@@ -401,6 +416,7 @@ impl App {
                     None => self.error("no pinned message"),
                 }
             }
+            SlashCommand::File(path) => return vec![Effect::Attach(path)],
             SlashCommand::Export(file) => {
                 let name = file.unwrap_or_else(|| match self.session_id {
                     Some(id) => format!("lambdachat-{id}.md"),
@@ -743,6 +759,21 @@ mod tests {
         }));
     }
 
+    /// A file inserted by its absolute path is sent as a message, not read as a command.
+    #[test]
+    fn an_inserted_file_is_sent_as_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.rs");
+        std::fs::write(&path, "fn a() {}\n").unwrap();
+        let mut app = app();
+        let block = crate::tui::attach::read(&path.to_string_lossy()).unwrap();
+        app.update(Msg::Attached(Ok(block.clone())));
+        assert_eq!(
+            press(&mut app, KeyCode::Enter),
+            [Effect::Worker(Command::Send(block))]
+        );
+    }
+
     #[test]
     fn enter_sends_and_streamed_text_becomes_the_reply() {
         let mut app = app();
@@ -850,6 +881,35 @@ mod tests {
             "/bogus",
             "a bad command stays to be fixed"
         );
+        app.input.take();
+        assert_eq!(
+            send(&mut app, "/file notes/a b.txt"),
+            [Effect::Attach("notes/a b.txt".into())]
+        );
+        assert_eq!(app.input.text(), "", "the command line is gone");
+        let messages = app.conversation.messages.len();
+        app.update(Msg::Attached(
+            Ok("File a.txt:\n```txt\nhello\n```\n".into()),
+        ));
+        assert_eq!(
+            app.input.text(),
+            "File a.txt:\n```txt\nhello\n```\n",
+            "to send or edit"
+        );
+        assert!(
+            app.notice
+                .as_ref()
+                .is_some_and(|n| !n.error && n.text.contains("a.txt"))
+        );
+        assert_eq!(
+            app.conversation.messages.len(),
+            messages,
+            "an inserted file is not sent"
+        );
+        app.input.take();
+        app.update(Msg::Attached(Err("x.png is not UTF-8 text".into())));
+        assert!(app.notice.as_ref().is_some_and(|n| n.error));
+        assert!(send(&mut app, "/file").is_empty(), "usage");
         app.input.take();
         assert_eq!(
             send(&mut app, "/export out.md"),

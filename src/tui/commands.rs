@@ -18,6 +18,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("unpin", "[N]", "stop pinning message N (last pinned)"),
     ("regen", "", "new reply to the last message"),
     ("copy", "[N]", "copy code block N or the last reply"),
+    ("file", "PATH", "insert a text file into the message"),
     ("export", "[FILE]", "write the conversation as Markdown"),
     ("clear", "", "delete this conversation, start afresh"),
     ("quit", "", "save and quit"),
@@ -50,6 +51,8 @@ pub enum SlashCommand {
     Unpin(Option<usize>),
     Regen,
     Copy(Option<usize>),
+    /// A text file to insert into the message being written.
+    File(String),
     Export(Option<String>),
     Clear,
     Quit,
@@ -90,6 +93,8 @@ pub fn parse(line: &str, settings: &Settings) -> Result<SlashCommand, String> {
         "pin" => number(arg, "the message").map(SlashCommand::Pin),
         "unpin" => number(arg, "the message").map(SlashCommand::Unpin),
         "copy" => number(arg, "the code block").map(SlashCommand::Copy),
+        "file" if arg.is_empty() => Err("usage: /file PATH".into()),
+        "file" => Ok(SlashCommand::File(arg.to_string())),
         "export" => Ok(SlashCommand::Export(
             (!arg.is_empty()).then(|| arg.to_string()),
         )),

@@ -7,6 +7,7 @@
 //! at most every [`FRAME`], batched: every pending event is applied before the next draw.
 
 pub mod app;
+pub mod attach;
 pub mod commands;
 pub mod editor;
 pub mod highlight;
@@ -149,7 +150,8 @@ async fn event_loop(
         while let Ok(e) = events.try_recv() {
             msgs.push(Msg::Worker(e));
         }
-        for msg in msgs {
+        let mut queue = std::collections::VecDeque::from(msgs);
+        while let Some(msg) = queue.pop_front() {
             dirty = true;
             urgent |= !matches!(msg, Msg::Worker(_));
             for effect in app.update(msg) {
@@ -159,6 +161,7 @@ async fn event_loop(
                     Effect::Copy(text) => {
                         let _ = execute!(stdout(), CopyToClipboard::to_clipboard_from(text));
                     }
+                    Effect::Attach(path) => queue.push_back(Msg::Attached(attach::read(&path))),
                     Effect::Exit => return Ok(()),
                 }
             }
