@@ -21,6 +21,7 @@ struct Options {
     queue: usize,
     conversations: usize,
     max_tokens: usize,
+    read_timeout: Duration,
 }
 
 impl Default for Options {
@@ -30,6 +31,7 @@ impl Default for Options {
             queue: 4,
             conversations: 4,
             max_tokens: 64,
+            read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -54,13 +56,15 @@ fn start(options: Options) -> String {
         temperature: 0.0,
         ..SamplingParams::default()
     };
-    let state = Arc::new(ServerState::new(
+    let mut state = ServerState::new(
         generator,
         "tiny".into(),
         greedy,
         options.max_tokens,
         options.key,
-    ));
+    );
+    state.read_timeout = options.read_timeout;
+    let state = Arc::new(state);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _dir = dir;
@@ -372,4 +376,60 @@ fn an_exposed_server_needs_a_key() {
     assert!(e.to_string().contains("--api-key"), "{e}");
     assert!(server::check_exposure("0.0.0.0", Some("")).is_err());
     assert!(server::check_exposure("0.0.0.0", Some("k")).is_ok());
+}
+
+/// Reads what the server sends until it closes the connection (or 5 s pass: a failure).
+fn read_until_closed(stream: &mut std::net::TcpStream) -> (String, Duration) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection stayed open: {e}"),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+#[test]
+fn slow_and_idle_clients_are_cut_off() {
+    use std::io::Write;
+    let base = start(Options {
+        read_timeout: Duration::from_secs(1),
+        ..Options::default()
+    });
+    let addr = base.trim_start_matches("http://");
+    // Headers that never end.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (_, waited) = read_until_closed(&mut slow);
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    // A body that stops short of its length: 408 in OpenAI's shape.
+    let mut short = std::net::TcpStream::connect(addr).unwrap();
+    short
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess",
+        )
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut short);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // A kept-alive connection left idle after its request.
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (answer, waited) = read_until_closed(&mut idle);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed when idle: {waited:?}"
+    );
 }

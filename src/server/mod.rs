@@ -16,13 +16,11 @@ mod openai;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -52,6 +50,9 @@ pub struct ServerState {
     pub max_body_bytes: usize,
     /// SHA-256 of the API key, when there is one.
     api_key: Option<[u8; 32]>,
+    /// The longest a client may take to send a request's headers or its body, and the longest
+    /// a kept-alive connection may stay idle.
+    pub read_timeout: Duration,
     started: u64,
     requests: AtomicU64,
 }
@@ -71,6 +72,7 @@ impl ServerState {
             max_tokens,
             max_body_bytes: 4 << 20,
             api_key: api_key.map(digest),
+            read_timeout: Duration::from_secs(30),
             started: now(),
             requests: AtomicU64::new(0),
         }
@@ -110,18 +112,41 @@ pub async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener, Serv
         .map_err(|e| ServeError::Bind(addr, e))
 }
 
-/// Serves on `listener` until `shutdown` completes.
+/// Serves on `listener` until `shutdown` completes. Each connection is HTTP/1.1 with a limit
+/// on the time its request headers may take, which also closes a kept-alive connection that
+/// stays idle that long; a request body must arrive within the same time (408).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServerState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let timeout = state.read_timeout;
+    let app = router(state);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
 }
 
 pub fn router(state: Arc<ServerState>) -> Router {
@@ -136,7 +161,6 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/health", get(health))
         .merge(api)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
 }
 
@@ -219,14 +243,61 @@ fn now() -> u64 {
 
 async fn chat_completions(
     State(state): State<Arc<ServerState>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body.map_err(|e| ApiError {
-        status: e.status(),
-        message: e.body_text(),
-        kind: "invalid_request_error",
-        param: None,
-        code: None,
+    // The body within the read time-out, then as JSON (axum's own checks and messages).
+    let body = request.into_body();
+    let bytes = tokio::time::timeout(
+        state.read_timeout,
+        axum::body::to_bytes(body, state.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            &format!(
+                "the request body did not arrive within {} s",
+                state.read_timeout.as_secs()
+            ),
+        )
+    })?
+    .map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        ApiError {
+            status: if too_large {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            message: if too_large {
+                format!(
+                    "the request body is larger than {} bytes",
+                    state.max_body_bytes
+                )
+            } else {
+                format!("reading the request body: {e}")
+            },
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    })?;
+    // Any content type: curl's `-d` says form data, and what is sent is JSON all the same.
+    let request: ChatRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        let status = match e.classify() {
+            serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError {
+            status,
+            message: format!("the request body is not a chat request: {e}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
     })?;
     let request = request.check(&state.sampling, state.max_tokens)?;
     let (events, replies) = unbounded_channel();
