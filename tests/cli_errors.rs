@@ -333,3 +333,16 @@ fn a_gpu_device_in_a_cpu_build_is_refused_before_loading() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use auto, cpu, cuda, cuda:N or metal"));
 }
+
+/// A server reachable from other machines never starts without a key, and says how to give
+/// one, before any model is fetched or loaded.
+#[test]
+fn an_exposed_server_without_a_key_does_not_start() {
+    let out = lambdachat()
+        .args(["serve", "--host", "0.0.0.0", "--model", "/nonexistent.gguf"])
+        .env_remove("LAMBDACHAT_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "--api-key");
+}
