@@ -9,25 +9,33 @@ use std::process::Stdio;
 use common::cli::lambdachat;
 use serde_json::Value;
 
-fn ask(model: &std::path::Path, prompt: &str, stdin: Option<&[u8]>) -> (Value, String) {
+/// `lambdachat` with `args`, its stdin, stdout and stderr piped; the child and its stdin.
+fn spawn_piped(args: &[&std::ffi::OsStr]) -> (std::process::Child, std::process::ChildStdin) {
     let mut child = lambdachat()
-        .args([
-            "ask",
-            "--json",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "3",
-            "--model",
-        ])
-        .arg(model)
-        .arg(prompt)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut input = child.stdin.take().unwrap();
+    let input = child.stdin.take().unwrap();
+    (child, input)
+}
+
+fn ask(model: &std::path::Path, prompt: &str, stdin: Option<&[u8]>) -> (Value, String) {
+    let fixed = [
+        "ask",
+        "--json",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "3",
+        "--model",
+    ];
+    let mut args: Vec<&std::ffi::OsStr> = fixed.iter().map(std::ffi::OsStr::new).collect();
+    args.push(model.as_os_str());
+    args.push(std::ffi::OsStr::new(prompt));
+    let (child, mut input) = spawn_piped(&args);
     if let Some(bytes) = stdin {
         input.write_all(bytes).unwrap();
     }
@@ -63,14 +71,8 @@ fn json_output_and_piped_text_beside_a_prompt() {
     let (blank, _) = ask(&model, "review this", Some(b"\n  \n"));
     assert_eq!(blank["usage"]["prompt_tokens"], usage["prompt_tokens"]);
     // Too much on stdin is refused before anything loads.
-    let mut child = lambdachat()
-        .args(["ask", "--model", "/nonexistent.gguf", "hi"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
+    let args = ["ask", "--model", "/nonexistent.gguf", "hi"].map(std::ffi::OsStr::new);
+    let (child, mut input) = spawn_piped(&args);
     let writer = std::thread::spawn(move || {
         let chunk = vec![b'a'; 1 << 20];
         for _ in 0..9 {
