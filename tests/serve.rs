@@ -128,6 +128,15 @@ fn a_reply_and_a_continued_conversation() {
     assert_eq!(ext["continued"], false);
     assert_eq!(ext["tokens_reused"], 0);
     let first_fed = ext["tokens_fed"].as_u64().unwrap();
+    assert!(ext["prefill_s"].as_f64().unwrap() > 0.0, "{ext}");
+    let (decode_s, rate) = (
+        ext["decode_s"].as_f64().unwrap(),
+        ext["decode_tok_s"].as_f64().unwrap(),
+    );
+    assert!(
+        decode_s > 0.0 && (rate * decode_s - completion as f64).abs() < 1e-3 * completion as f64,
+        "{ext}"
+    );
     assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), first_fed);
 
     // The client sends the conversation back with one more message: only that is fed.

@@ -196,6 +196,7 @@ impl Conversations {
         let reused = session.token_count();
         // Whatever follows the known part: exchanges with their replies, then the new prompt
         // (consecutive user messages read as one, as the session renders them).
+        let start = std::time::Instant::now();
         let mut fed = 0;
         let mut user = String::new();
         for m in &messages[live.messages.len()..] {
@@ -259,6 +260,10 @@ impl Conversations {
                 tokens_attended: stats.attended_global + stats.attended_window,
                 tokens_evicted: stats.evicted,
                 kv_bytes: stats.bytes,
+                // What the earlier exchanges took counts as prefill too.
+                prefill_s: start.elapsed().as_secs_f64() - report.decode_time.as_secs_f64(),
+                decode_s: report.decode_time.as_secs_f64(),
+                decode_tok_s: report.decode_tok_s(),
             },
         };
         tracing::info!(

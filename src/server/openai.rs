@@ -245,7 +245,7 @@ pub enum FinishReason {
 }
 
 /// Token counts: OpenAI's three, and what the Λ cache did under `lambdachat`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Usage {
     /// Tokens of the conversation before the reply (reused and fed).
     pub prompt_tokens: u64,
@@ -254,7 +254,7 @@ pub struct Usage {
     pub lambdachat: LambdaUsage,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LambdaUsage {
     /// The request continued a conversation the server held.
     pub continued: bool,
@@ -268,6 +268,11 @@ pub struct LambdaUsage {
     pub tokens_attended: u64,
     pub tokens_evicted: u64,
     pub kv_bytes: u64,
+    /// Seconds spent feeding the request's messages, and generating the reply.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Generated tokens per second of `decode_s`, measured where they are made.
+    pub decode_tok_s: f64,
 }
 
 #[derive(Debug, Serialize)]
