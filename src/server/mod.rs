@@ -245,7 +245,7 @@ async fn chat_completions(
     State(state): State<Arc<ServerState>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    // The body within the read time-out, then as JSON (axum's own checks and messages).
+    // The body within the read time-out and the size limit, then parsed as a chat request.
     let body = request.into_body();
     let bytes = tokio::time::timeout(
         state.read_timeout,
@@ -266,23 +266,17 @@ async fn chat_completions(
     .map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        ApiError {
-            status: if too_large {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            },
-            message: if too_large {
-                format!(
-                    "the request body is larger than {} bytes",
-                    state.max_body_bytes
-                )
-            } else {
-                format!("reading the request body: {e}")
-            },
-            kind: "invalid_request_error",
-            param: None,
-            code: None,
+        if too_large {
+            let message = format!(
+                "the request body is larger than {} bytes",
+                state.max_body_bytes
+            );
+            ApiError::unreadable(StatusCode::PAYLOAD_TOO_LARGE, message)
+        } else {
+            ApiError::unreadable(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+            )
         }
     })?;
     // Any content type: curl's `-d` says form data, and what is sent is JSON all the same.
@@ -291,13 +285,10 @@ async fn chat_completions(
             serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError {
+        ApiError::unreadable(
             status,
-            message: format!("the request body is not a chat request: {e}"),
-            kind: "invalid_request_error",
-            param: None,
-            code: None,
-        }
+            format!("the request body is not a chat request: {e}"),
+        )
     })?;
     let request = request.check(&state.sampling, state.max_tokens)?;
     let (events, replies) = unbounded_channel();

@@ -335,12 +335,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A request the server cannot take (400), naming the field at fault when there is one.
     pub fn invalid(message: &str, param: Option<&str>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.to_string(),
-            kind: "invalid_request_error",
             param: param.map(str::to_string),
+            ..Self::unreadable(StatusCode::BAD_REQUEST, message.to_string())
+        }
+    }
+
+    /// A request body that could not be read or parsed, with the status that says why.
+    pub fn unreadable(status: StatusCode, message: String) -> Self {
+        Self {
+            status,
+            message,
+            kind: "invalid_request_error",
+            param: None,
             code: None,
         }
     }

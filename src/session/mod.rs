@@ -770,13 +770,19 @@ impl Session {
     /// Samples the next token (on the logits' device) and remembers it for the repeat penalty.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32, SessionError> {
         let id = self.sampler.sample_tensor(logits, &self.head.recent)?;
-        let recent = &mut self.head.recent;
-        recent.push(id);
+        self.remember_recent(&[id]);
+        Ok(id)
+    }
+
+    /// Remembers reply tokens for the repeat penalty, which looks at the last `repeat_last_n`
+    /// (kept to at most twice that, trimmed in batches).
+    fn remember_recent(&mut self, ids: &[u32]) {
         let keep = self.sampler.params().repeat_last_n.max(1);
+        let recent = &mut self.head.recent;
+        recent.extend(&ids[ids.len().saturating_sub(keep)..]);
         if recent.len() > 2 * keep {
             recent.drain(..recent.len() - keep);
         }
-        Ok(id)
     }
 
     /// Records a token (fed or pending) that starts at byte `offset` of the fed text.
@@ -1375,12 +1381,7 @@ impl Session {
             self.feed_cancellable(&ids, self.prefill_chunk, &never, &mut |_| {})?;
             self.head.tokens_fed = self.cache.next_position();
         }
-        let keep = self.sampler.params().repeat_last_n.max(1);
-        let recent = &mut self.head.recent;
-        recent.extend(&ids[ids.len().saturating_sub(keep)..]);
-        if recent.len() > 2 * keep {
-            recent.drain(..recent.len() - keep);
-        }
+        self.remember_recent(&ids);
         let stop = engine.end_of_turn();
         self.head.pending.extend(stop);
         self.close_reply(base, first, reply, stop);

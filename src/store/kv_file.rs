@@ -4,8 +4,8 @@
 //! proportion to the new tokens, never the whole window — and the file never grows.
 //!
 //! Layout: a 4 KiB header (magic, the slot size and count, the element type), a table of one
-//! 16-byte entry per slot (the position it holds, a CRC-32 of its data, whether every layer had it), then the
-//! slots. Each position is written data first, entry second: a process killed at any moment
+//! 16-byte entry per slot (the position it holds, a CRC-32 of its data, whether every layer
+//! had it), then the slots. Each position is written data first, entry second: a process killed at any moment
 //! leaves a whole window ending at the last position written (the slot being written held a
 //! position one past the oldest that window needs: hence `n_local + 1` slots).
 //!
