@@ -43,6 +43,9 @@ pub enum Command {
     SetMaxTokens(usize),
     /// Replace the system prompt (applies to what is fed from now on).
     SetSystem(String),
+    /// Raw text continuation (no chat template) on or off: for this conversation when it has
+    /// not started, and for new ones.
+    SetRaw(bool),
     /// Pin message `i` (0-based): its tokens stay attended.
     Pin(usize),
     Unpin(usize),
@@ -146,6 +149,17 @@ pub enum Notice {
     /// The system prompt was set: for this conversation (it had not started), or for new ones.
     SystemPromptSet {
         this_conversation: bool,
+    },
+    /// Raw mode was set: for this conversation too, or (it had started in the other mode) for
+    /// new ones only.
+    RawSet {
+        on: bool,
+        this_conversation: bool,
+    },
+    /// The model brought no chat template: its turns are written in `format`, which a base
+    /// model was never taught.
+    NoOwnTemplate {
+        format: &'static str,
     },
     /// A message was pinned: `tokens` of it, `lost` of which had already been evicted.
     Pinned {
@@ -265,6 +279,8 @@ pub struct Settings {
     pub recall: Option<RecallParams>,
     /// How the cache holds keys and values (the status bar names it beside the KV size).
     pub kv_type: KvType,
+    /// The open conversation continues raw text (no chat template).
+    pub raw: bool,
 }
 
 /// One line of the session list.

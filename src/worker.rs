@@ -124,6 +124,8 @@ struct Worker<'a> {
     session: Session,
     settings: Settings,
     system: Option<String>,
+    /// New conversations continue raw text (`/raw on`).
+    raw: bool,
     store: Option<Store>,
     /// Database id of the open conversation (created with its first message).
     id: Option<i64>,
@@ -189,6 +191,7 @@ fn run(
         max_tokens: options.max_tokens,
         recall: options.recall.as_ref().map(|(p, _)| *p),
         kv_type: engine.kv_type,
+        raw: false,
     };
     let session = Session::new(
         engine.clone(),
@@ -201,6 +204,7 @@ fn run(
         session,
         settings,
         system: options.system,
+        raw: false,
         store,
         id: None,
         title: "New chat".into(),
@@ -230,6 +234,9 @@ fn run(
             }
         }
         None => w.opened(),
+    }
+    if let Some(format) = w.session.borrowed_template() {
+        emit.send(Event::Notice(Notice::NoOwnTemplate { format }));
     }
     while let Ok(command) = inbox.recv() {
         if command == Command::Shutdown {
@@ -298,6 +305,15 @@ impl Worker<'_> {
                 if this_conversation {
                     self.opened();
                 }
+            }
+            Command::SetRaw(on) => {
+                self.raw = on;
+                let this_conversation = self.session.set_raw(on);
+                self.emit.send(Event::Notice(Notice::RawSet {
+                    on,
+                    this_conversation,
+                }));
+                self.show_mode();
             }
             Command::Pin(i) => {
                 match self.session.pin(i) {
@@ -417,6 +433,7 @@ impl Worker<'_> {
         ) {
             Ok(s) => {
                 self.session = s;
+                self.session.set_raw(self.raw);
                 self.prepare_session();
             }
             Err(e) => self.emit.send(Event::Error(e.to_string())),
@@ -442,7 +459,16 @@ impl Worker<'_> {
             total,
             messages,
         });
+        self.show_mode();
         self.timeline();
+    }
+
+    /// Tells the UI whether the open conversation is raw, when that changed.
+    fn show_mode(&mut self) {
+        if self.settings.raw != self.session.is_raw() {
+            self.settings.raw = self.session.is_raw();
+            self.emit.send(Event::Settings(self.settings.clone()));
+        }
     }
 
     fn list(&mut self) {

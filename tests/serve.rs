@@ -301,12 +301,20 @@ fn bad_requests_get_openais_errors() {
         raw(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}"#);
     assert_eq!(code, 400);
     assert_eq!(body["error"]["param"], "max_tokens");
-    let big = format!(
-        r#"{{"messages": [{{"role": "user", "content": "{}"}}]}}"#,
-        "x".repeat(5 << 20)
+    // A body announced larger than the limit is refused from its headers, before it is sent
+    // (a client still writing it when the server answers could see its connection reset).
+    let mut stream = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{\"messages\": [",
+        5 << 20
     );
-    let (code, _) = raw(&big);
-    assert_eq!(code, 413);
+    std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut status = String::new();
+    BufReader::new(&stream).read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 413"), "{status:?}");
     match ureq::get(&format!("{base}/v1/nothing")).call() {
         Err(ureq::Error::Status(404, r)) => {
             let body: Value = r.into_json().unwrap();
@@ -440,5 +448,77 @@ fn slow_and_idle_clients_are_cut_off() {
     assert!(
         waited < Duration::from_secs(3),
         "closed when idle: {waited:?}"
+    );
+}
+
+/// `/v1/completions` continues a text with no template: the prompt alone is fed (no chat
+/// scaffolding), streaming gives the same text, `echo` repeats the prompt, and a prompt that
+/// extends an earlier prompt and its completion continues that text's cache.
+#[test]
+fn a_raw_completion_continues_the_text() {
+    let base = start(Options::default());
+    let url = format!("{base}/v1/completions");
+    let prompt = "once upon a time";
+    let (status, whole) = post(&url, &json!({"prompt": prompt, "max_tokens": 5}));
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert!(whole["id"].as_str().unwrap().starts_with("cmpl-"));
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["logprobs"], Value::Null);
+    assert_eq!(choice["finish_reason"], "length");
+    let text = choice["text"].as_str().unwrap().to_string();
+    let usage = &whole["usage"];
+    assert_eq!(usage["completion_tokens"], 5);
+    // The chat template would add its turn markers around the prompt: a raw prompt is its own
+    // tokens (and the BOS) only.
+    let (_, chat) = post(
+        &format!("{base}/v1/chat/completions"),
+        &json!({"messages": [user(prompt)], "max_tokens": 1}),
+    );
+    let raw_prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(raw_prompt < chat["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(usage["lambdachat"]["continued"], false);
+
+    let mut streamed = json!({"prompt": prompt, "max_tokens": 5, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let events = stream(&url, &streamed);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let n = events.len();
+    assert!(
+        events[..n - 1]
+            .iter()
+            .all(|e| e["object"] == "text_completion")
+    );
+    assert_eq!(events[n - 2]["choices"], json!([]));
+    assert_eq!(events[n - 3]["choices"][0]["finish_reason"], "length");
+    let pieces: String = events[..n - 3]
+        .iter()
+        .map(|e| e["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(pieces, text);
+    streamed["echo"] = json!(true);
+    streamed["stream"] = json!(false);
+    let (_, echoed) = post(&url, &streamed);
+    assert_eq!(echoed["choices"][0]["text"], format!("{prompt}{text}"));
+
+    // The text so far, and more: only the new part is fed.
+    let longer = format!("{prompt}{text} and then");
+    let (_, next) = post(&url, &json!({"prompt": longer, "max_tokens": 2}));
+    let ext = &next["usage"]["lambdachat"];
+    assert_eq!(ext["continued"], true, "{next}");
+    assert_eq!(ext["tokens_reused"].as_u64().unwrap(), raw_prompt + 5);
+    // At most a token per byte of the new text, and the completion's last token (pending).
+    let fed = ext["tokens_fed"].as_u64().unwrap();
+    assert!(fed > 0 && fed <= " and then".len() as u64 + 1, "{ext}");
+    // A chat never continues a raw text, nor a text a chat.
+    let (_, chat) = post(
+        &format!("{base}/v1/chat/completions"),
+        &json!({"messages": [user(&longer)], "max_tokens": 1}),
+    );
+    assert_eq!(chat["usage"]["lambdachat"]["continued"], false);
+    let (status, e) = post(&url, &json!({"prompt": ""}));
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("prompt"))
     );
 }

@@ -304,3 +304,50 @@ fn a_given_reply_is_placed_as_the_template_renders_it() {
     assert_eq!(messages[1].role, Role::Assistant);
     assert_eq!(messages[1].content, reply);
 }
+
+/// A raw conversation continues text as it is: no template, the prompt tokenized as plain text
+/// after the BOS, the reply exactly the greedy continuation of those ids, and the next message
+/// fed right after the reply with nothing between.
+#[test]
+fn a_raw_conversation_continues_the_text_as_written() {
+    let e = engine();
+    let params = LambdaParams::new(64, 4096, None).unwrap();
+    let mut raw = greedy(params);
+    assert!(raw.set_raw(true));
+    let (prompt, more) = ("The capital of France is", " And the capital of Spain is");
+    let reply = turn(&mut raw, prompt);
+    assert!(!raw.set_raw(false), "the mode is the conversation's");
+    assert!(raw.is_raw());
+    let plain = |text: &str| {
+        let whole = 0..text.len();
+        e.tokenizer
+            .encode_with_offsets(text, std::slice::from_ref(&whole))
+            .unwrap()
+            .0
+    };
+    let mut expected: Vec<u32> = e
+        .tokenizer
+        .bos
+        .filter(|_| e.tokenizer.add_bos)
+        .into_iter()
+        .collect();
+    expected.extend(plain(prompt));
+    // The same ids fed to a plain session, continued greedily, give the same reply.
+    let mut twin = greedy(params);
+    let mut logits = Device::Cpu.with_context(|| twin.feed(&expected)).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let id = twin.sample(&logits).unwrap();
+        ids.push(id);
+        logits = Device::Cpu.with_context(|| twin.feed(&[id])).unwrap();
+    }
+    assert_eq!(reply, e.tokenizer.decode(&ids).unwrap());
+    assert!(!reply.is_empty());
+    let never = AtomicBool::new(false);
+    Device::Cpu
+        .with_context(|| raw.turn(more, Some(0), &never, &mut |_| {}))
+        .unwrap();
+    expected.extend(&ids);
+    expected.extend(plain(more));
+    assert_eq!(raw.tokens(0..raw.token_count()).unwrap().ids, expected);
+}

@@ -135,3 +135,35 @@ fn streaming_never_panics_on_arbitrary_ids() {
     let _ = stream.finish(tok).unwrap();
     assert!(tok.decode(&[u32::MAX]).is_err());
 }
+
+/// Text that goes on from text already tokenized gets no space put before it: on a
+/// SentencePiece vocabulary that adds one (the tiny test model's) the two parts decode to the
+/// text itself, where the plain encoding adds a space; on the real models (Qwen's byte-level
+/// BPE, Gemma's SentencePiece without the prefix) continuing and plain encodings agree.
+#[test]
+fn a_continuation_gets_no_space_put_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny.gguf");
+    common::tiny::write_gguf(&tiny, "qwen2");
+    let gemma = ensure(&GEMMA3_270M).unwrap();
+    let (first, next) = ("once upon", " a time,no space");
+    for (path, adds_prefix) in [
+        (tiny, true),
+        (common::default_model_path(), false),
+        (gemma, false),
+    ] {
+        let tok = Engine::load(&path).unwrap().tokenizer;
+        let mut ids = tok.encode(first).unwrap();
+        let plain = tok.encode(next).unwrap();
+        let (continued, starts) = tok.encode_continuation(next).unwrap();
+        assert_eq!(starts.len(), continued.len());
+        assert_eq!(continued != plain, adds_prefix, "{}", path.display());
+        ids.extend(&continued);
+        let text = tok.decode(&ids).unwrap();
+        assert!(
+            text.ends_with(&format!("{first}{next}")),
+            "{}: {text:?}",
+            path.display()
+        );
+    }
+}

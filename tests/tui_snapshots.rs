@@ -26,6 +26,7 @@ fn app(size: (u16, u16)) -> App {
             max_tokens: 512,
             recall: None,
             kv_type: KvType::F16,
+            raw: false,
         },
     }));
     app
@@ -205,6 +206,7 @@ fn visualizer_with_recalled_tokens() {
             max_tokens: 512,
             recall: Some(RecallParams::default()),
             kv_type: KvType::F16,
+            raw: false,
         },
     }));
     let mut messages = Vec::new();

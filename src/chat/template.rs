@@ -157,9 +157,18 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// True when the model had no template and ChatML is used.
+    /// True when the model had no template and a fallback (ChatML or Gemma's) is used.
     pub fn is_fallback(&self) -> bool {
         self.is_fallback
+    }
+
+    /// The fallback's name, for telling people which format their turns are written in.
+    pub fn fallback_name(&self) -> &'static str {
+        if self.source == GEMMA {
+            "Gemma's turn format"
+        } else {
+            "ChatML"
+        }
     }
 
     /// Renders `messages`, within a budget of work and output that grows with them: a template

@@ -30,6 +30,10 @@ pub struct AskArgs {
     /// instead of streaming the text
     #[arg(long)]
     pub json: bool,
+    /// Continue the prompt as raw text, with no chat template (for base models, which were
+    /// never taught a turn format)
+    #[arg(long)]
+    pub raw: bool,
     /// The prompt; `-` or nothing reads it from stdin. With a prompt, text piped to stdin is
     /// appended to it as a fenced block (`git diff | lambdachat ask "review this"`)
     pub prompt: Option<String>,
@@ -79,6 +83,18 @@ fn read_prompt(arg: Option<String>, stdin_is_terminal: bool) -> Result<String> {
     Ok(text)
 }
 
+/// What to tell someone who chats with a model that brought no chat template: its turns are
+/// in a borrowed format, which a base model was never taught; raw mode continues text instead.
+pub fn no_template_note(session: &Session) -> Option<String> {
+    session.borrowed_template().map(|format| {
+        format!(
+            "this model has no chat template of its own; its turns are written in {format}. \
+             A base model answers better in raw mode (ask --raw, or /raw on in the chat), \
+             which continues the text as written"
+        )
+    })
+}
+
 fn stop_name(stop: StopReason) -> &'static str {
     match stop {
         StopReason::EndOfTurn => "end_of_turn",
@@ -115,6 +131,12 @@ pub fn run(args: AskArgs, config: &Config) -> Result<i32> {
         args.system.clone().or_else(|| config.system.clone()),
     )?;
     session.set_recall(settings.recall_setup()?)?;
+    session.set_raw(args.raw);
+    if std::io::stderr().is_terminal()
+        && let Some(note) = no_template_note(&session)
+    {
+        eprintln!("note: {note}");
+    }
     let report = Device::Cpu.with_context(|| {
         let mut out = (!args.json).then(super::terminal_text::ReplyOut::stdout);
         session.turn(&prompt, Some(args.max_tokens), &cancel, &mut |e| {

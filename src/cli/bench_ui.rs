@@ -130,6 +130,7 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
             max_tokens: args.generate.max(1),
             recall: settings.recall,
             kv_type: settings.load_options.kv_type,
+            raw: false,
         },
     }));
     app.update(Msg::Worker(Event::Opened {

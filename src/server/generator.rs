@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use candle_core::Device;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::openai::{Checked, FinishReason, LambdaUsage, Usage};
+use super::openai::{Checked, FinishReason, Input, LambdaUsage, Usage};
 use crate::attention::LambdaParams;
 use crate::attention::recall::RecallParams;
 use crate::chat::{Message, Role};
@@ -108,12 +108,36 @@ fn run(mut conversations: Conversations, queue: Receiver<Job>) {
     }
 }
 
-/// A conversation the generator holds: the messages as the client knows them (every reply
-/// as it was sent) and its session.
+/// A conversation the generator holds: what the client knows of it and its session.
 struct Live {
-    messages: Vec<Message>,
+    known: Known,
     session: Session,
     used: u64,
+}
+
+/// A conversation as the client sees it, which a later request may extend.
+#[derive(Debug, Clone, PartialEq)]
+enum Known {
+    /// The messages, every reply as it was sent.
+    Chat(Vec<Message>),
+    /// A raw text: the prompts and completions as sent, one after the other.
+    Text(String),
+}
+
+impl Known {
+    /// How much of `input` this conversation already holds (messages or bytes), when `input`
+    /// extends it: a chat by at least one message, a text by at least one byte.
+    fn extended_by(&self, input: &Input) -> Option<usize> {
+        match (self, input) {
+            (Self::Chat(known), Input::Chat(messages)) => {
+                (known.len() < messages.len() && messages.starts_with(known)).then_some(known.len())
+            }
+            (Self::Text(known), Input::Text { prompt, .. }) => (known.len() < prompt.len()
+                && prompt.starts_with(known.as_str()))
+            .then_some(known.len()),
+            _ => None,
+        }
+    }
 }
 
 struct Conversations {
@@ -133,14 +157,14 @@ impl Conversations {
         }
     }
 
-    /// The live conversation whose messages begin `messages` (the longest one), taken out.
-    fn take_prefix_of(&mut self, messages: &[Message]) -> Option<Live> {
+    /// The live conversation that `input` extends (the longest such), taken out.
+    fn take_prefix_of(&mut self, input: &Input) -> Option<Live> {
         let best = self
             .live
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.messages.len() < messages.len() && messages.starts_with(&l.messages))
-            .max_by_key(|(_, l)| l.messages.len())
+            .filter_map(|(i, l)| l.known.extended_by(input).map(|n| (i, n)))
+            .max_by_key(|&(_, n)| n)
             .map(|(i, _)| i)?;
         Some(self.live.swap_remove(best))
     }
@@ -163,20 +187,35 @@ impl Conversations {
         }
     }
 
-    fn fresh(&self, messages: &[Message]) -> Result<Live, SessionError> {
-        let system = messages
-            .first()
-            .filter(|m| m.role == Role::System)
-            .map(|m| m.content.clone());
+    /// A new conversation for `input`: a chat's system message is its system prompt, a text
+    /// is continued raw.
+    fn fresh(&self, input: &Input) -> Result<Live, SessionError> {
+        let system = match input {
+            Input::Chat(messages) => messages
+                .first()
+                .filter(|m| m.role == Role::System)
+                .map(|m| m.content.clone()),
+            Input::Text { .. } => None,
+        };
         let mut session = Session::new(
             self.engine.clone(),
             self.options.params,
             crate::sampling::SamplingParams::default(),
             system.clone(),
         )?;
+        session.set_raw(matches!(input, Input::Text { .. }));
         session.set_recall(self.options.recall.clone())?;
+        let known = match input {
+            Input::Chat(_) => Known::Chat(
+                system
+                    .map(|s| Message::new(Role::System, s))
+                    .into_iter()
+                    .collect(),
+            ),
+            Input::Text { .. } => Known::Text(String::new()),
+        };
         Ok(Live {
-            messages: messages[..system.is_some() as usize].to_vec(),
+            known,
             session,
             used: 0,
         })
@@ -184,35 +223,28 @@ impl Conversations {
 
     fn answer(&mut self, job: Job) -> Result<(), SessionError> {
         let Job { request, events } = job;
-        let messages = &request.messages;
-        let continued = self.take_prefix_of(messages);
+        let continued = self.take_prefix_of(&request.input);
         let is_continued = continued.is_some();
         let mut live = match continued {
             Some(l) => l,
-            None => self.fresh(messages)?,
+            None => self.fresh(&request.input)?,
         };
         let session = &mut live.session;
         session.set_sampling(request.sampling.clone())?;
         let reused = session.token_count();
-        // Whatever follows the known part: exchanges with their replies, then the new prompt
-        // (consecutive user messages read as one, as the session renders them).
         let start = std::time::Instant::now();
-        let mut fed = 0;
-        let mut user = String::new();
-        for m in &messages[live.messages.len()..] {
-            match m.role {
-                Role::User => {
-                    if !user.is_empty() {
-                        user.push_str("\n\n");
-                    }
-                    user.push_str(&m.content);
-                }
-                Role::Assistant => {
-                    fed += session.exchange(&std::mem::take(&mut user), &m.content)?;
-                }
-                Role::System => {}
+        let (fed, user) = match (&live.known, &request.input) {
+            (Known::Chat(known), Input::Chat(messages)) => {
+                read_exchanges(session, &messages[known.len()..])?
             }
-        }
+            (Known::Text(known), Input::Text { prompt, echo }) => {
+                if *echo {
+                    let _ = events.send(Event::Text(prompt.clone()));
+                }
+                (0, prompt[known.len()..].to_string())
+            }
+            _ => unreachable!("a conversation is continued only by input of its kind"),
+        };
         let cancel = AtomicBool::new(false);
         let mut stops = StopMatcher::new(request.stop.clone());
         let mut sent = String::new();
@@ -271,18 +303,51 @@ impl Conversations {
             reused,
             fed,
             generated = report.generated_tokens,
-            "chat completion"
+            raw = session.is_raw(),
+            "completion"
         );
         let _ = events.send(Event::Done(finish, usage));
         if report.stop == StopReason::Cancelled && !stops.hit {
             // The client left: nobody knows this reply, so no request will continue it.
             return Ok(());
         }
-        live.messages = request.messages;
-        live.messages.push(Message::new(Role::Assistant, sent));
+        live.known = match request.input {
+            Input::Chat(mut messages) => {
+                messages.push(Message::new(Role::Assistant, sent));
+                Known::Chat(messages)
+            }
+            // What the client can send back: the prompt and the completion it was sent.
+            Input::Text { prompt, .. } => Known::Text(prompt + &sent),
+        };
         self.keep(live);
         Ok(())
     }
+}
+
+/// Reads what follows the known part of a chat into `session`: exchanges with their given
+/// replies. Returns the tokens fed and the new prompt (consecutive user messages read as one,
+/// as the session renders them).
+fn read_exchanges(
+    session: &mut Session,
+    messages: &[Message],
+) -> Result<(usize, String), SessionError> {
+    let mut fed = 0;
+    let mut user = String::new();
+    for m in messages {
+        match m.role {
+            Role::User => {
+                if !user.is_empty() {
+                    user.push_str("\n\n");
+                }
+                user.push_str(&m.content);
+            }
+            Role::Assistant => {
+                fed += session.exchange(&std::mem::take(&mut user), &m.content)?;
+            }
+            Role::System => {}
+        }
+    }
+    Ok((fed, user))
 }
 
 /// Finds stop sequences in streamed text: text that may be the start of one is held back

@@ -3,6 +3,8 @@
 //! - `POST /v1/chat/completions`: streaming (server-sent events ending in `data: [DONE]`) or
 //!   not; `usage` carries a `lambdachat` extension (tokens reused, fed, seen, attended,
 //!   evicted; KV bytes).
+//! - `POST /v1/completions`: a text continued raw, with no chat template (base models), in the
+//!   same two ways; a prompt that extends an earlier prompt and its completion continues it.
 //! - `GET /v1/models`, `GET /health`.
 //!
 //! The HTTP side (axum on a current-thread tokio runtime) checks requests and never touches the
@@ -33,7 +35,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use generator::{Event, Job, Refused};
 pub use generator::{Generator, GeneratorOptions};
-use openai::{ApiError, ChatRequest, FinishReason, Usage};
+use openai::{ApiError, ChatRequest, Checked, FinishReason, TextRequest, Usage};
 
 use crate::sampling::SamplingParams;
 
@@ -152,6 +154,7 @@ pub async fn serve(
 pub fn router(state: Arc<ServerState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(text_completions))
         .route("/v1/models", get(models))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -241,11 +244,55 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Which of OpenAI's endpoints a reply takes the shape of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `/v1/chat/completions`: a message, streamed as deltas.
+    Chat,
+    /// `/v1/completions`: a text, streamed as pieces of it.
+    Text,
+}
+
 async fn chat_completions(
     State(state): State<Arc<ServerState>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    // The body within the read time-out and the size limit, then parsed as a chat request.
+    let body: ChatRequest = read_json(&state, request, "a chat request").await?;
+    let checked = body.check(&state.sampling, state.max_tokens)?;
+    respond(state, checked, Shape::Chat).await
+}
+
+async fn text_completions(
+    State(state): State<Arc<ServerState>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let body: TextRequest = read_json(&state, request, "a completion request").await?;
+    let checked = body.check(&state.sampling, state.max_tokens)?;
+    respond(state, checked, Shape::Text).await
+}
+
+/// The request's body, read within the read time-out and the size limit, parsed as JSON into
+/// `T` (`what` names it in the error).
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &ServerState,
+    request: Request,
+    what: &str,
+) -> Result<T, ApiError> {
+    let too_large = || {
+        let message = format!(
+            "the request body is larger than {} bytes",
+            state.max_body_bytes
+        );
+        ApiError::unreadable(StatusCode::PAYLOAD_TOO_LARGE, message)
+    };
+    // A body announced too large is refused before it is sent.
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(too_large());
+    }
     let body = request.into_body();
     let bytes = tokio::time::timeout(
         state.read_timeout,
@@ -264,14 +311,10 @@ async fn chat_completions(
         )
     })?
     .map_err(|e| {
-        let too_large = std::error::Error::source(&e)
+        let over = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            let message = format!(
-                "the request body is larger than {} bytes",
-                state.max_body_bytes
-            );
-            ApiError::unreadable(StatusCode::PAYLOAD_TOO_LARGE, message)
+        if over {
+            too_large()
         } else {
             ApiError::unreadable(
                 StatusCode::BAD_REQUEST,
@@ -280,17 +323,21 @@ async fn chat_completions(
         }
     })?;
     // Any content type: curl's `-d` says form data, and what is sent is JSON all the same.
-    let request: ChatRequest = serde_json::from_slice(&bytes).map_err(|e| {
+    serde_json::from_slice(&bytes).map_err(|e| {
         let status = match e.classify() {
             serde_json::error::Category::Data => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::unreadable(
-            status,
-            format!("the request body is not a chat request: {e}"),
-        )
-    })?;
-    let request = request.check(&state.sampling, state.max_tokens)?;
+        ApiError::unreadable(status, format!("the request body is not {what}: {e}"))
+    })
+}
+
+/// Queues a checked request and answers with its reply, streamed or whole, in `shape`.
+async fn respond(
+    state: Arc<ServerState>,
+    request: Checked,
+    shape: Shape,
+) -> Result<Response, ApiError> {
     let (events, replies) = unbounded_channel();
     let stream = request.stream;
     let include_usage = request.include_usage;
@@ -312,30 +359,123 @@ async fn chat_completions(
             ),
         })?;
     let n = state.requests.fetch_add(1, Ordering::Relaxed);
-    let id = format!("chatcmpl-{:x}-{n}", state.started);
+    let prefix = match shape {
+        Shape::Chat => "chatcmpl",
+        Shape::Text => "cmpl",
+    };
+    let id = format!("{prefix}-{:x}-{n}", state.started);
+    let reply = Reply {
+        shape,
+        id,
+        created: now(),
+        model: state.model.clone(),
+    };
     if stream {
-        let chunks = stream_chunks(id, state.model.clone(), replies, include_usage);
+        let chunks = stream_chunks(reply, replies, include_usage);
         return Ok(Sse::new(chunks)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
     let (text, finish, usage) = collect(replies).await?;
-    let body = openai::Completion {
-        id: &id,
-        object: "chat.completion",
-        created: now(),
-        model: &state.model,
-        choices: vec![openai::Choice {
-            index: 0,
-            message: openai::ReplyMessage {
-                role: "assistant",
-                content: &text,
-            },
-            finish_reason: finish,
-        }],
-        usage: &usage,
-    };
-    Ok(Json(body).into_response())
+    Ok(Json(reply.whole(&text, finish, &usage)).into_response())
+}
+
+/// One reply's identity, and its JSON in the shape of the endpoint it answers.
+struct Reply {
+    shape: Shape,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Reply {
+    /// The whole reply, for a request that does not stream.
+    fn whole(&self, text: &str, finish: FinishReason, usage: &Usage) -> serde_json::Value {
+        let value = match self.shape {
+            Shape::Chat => serde_json::to_value(openai::Completion {
+                id: &self.id,
+                object: "chat.completion",
+                created: self.created,
+                model: &self.model,
+                choices: vec![openai::Choice {
+                    index: 0,
+                    message: openai::ReplyMessage {
+                        role: "assistant",
+                        content: text,
+                    },
+                    finish_reason: finish,
+                }],
+                usage,
+            }),
+            Shape::Text => serde_json::to_value(openai::TextCompletion {
+                id: &self.id,
+                object: "text_completion",
+                created: self.created,
+                model: &self.model,
+                choices: vec![openai::TextChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason: Some(finish),
+                }],
+                usage: Some(usage),
+            }),
+        };
+        value.unwrap_or_default()
+    }
+
+    /// One streamed chunk: text (or, for a chat, the role's opening when `opening`), the
+    /// finish reason, or the usage alone (with no choice, as OpenAI sends it).
+    fn chunk(&self, piece: Piece<'_>) -> SseEvent {
+        let choice = |text: Option<&str>, finish: Option<FinishReason>| match self.shape {
+            Shape::Chat => serde_json::json!({
+                "index": 0,
+                "delta": openai::Delta {
+                    role: matches!(piece, Piece::Opening).then_some("assistant"),
+                    content: text,
+                },
+                "finish_reason": finish,
+            }),
+            Shape::Text => serde_json::to_value(openai::TextChoice {
+                text: text.unwrap_or(""),
+                index: 0,
+                logprobs: None,
+                finish_reason: finish,
+            })
+            .unwrap_or_default(),
+        };
+        let (choices, usage) = match piece {
+            Piece::Opening => (vec![choice(Some(""), None)], None),
+            Piece::Text(t) => (vec![choice(Some(t), None)], None),
+            Piece::Finish(f) => (vec![choice(None, Some(f))], None),
+            Piece::Usage(u) => (Vec::new(), Some(u)),
+        };
+        let object = match self.shape {
+            Shape::Chat => "chat.completion.chunk",
+            Shape::Text => "text_completion",
+        };
+        let mut body = serde_json::json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            body["usage"] = serde_json::to_value(u).unwrap_or_default();
+        }
+        SseEvent::default().data(body.to_string())
+    }
+}
+
+/// What one streamed chunk carries.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// A chat reply's first chunk: the role, and empty content.
+    Opening,
+    Text(&'a str),
+    Finish(FinishReason),
+    Usage(&'a Usage),
 }
 
 fn failed(message: String) -> ApiError {
@@ -364,67 +504,29 @@ async fn collect(
     ))
 }
 
-/// The reply as OpenAI's chunks: the role first, then text as it comes, the finish reason, the
-/// usage when asked for, and `[DONE]`. Dropped when the client goes away, which closes the
-/// channel and so stops the generation.
+/// The reply as OpenAI's chunks: for a chat the role first, then text as it comes, the finish
+/// reason, the usage when asked for, and `[DONE]`. Dropped when the client goes away, which
+/// closes the channel and so stops the generation.
 fn stream_chunks(
-    id: String,
-    model: String,
+    reply: Reply,
     replies: UnboundedReceiver<Event>,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let created = now();
-    let chunk = move |delta: openai::Delta<'_>,
-                      finish: Option<FinishReason>,
-                      usage: Option<&Usage>,
-                      with_choice: bool| {
-        let body = openai::Chunk {
-            id: &id,
-            object: "chat.completion.chunk",
-            created,
-            model: &model,
-            choices: if with_choice {
-                vec![openai::ChunkChoice {
-                    index: 0,
-                    delta,
-                    finish_reason: finish,
-                }]
-            } else {
-                Vec::new()
-            },
-            usage,
-        };
-        SseEvent::default().data(serde_json::to_string(&body).unwrap_or_default())
-    };
-    let first = chunk(
-        openai::Delta {
-            role: Some("assistant"),
-            content: Some(""),
-        },
-        None,
-        None,
-        true,
-    );
-    let state = (replies, VecDeque::from([first]), false);
+    let opening = (reply.shape == Shape::Chat).then(|| reply.chunk(Piece::Opening));
+    let state = (replies, VecDeque::from_iter(opening), false);
+    let reply = Arc::new(reply);
     futures::stream::unfold(state, move |(mut replies, mut queue, mut ended)| {
-        let chunk = chunk.clone();
+        let reply = reply.clone();
         async move {
             while queue.is_empty() && !ended {
                 let event = replies.recv().await;
                 ended = !matches!(event, Some(Event::Text(_)));
                 match event {
-                    Some(Event::Text(t)) => {
-                        let delta = openai::Delta {
-                            role: None,
-                            content: Some(&t),
-                        };
-                        queue.push_back(chunk(delta, None, None, true));
-                    }
+                    Some(Event::Text(t)) => queue.push_back(reply.chunk(Piece::Text(&t))),
                     Some(Event::Done(finish, usage)) => {
-                        queue.push_back(chunk(openai::Delta::default(), Some(finish), None, true));
+                        queue.push_back(reply.chunk(Piece::Finish(finish)));
                         if include_usage {
-                            let delta = openai::Delta::default();
-                            queue.push_back(chunk(delta, None, Some(&usage), false));
+                            queue.push_back(reply.chunk(Piece::Usage(&usage)));
                         }
                     }
                     Some(Event::Failed(message)) => {

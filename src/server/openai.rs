@@ -1,5 +1,6 @@
-//! OpenAI's chat-completions wire format: the request as clients send it, checked into what the
-//! generator runs, and the responses and errors as clients expect them.
+//! OpenAI's wire formats for chat completions and (raw text) completions: the requests as
+//! clients send them, checked into what the generator runs, and the responses and errors as
+//! clients expect them.
 //!
 //! Unknown request fields are ignored, as OpenAI-compatible servers do (clients send `user`,
 //! `frequency_penalty`, `logprobs` …); fields that would change the answer and that this server
@@ -78,10 +79,62 @@ pub struct Part {
 /// At most this many stop sequences, as OpenAI allows.
 const MAX_STOPS: usize = 4;
 
+/// A (legacy) completions request: a text to continue, with no chat template, for base
+/// models (as llama.cpp's completion tool and Ollama's `raw` do).
+#[derive(Debug, Deserialize)]
+pub struct TextRequest {
+    pub prompt: TextPrompt,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub echo: bool,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+}
+
+/// A prompt: a string, or a list holding one (OpenAI's batch of prompts, of which one is
+/// served).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TextPrompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// OpenAI's default length of a completion when the request does not say.
+const TEXT_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// What a request asks to be continued.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A conversation, rendered by the model's chat template.
+    Chat(Vec<Message>),
+    /// A text continued as it is; `echo` sends the prompt before the completion.
+    Text { prompt: String, echo: bool },
+}
+
 /// A request checked: what the generator runs.
 #[derive(Debug, Clone)]
 pub struct Checked {
-    pub messages: Vec<Message>,
+    pub input: Input,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -117,7 +170,104 @@ impl ChatRequest {
             .map(|(i, m)| m.check(i))
             .collect::<Result<Vec<_>, _>>()?;
         check_order(&messages)?;
-        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+        let common = Common {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            stop: self.stop,
+            seed: self.seed,
+            stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+        };
+        common.check(
+            Input::Chat(messages),
+            defaults,
+            max_tokens_cap,
+            max_tokens_cap,
+        )
+    }
+}
+
+impl TextRequest {
+    /// Checks the request as [`ChatRequest::check`] does; a completion without `max_tokens`
+    /// gets OpenAI's 16 tokens (within the cap).
+    pub fn check(
+        self,
+        defaults: &SamplingParams,
+        max_tokens_cap: usize,
+    ) -> Result<Checked, ApiError> {
+        if self.n.is_some_and(|n| n != 1) || self.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "only n = 1 (and best_of = 1) is supported",
+                Some("n"),
+            ));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(
+                "suffix (insertion) is not supported",
+                Some("suffix"),
+            ));
+        }
+        if self.logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid(
+                "logprobs are not supported",
+                Some("logprobs"),
+            ));
+        }
+        let prompt = match self.prompt {
+            TextPrompt::One(p) => p,
+            TextPrompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            TextPrompt::Many(_) => {
+                return Err(ApiError::invalid(
+                    "prompt must be one string (a batch of prompts is not supported)",
+                    Some("prompt"),
+                ));
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt is empty: give the text to continue",
+                Some("prompt"),
+            ));
+        }
+        let common = Common {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_tokens,
+            stop: self.stop,
+            seed: self.seed,
+            stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+        };
+        let input = Input::Text {
+            prompt,
+            echo: self.echo,
+        };
+        let default_length = TEXT_DEFAULT_MAX_TOKENS.min(max_tokens_cap);
+        common.check(input, defaults, max_tokens_cap, default_length)
+    }
+}
+
+/// The fields both kinds of request share, checked the same way.
+struct Common {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    max_tokens: Option<usize>,
+    stop: Option<Stop>,
+    seed: Option<u64>,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Common {
+    fn check(
+        self,
+        input: Input,
+        defaults: &SamplingParams,
+        max_tokens_cap: usize,
+        default_length: usize,
+    ) -> Result<Checked, ApiError> {
+        let max_tokens = match self.max_tokens {
             Some(0) => {
                 return Err(ApiError::invalid(
                     "max_tokens must be at least 1",
@@ -131,7 +281,7 @@ impl ChatRequest {
                 ));
             }
             Some(n) => n,
-            None => max_tokens_cap,
+            None => default_length,
         };
         let stop = match self.stop {
             None => Vec::new(),
@@ -154,12 +304,12 @@ impl ChatRequest {
             .validate()
             .map_err(|e| ApiError::invalid(&e.to_string(), None))?;
         Ok(Checked {
-            messages,
+            input,
             sampling,
             max_tokens,
             stop,
             stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            include_usage: self.include_usage,
         })
     }
 }
@@ -298,30 +448,34 @@ pub struct ReplyMessage<'a> {
     pub content: &'a str,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Chunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<ChunkChoice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<&'a Usage>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChunkChoice<'a> {
-    pub index: u32,
-    pub delta: Delta<'a>,
-    pub finish_reason: Option<FinishReason>,
-}
-
 #[derive(Debug, Default, Serialize)]
 pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+}
+
+/// A text completion, whole or (`object: "text_completion"` all the same) one streamed piece
+/// of it.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<TextChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<&'a Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice<'a> {
+    pub text: &'a str,
+    pub index: u32,
+    /// Always null: log-probabilities are refused when asked for.
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<FinishReason>,
 }
 
 /// An error as OpenAI sends it: a status and `{"error": {message, type, param, code}}`.
@@ -392,7 +546,7 @@ mod tests {
             "model": "x", "messages": [{"role": "user", "content": "hi"}], "user": "ignored"
         }))
         .unwrap();
-        assert_eq!(c.messages, vec![Message::new(Role::User, "hi")]);
+        assert_eq!(c.input, Input::Chat(vec![Message::new(Role::User, "hi")]));
         assert_eq!(c.max_tokens, 512);
         assert_eq!(c.sampling, SamplingParams::default());
         assert!(!c.stream && !c.include_usage && c.stop.is_empty());
@@ -411,9 +565,12 @@ mod tests {
             "stop": "END", "stream": true, "stream_options": {"include_usage": true}
         }))
         .unwrap();
-        assert_eq!(c.messages[0], Message::new(Role::System, "be brief"));
-        assert_eq!(c.messages[1].content, "ab");
-        assert_eq!(c.messages[2], Message::new(Role::Assistant, ""));
+        let Input::Chat(messages) = &c.input else {
+            panic!("a chat request reads as a chat")
+        };
+        assert_eq!(messages[0], Message::new(Role::System, "be brief"));
+        assert_eq!(messages[1].content, "ab");
+        assert_eq!(messages[2], Message::new(Role::Assistant, ""));
         assert_eq!(
             (c.sampling.temperature, c.sampling.top_p, c.sampling.seed),
             (0.0, 0.5, 7)
@@ -458,6 +615,71 @@ mod tests {
         assert!(
             order(serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]))
                 .contains("image_url")
+        );
+    }
+
+    fn check_text(json: serde_json::Value) -> Result<Checked, ApiError> {
+        serde_json::from_value::<TextRequest>(json)
+            .unwrap()
+            .check(&SamplingParams::default(), 512)
+    }
+
+    #[test]
+    fn a_text_request_continues_its_prompt_for_16_tokens_unless_told() {
+        let c = check_text(serde_json::json!({"model": "x", "prompt": "Once"})).unwrap();
+        let prompt = "Once".to_string();
+        assert_eq!(
+            c.input,
+            Input::Text {
+                prompt: prompt.clone(),
+                echo: false
+            }
+        );
+        assert_eq!(c.max_tokens, 16);
+        let c = check_text(serde_json::json!({
+            "prompt": ["Once"], "echo": true, "max_tokens": 40, "stop": ["\n"], "suffix": ""
+        }))
+        .unwrap();
+        assert_eq!(c.input, Input::Text { prompt, echo: true });
+        assert_eq!((c.max_tokens, c.stop.len()), (40, 1));
+        let small = serde_json::from_value::<TextRequest>(serde_json::json!({"prompt": "a"}))
+            .unwrap()
+            .check(&SamplingParams::default(), 8)
+            .unwrap();
+        assert_eq!(small.max_tokens, 8, "the default stays within the cap");
+    }
+
+    #[test]
+    fn a_text_request_refuses_what_it_cannot_honour_by_name() {
+        let refused = |json: serde_json::Value| check_text(json).unwrap_err();
+        let e = refused(serde_json::json!({"prompt": ""}));
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = refused(serde_json::json!({"prompt": ["a", "b"]}));
+        assert!(e.message.contains("one string"), "{}", e.message);
+        assert!(
+            refused(serde_json::json!({"prompt": "a", "n": 3}))
+                .message
+                .contains("n = 1")
+        );
+        assert!(
+            refused(serde_json::json!({"prompt": "a", "best_of": 2}))
+                .message
+                .contains("best_of")
+        );
+        assert!(
+            refused(serde_json::json!({"prompt": "a", "suffix": "z"}))
+                .message
+                .contains("suffix")
+        );
+        assert!(
+            refused(serde_json::json!({"prompt": "a", "logprobs": 2}))
+                .message
+                .contains("logprobs")
+        );
+        assert!(
+            refused(serde_json::json!({"prompt": "a", "max_tokens": 600}))
+                .message
+                .contains("at most 512")
         );
     }
 

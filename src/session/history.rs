@@ -132,6 +132,10 @@ pub struct SessionHead {
     /// `Engine::fingerprint`): another model's resume reads the window again instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Raw text continuation: no chat template; each message's text follows the last as it is
+    /// (a base model's way). Set before the first turn and kept for the conversation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 impl SessionHead {
@@ -153,6 +157,7 @@ impl SessionHead {
             fed_tail_start: 0,
             pinned: Vec::new(),
             model: None,
+            raw: false,
         }
     }
 

@@ -453,6 +453,30 @@ impl Session {
         true
     }
 
+    /// Makes the conversation raw text continuation (or a chat again): the template is not
+    /// used, each message's text is fed as it is, right after the last, and a reply ends only
+    /// at the end of the text (which is not fed on). Only before the first turn: `false`, and
+    /// nothing changes, once tokens were recorded.
+    pub fn set_raw(&mut self, raw: bool) -> bool {
+        if self.head.token_count > 0 {
+            return self.head.raw == raw;
+        }
+        self.head.raw = raw;
+        true
+    }
+
+    pub fn is_raw(&self) -> bool {
+        self.head.raw
+    }
+
+    /// The name of the turn format a chat borrows because the model brought no template
+    /// ("ChatML", or "Gemma's turn format"), or `None` when it has its own (or the
+    /// conversation is raw).
+    pub fn borrowed_template(&self) -> Option<&'static str> {
+        let template = &self.engine.template;
+        (!self.head.raw && template.is_fallback()).then(|| template.fallback_name())
+    }
+
     /// Messages `range` (by index), from memory or the history.
     pub fn messages(&self, range: Range<usize>) -> Result<Vec<MessageRecord>, SessionError> {
         let range = range.start..range.end.min(self.head.message_count);
@@ -853,9 +877,9 @@ impl Session {
         fed_after
     }
 
-    /// Renders the turn of `user`, tokenizes the new text and records it: returns the ids to
-    /// feed (pending ones first) and the user message's record.
-    fn prompt(&mut self, user: &str) -> Result<(Vec<u32>, MessageRecord), SessionError> {
+    /// The turn of `user` rendered by the chat template, and where in it the text not fed yet
+    /// starts.
+    fn rendered_delta(&self, user: &str) -> Result<(String, usize), SessionError> {
         let Rendered {
             render,
             located,
@@ -871,6 +895,26 @@ impl Session {
         // fed tail is new.
         let delta_at =
             anchored.unwrap_or_else(|| common_prefix_len(&rendered, &self.head.fed_tail));
+        Ok((rendered, delta_at))
+    }
+
+    /// Renders the turn of `user`, tokenizes the new text and records it: returns the ids to
+    /// feed (pending ones first) and the user message's record.
+    fn prompt(&mut self, user: &str) -> Result<(Vec<u32>, MessageRecord), SessionError> {
+        // The system prompt when this turn places it (the first): its content is located in
+        // the new text like the message's.
+        let system = self
+            .unsaved
+            .messages
+            .first()
+            .filter(|m| m.role == Role::System && m.tokens.is_empty() && m.span.is_empty())
+            .map(|m| m.content.clone());
+        let (rendered, delta_at) = if self.head.raw {
+            // Raw text: the new text is the message itself, after the system prompt once.
+            (format!("{}{user}", system.as_deref().unwrap_or("")), 0)
+        } else {
+            self.rendered_delta(user)?
+        };
         let delta = &rendered[delta_at..];
         let engine = self.engine.clone();
         let tok = &engine.tokenizer;
@@ -888,18 +932,17 @@ impl Session {
         // The contents this text places: the system prompt (first turn) and the new message.
         // What people wrote is tokenized as plain text, the scaffolding around it with its
         // special tokens.
-        let system = self
-            .unsaved
-            .messages
-            .first()
-            .filter(|m| m.role == Role::System && m.tokens.is_empty() && m.span.is_empty())
-            .map(|m| m.content.clone());
         let mut contents: Vec<&str> = system.iter().map(String::as_str).collect();
         contents.push(user);
         let places = locate(delta, &contents);
         let typed: Vec<Range<usize>> = places.iter().flatten().cloned().collect();
         let first_new = self.head.token_count;
-        let (new_ids, starts) = tok.encode_with_offsets(delta, &typed)?;
+        // A raw text's next part goes on from the text before it (no space put before it).
+        let (new_ids, starts) = if self.head.raw && base > 0 {
+            tok.encode_continuation(delta)?
+        } else {
+            tok.encode_with_offsets(delta, &typed)?
+        };
         for (&id, &s) in new_ids.iter().zip(&starts) {
             self.record(id, base + s as u64);
         }
@@ -1299,7 +1342,11 @@ impl Session {
             }
             let id = self.sample(&logits)?;
             if engine.is_stop(id) {
-                self.head.pending.push(id);
+                // A chat's turn ends with the stop token, fed by the next turn; a raw text's
+                // end is not part of the text that may follow it.
+                if !self.head.raw {
+                    self.head.pending.push(id);
+                }
                 break StopReason::EndOfTurn;
             }
             generated += 1;
@@ -1321,7 +1368,7 @@ impl Session {
             on_event(TurnEvent::Text(&text));
             reply.push_str(&text);
         }
-        let stop_id = if stop == StopReason::EndOfTurn {
+        let stop_id = if stop == StopReason::EndOfTurn && !self.head.raw {
             self.head.pending.last().copied()
         } else {
             None
@@ -1382,7 +1429,7 @@ impl Session {
             self.head.tokens_fed = self.cache.next_position();
         }
         self.remember_recent(&ids);
-        let stop = engine.end_of_turn();
+        let stop = engine.end_of_turn().filter(|_| !self.head.raw);
         self.head.pending.extend(stop);
         self.close_reply(base, first, reply, stop);
         Ok(ids.len())

@@ -38,6 +38,9 @@ pub struct Tokenizer {
     /// The same tokenizer with special tokens read as plain text, for what people typed: a
     /// pasted `<|im_end|>` must not end a turn (see [`Tokenizer::encode_with_offsets`]).
     plain: tokenizers::Tokenizer,
+    /// `plain` without the space SentencePiece puts before a text, for text that goes on from
+    /// text already tokenized (see [`Tokenizer::encode_continuation`]).
+    continuing: tokenizers::Tokenizer,
     /// Ids of the special (control) tokens, which only the template's scaffolding may produce.
     control: Vec<u32>,
     pub bos: Option<u32>,
@@ -106,6 +109,7 @@ impl Tokenizer {
     ) -> Self {
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
+        let continuing = without_space_prefix(&plain).unwrap_or_else(|| plain.clone());
         let mut control: Vec<u32> = inner
             .get_added_tokens_decoder()
             .into_iter()
@@ -125,6 +129,7 @@ impl Tokenizer {
         Self {
             inner,
             plain,
+            continuing,
             control,
             bos,
             eos,
@@ -162,6 +167,17 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| TokenizerError::Build(e.to_string()))
+    }
+
+    /// Tokenizes plain text that continues a text already tokenized (raw completion's next
+    /// part): as [`Tokenizer::encode`], but without the space a SentencePiece tokenizer
+    /// otherwise puts before a text, which mid-text would be one space too many. Returns the
+    /// ids and the byte offset where each starts.
+    pub fn encode_continuation(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<usize>), TokenizerError> {
+        encode_offsets(&self.continuing, text)
     }
 
     /// Tokenizes a rendered chat template in which `plain` (sorted, disjoint byte ranges) holds
@@ -246,6 +262,69 @@ fn encode_offsets(
         .map(|(s, _)| (*s).min(text.len()))
         .collect();
     Ok((e.get_ids().to_vec(), starts))
+}
+
+/// `tokenizer` without the space SentencePiece tokenizers put before a text: a `Prepend`
+/// normalizer, or a Metaspace pre-tokenizer's prepend scheme. `None` when it puts none.
+fn without_space_prefix(tokenizer: &tokenizers::Tokenizer) -> Option<tokenizers::Tokenizer> {
+    use serde_json::Value;
+    /// Drops `Prepend` normalizers (at the top or in a sequence); sets Metaspace's prepending
+    /// off. Returns whether anything changed.
+    fn strip(v: &mut Value) -> bool {
+        match v {
+            Value::Array(items) => {
+                let before = items.len();
+                items.retain(|i| i.get("type").and_then(Value::as_str) != Some("Prepend"));
+                let mut changed = items.len() != before;
+                for i in items.iter_mut() {
+                    changed |= strip(i);
+                }
+                changed
+            }
+            Value::Object(map) => {
+                let mut changed = false;
+                if map.get("type").and_then(Value::as_str) == Some("Metaspace") {
+                    for (key, off) in [
+                        ("prepend_scheme", Value::from("never")),
+                        ("add_prefix_space", Value::from(false)),
+                    ] {
+                        if map.get(key).is_some_and(|old| *old != off) {
+                            map.insert(key.to_string(), off);
+                            changed = true;
+                        }
+                    }
+                }
+                for child in map.values_mut() {
+                    changed |= strip(child);
+                }
+                changed
+            }
+            _ => false,
+        }
+    }
+    let mut changed = false;
+    let mut out = tokenizer.clone();
+    if let Some(n) = tokenizer.get_normalizer() {
+        let mut v = serde_json::to_value(n).ok()?;
+        if v.get("type").and_then(Value::as_str) == Some("Prepend") {
+            out.with_normalizer(None::<tokenizers::NormalizerWrapper>)
+                .ok()?;
+            changed = true;
+        } else if strip(&mut v) {
+            let n: tokenizers::NormalizerWrapper = serde_json::from_value(v).ok()?;
+            out.with_normalizer(Some(n)).ok()?;
+            changed = true;
+        }
+    }
+    if let Some(p) = tokenizer.get_pre_tokenizer() {
+        let mut v = serde_json::to_value(p).ok()?;
+        if strip(&mut v) {
+            let p: tokenizers::PreTokenizerWrapper = serde_json::from_value(v).ok()?;
+            out.with_pre_tokenizer(Some(p));
+            changed = true;
+        }
+    }
+    changed.then_some(out)
 }
 
 fn load_json_file(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {

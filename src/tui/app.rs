@@ -393,6 +393,7 @@ impl App {
                 return effects;
             }
             SlashCommand::System(text) => return worker(Command::SetSystem(text)),
+            SlashCommand::Raw(on) => return worker(Command::SetRaw(on)),
             SlashCommand::SetSampling(p) => return worker(Command::SetSampling(p)),
             SlashCommand::SetMaxTokens(n) => return worker(Command::SetMaxTokens(n)),
             SlashCommand::SetLambda(p) => return worker(Command::SetLambda(p)),
@@ -718,6 +719,7 @@ mod tests {
             max_tokens: 100,
             recall: None,
             kv_type: KvType::F16,
+            raw: false,
         }
     }
 

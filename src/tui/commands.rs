@@ -9,6 +9,7 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("new", "", "new conversation (this one stays saved)"),
     ("sessions", "", "saved conversations: open, rename, delete"),
     ("system", "TEXT", "set the system prompt"),
+    ("raw", "on|off", "continue text as written (no template)"),
     (
         "set",
         "KEY VALUE",
@@ -42,6 +43,8 @@ pub enum SlashCommand {
     New,
     Sessions,
     System(String),
+    /// Raw text continuation on or off.
+    Raw(bool),
     ShowSettings,
     SetSampling(SamplingParams),
     SetMaxTokens(usize),
@@ -90,6 +93,11 @@ pub fn parse(line: &str, settings: &Settings) -> Result<SlashCommand, String> {
         "quit" | "exit" => no_arg(SlashCommand::Quit),
         "system" if arg.is_empty() => Err("usage: /system TEXT".into()),
         "system" => Ok(SlashCommand::System(arg.to_string())),
+        "raw" => match arg {
+            "on" => Ok(SlashCommand::Raw(true)),
+            "off" => Ok(SlashCommand::Raw(false)),
+            _ => Err("usage: /raw on|off".into()),
+        },
         "pin" => number(arg, "the message").map(SlashCommand::Pin),
         "unpin" => number(arg, "the message").map(SlashCommand::Unpin),
         "copy" => number(arg, "the code block").map(SlashCommand::Copy),
@@ -200,6 +208,7 @@ mod tests {
             max_tokens: 512,
             recall: None,
             kv_type: KvType::F16,
+            raw: false,
         }
     }
 
@@ -230,6 +239,10 @@ mod tests {
                 .contains("takes no argument")
         );
         assert!(parse("/system", &s).unwrap_err().contains("usage"));
+        assert_eq!(parse("/raw on", &s), Ok(SlashCommand::Raw(true)));
+        assert_eq!(parse("/raw  off ", &s), Ok(SlashCommand::Raw(false)));
+        assert!(parse("/raw yes", &s).unwrap_err().contains("/raw on|off"));
+        assert!(parse("/raw", &s).unwrap_err().contains("/raw on|off"));
     }
 
     #[test]

@@ -229,6 +229,9 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
             ),
         ]);
     }
+    if app.settings.as_ref().is_some_and(|s| s.raw) {
+        spans.extend([sep(), Span::styled("raw", dim)]);
+    }
     let kv_type = app.settings.as_ref().map(|s| s.kv_type.name());
     spans.extend([
         sep(),

@@ -23,6 +23,24 @@ pub fn notice(notice: &Notice) -> String {
             thousands(tokens - lost),
             thousands(*lost)
         ),
+        Notice::RawSet {
+            on: true,
+            this_conversation: true,
+        } => "raw mode: your text is continued as written, with no chat template".into(),
+        Notice::RawSet {
+            on: false,
+            this_conversation: true,
+        } => "chat mode: turns are written in the chat template".into(),
+        Notice::RawSet {
+            on,
+            this_conversation: false,
+        } => format!(
+            "raw mode {} for new conversations (/new); this one keeps its own mode",
+            if *on { "on" } else { "off" }
+        ),
+        Notice::NoOwnTemplate { format } => {
+            format!("no chat template in this model ({format} used); a base model? /raw on")
+        }
         Notice::NothingToPin => "that message has no tokens yet".into(),
         Notice::Unpinned => "unpinned".into(),
         Notice::Exported(path) => format!("exported to {}", path.display()),
