@@ -85,3 +85,34 @@ fn json_output_and_piped_text_beside_a_prompt() {
     writer.join().unwrap();
     common::cli::assert_clean_error(&out, "more than 8 MiB");
 }
+
+/// `ask --raw` on Gemma 3 270M (a base model with no chat template) continues the text itself:
+/// the BOS and the prompt's own tokens only, and a sensible continuation where the borrowed turn
+/// format made the model answer "devenue".
+#[test]
+fn raw_mode_continues_a_base_models_text() {
+    let gemma = lambdachat::fetch::ensure(&lambdachat::fetch::GEMMA3_270M).unwrap();
+    let run = |raw: bool| {
+        let mut cmd = lambdachat();
+        cmd.args(["ask", "--json", "--temperature", "0", "--max-tokens", "6"]);
+        if raw {
+            cmd.arg("--raw");
+        }
+        let out = cmd
+            .arg("--model")
+            .arg(&gemma)
+            .arg("The capital of France is")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let raw = run(true);
+    // <bos> The capital of France is
+    assert_eq!(raw["usage"]["prompt_tokens"], 6, "{raw}");
+    let reply = raw["reply"].as_str().unwrap();
+    assert!(reply.starts_with(" the capital of"), "{reply:?}");
+    let chat = run(false);
+    assert!(chat["usage"]["prompt_tokens"].as_u64().unwrap() > 6, "{chat}");
+}
