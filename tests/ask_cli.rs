@@ -105,7 +105,11 @@ fn raw_mode_continues_a_base_models_text() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
     let raw = run(true);
@@ -114,5 +118,8 @@ fn raw_mode_continues_a_base_models_text() {
     let reply = raw["reply"].as_str().unwrap();
     assert!(reply.starts_with(" the capital of"), "{reply:?}");
     let chat = run(false);
-    assert!(chat["usage"]["prompt_tokens"].as_u64().unwrap() > 6, "{chat}");
+    assert!(
+        chat["usage"]["prompt_tokens"].as_u64().unwrap() > 6,
+        "{chat}"
+    );
 }

@@ -22,6 +22,8 @@ struct Options {
     conversations: usize,
     max_tokens: usize,
     read_timeout: Duration,
+    /// The saved conversations' database and how many it keeps.
+    saved: Option<(std::path::PathBuf, usize)>,
 }
 
 impl Default for Options {
@@ -32,6 +34,7 @@ impl Default for Options {
             conversations: 4,
             max_tokens: 64,
             read_timeout: Duration::from_secs(30),
+            saved: None,
         }
     }
 }
@@ -49,6 +52,9 @@ fn start(options: Options) -> String {
             conversations: options.conversations,
             queue: options.queue,
             recall: None,
+            saved: options
+                .saved
+                .map(|(db, max)| server::SavedOptions { db, max }),
         },
     )
     .unwrap();
@@ -521,4 +527,71 @@ fn a_raw_completion_continues_the_text() {
         (status, e["error"]["param"].as_str()),
         (400, Some("prompt"))
     );
+}
+
+/// A greedy reply's text and its `usage.lambdachat`.
+fn chat(base: &str, messages: &[Value]) -> (String, Value) {
+    let (status, body) = post(
+        &format!("{base}/v1/chat/completions"),
+        &json!({"messages": messages, "max_tokens": 6}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    (text.to_string(), body["usage"]["lambdachat"].clone())
+}
+
+/// Beyond `--conversations`, idle conversations wait on disk and come back on their next
+/// request exactly as they were (the same greedy reply as a server that kept them in RAM),
+/// also for a server started later on the same store; at most `max` wait there.
+#[test]
+fn idle_conversations_wait_on_disk_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("saved").join("conversations.db");
+    let on_disk = start(Options {
+        conversations: 1,
+        saved: Some((db.clone(), 2)),
+        ..Options::default()
+    });
+    let in_ram = start(Options::default());
+    let a = vec![user("tell me about cats")];
+    let b = vec![user("tell me about dogs")];
+    let (reply_a, first) = chat(&on_disk, &a);
+    assert_eq!(chat(&in_ram, &a).0, reply_a);
+    let (reply_b, _) = chat(&on_disk, &b); // A goes to disk
+    chat(&in_ram, &b);
+    let more = |m: &[Value], reply: &str| {
+        let mut m = m.to_vec();
+        m.push(json!({"role": "assistant", "content": reply}));
+        m.push(user("and more"));
+        m
+    };
+    let (again, ext) = chat(&on_disk, &more(&a, &reply_a)); // A back, B to disk
+    assert_eq!(ext["continued"], true, "{ext}");
+    let seen = first["tokens_seen"].as_u64().unwrap();
+    assert!(ext["tokens_reused"].as_u64().unwrap() >= seen, "{ext} after {first}");
+    assert_eq!(again, chat(&in_ram, &more(&a, &reply_a)).0);
+
+    // Another server on the same store finds B there.
+    let later = start(Options {
+        conversations: 1,
+        saved: Some((db.clone(), 2)),
+        ..Options::default()
+    });
+    let (again_b, ext) = chat(&later, &more(&b, &reply_b));
+    assert_eq!(ext["continued"], true, "{ext}");
+    assert_eq!(again_b, chat(&in_ram, &more(&b, &reply_b)).0);
+
+    // More conversations than the store keeps: the least recently used go.
+    let db = dir.path().join("capped").join("conversations.db");
+    let capped = start(Options {
+        conversations: 1,
+        saved: Some((db.clone(), 2)),
+        ..Options::default()
+    });
+    for topic in ["birds", "fish", "frogs", "bees", "ants"] {
+        chat(&capped, &[user(&format!("tell me about {topic}"))]);
+    }
+    let rows = lambdachat::store::Store::open(&db).unwrap().list().unwrap();
+    let titles: Vec<_> = rows.iter().map(|r| r.title.clone()).collect();
+    assert_eq!(rows.len(), 2, "{titles:?}");
 }

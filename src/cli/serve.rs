@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::RunArgs;
 use crate::config::Config;
-use crate::server::{self, Generator, GeneratorOptions, ServerState};
+use crate::server::{self, Generator, GeneratorOptions, SavedOptions, ServerState};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -25,12 +25,37 @@ pub struct ServeArgs {
     /// Conversations kept live in RAM, each one bounded Λ cache; the least recently used go first
     #[arg(long, default_value_t = 4)]
     pub conversations: usize,
+    /// Idle conversations beyond --conversations kept on disk (in the data dir, per port) and
+    /// restored on their next request; the least recently used go first; 0 drops them
+    #[arg(long, default_value_t = 16)]
+    pub saved_conversations: usize,
     /// Requests that may wait while one is answered; more are refused with 429
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
     /// The longest reply a request may ask for, and what it gets when it does not say
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+}
+
+/// Where idle conversations wait: a store of the server's own per port (so two servers never
+/// share one), in the data dir; none when none are to be kept or there is no data dir.
+fn saved_options(port: u16, max: usize) -> Option<SavedOptions> {
+    if max == 0 {
+        return None;
+    }
+    match crate::fetch::data_dir() {
+        Ok(dir) => Some(SavedOptions {
+            db: dir
+                .join("serve")
+                .join(format!("port-{port}"))
+                .join("conversations.db"),
+            max,
+        }),
+        Err(e) => {
+            tracing::warn!("idle conversations will not be kept on disk: {e}");
+            None
+        }
+    }
 }
 
 pub fn run(args: ServeArgs, config: &Config) -> Result<i32> {
@@ -49,6 +74,7 @@ pub fn run(args: ServeArgs, config: &Config) -> Result<i32> {
             conversations: args.conversations,
             queue: args.queue,
             recall: settings.recall_setup()?,
+            saved: saved_options(args.port, args.saved_conversations),
         },
     )
     .context("starting the generation thread")?;

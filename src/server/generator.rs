@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use candle_core::Device;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::openai::{Checked, FinishReason, Input, LambdaUsage, Usage};
@@ -24,7 +25,9 @@ use crate::attention::recall::RecallParams;
 use crate::chat::{Message, Role};
 use crate::engine::Engine;
 use crate::protocol::StopReason;
-use crate::session::{Session, SessionError, TurnEvent};
+use crate::sampling::SamplingParams;
+use crate::session::{Resumed, Session, SessionError, TurnEvent};
+use crate::store::{Store, StoreError};
 
 /// What a job sends back while it runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +56,18 @@ pub struct GeneratorOptions {
     pub queue: usize,
     /// Recall's parameters and the folder of its stores, when it is on.
     pub recall: Option<(RecallParams, PathBuf)>,
+    /// Where conversations beyond `conversations` wait on disk, when they do (else they are
+    /// dropped).
+    pub saved: Option<SavedOptions>,
+}
+
+/// Idle conversations kept on disk: a session store of their own, and how many it keeps.
+#[derive(Debug, Clone)]
+pub struct SavedOptions {
+    /// The store's database (its KV files go beside it).
+    pub db: PathBuf,
+    /// Conversations kept there at most; the least recently used go first.
+    pub max: usize,
 }
 
 /// Why a job was not queued.
@@ -108,33 +123,139 @@ fn run(mut conversations: Conversations, queue: Receiver<Job>) {
     }
 }
 
-/// A conversation the generator holds: what the client knows of it and its session.
+/// A conversation the generator holds in RAM: what the client knows of it, its session, and
+/// its row in the saved store once it was saved there.
 struct Live {
     known: Known,
     session: Session,
+    stored: Option<i64>,
     used: u64,
 }
 
-/// A conversation as the client sees it, which a later request may extend.
-#[derive(Debug, Clone, PartialEq)]
+/// Why a conversation could not go to disk or come back from it.
+#[derive(Debug, thiserror::Error)]
+enum SavedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// A conversation waiting on disk (its row in the saved store).
+struct Saved {
+    known: Known,
+    id: i64,
+    used: u64,
+}
+
+/// A conversation as the client sees it, which a later request may extend: a digest, not the
+/// text, so a conversation costs the same few bytes however long it grew (the client sends the
+/// text again with every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {
-    /// The messages, every reply as it was sent.
-    Chat(Vec<Message>),
-    /// A raw text: the prompts and completions as sent, one after the other.
-    Text(String),
+    /// The digest of the first `messages` messages, every reply as it was sent.
+    Chat { digest: [u8; 32], messages: usize },
+    /// The digest of a raw text's first `bytes` bytes: the prompts and completions as sent.
+    Text { digest: [u8; 32], bytes: usize },
+}
+
+/// The digests of a chat's first 0, 1, … n messages: each chains the one before with a
+/// message's role and content, so equal digests mean equal prefixes.
+fn chat_digests(messages: &[Message]) -> Vec<[u8; 32]> {
+    let mut digests = Vec::with_capacity(messages.len() + 1);
+    let mut d: [u8; 32] = Sha256::digest(b"lambdachat chat").into();
+    digests.push(d);
+    for m in messages {
+        let mut h = Sha256::new();
+        h.update(d);
+        h.update([m.role as u8]);
+        h.update((m.content.len() as u64).to_le_bytes());
+        h.update(m.content.as_bytes());
+        d = h.finalize().into();
+        digests.push(d);
+    }
+    digests
+}
+
+fn text_digest(text: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"lambdachat text");
+    h.update(text.as_bytes());
+    h.finalize().into()
+}
+
+/// A request's input with the digests its prefixes are matched by.
+struct Prefixes<'a> {
+    input: &'a Input,
+    chat: Vec<[u8; 32]>,
+}
+
+impl<'a> Prefixes<'a> {
+    fn of(input: &'a Input) -> Self {
+        let chat = match input {
+            Input::Chat(messages) => chat_digests(messages),
+            Input::Text { .. } => Vec::new(),
+        };
+        Self { input, chat }
+    }
 }
 
 impl Known {
-    /// How much of `input` this conversation already holds (messages or bytes), when `input`
-    /// extends it: a chat by at least one message, a text by at least one byte.
-    fn extended_by(&self, input: &Input) -> Option<usize> {
-        match (self, input) {
-            (Self::Chat(known), Input::Chat(messages)) => {
-                (known.len() < messages.len() && messages.starts_with(known)).then_some(known.len())
+    fn of_chat(messages: &[Message]) -> Self {
+        Self::Chat {
+            digest: chat_digests(messages)[messages.len()],
+            messages: messages.len(),
+        }
+    }
+
+    fn of_text(text: &str) -> Self {
+        Self::Text {
+            digest: text_digest(text),
+            bytes: text.len(),
+        }
+    }
+
+    /// How much of the input this conversation already holds (messages or bytes), when the
+    /// input extends it: a chat by at least one message, a text by at least one byte.
+    fn extended_by(&self, p: &Prefixes<'_>) -> Option<usize> {
+        match (*self, p.input) {
+            (Self::Chat { digest, messages }, Input::Chat(all)) => {
+                (messages < all.len() && p.chat[messages] == digest).then_some(messages)
             }
-            (Self::Text(known), Input::Text { prompt, .. }) => (known.len() < prompt.len()
-                && prompt.starts_with(known.as_str()))
-            .then_some(known.len()),
+            (Self::Text { digest, bytes }, Input::Text { prompt, .. }) => (bytes < prompt.len()
+                && prompt.is_char_boundary(bytes)
+                && text_digest(&prompt[..bytes]) == digest)
+                .then_some(bytes),
+            _ => None,
+        }
+    }
+
+    /// The title a saved conversation's row carries: how it is found again after a restart.
+    fn title(&self) -> String {
+        let hex = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        match self {
+            Self::Chat { digest, messages } => format!("chat {messages} {}", hex(digest)),
+            Self::Text { digest, bytes } => format!("text {bytes} {}", hex(digest)),
+        }
+    }
+
+    fn from_title(title: &str) -> Option<Self> {
+        let mut parts = title.split(' ');
+        let (kind, n, hex) = (parts.next()?, parts.next()?, parts.next()?);
+        let n: usize = n.parse().ok()?;
+        if hex.len() != 64 || parts.next().is_some() {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        match kind {
+            "chat" => Some(Self::Chat {
+                digest,
+                messages: n,
+            }),
+            "text" => Some(Self::Text { digest, bytes: n }),
             _ => None,
         }
     }
@@ -144,32 +265,125 @@ struct Conversations {
     engine: Arc<Engine>,
     options: GeneratorOptions,
     live: Vec<Live>,
+    /// Conversations waiting on disk, and their store (none when they are not kept).
+    saved: Vec<Saved>,
+    store: Option<Store>,
     clock: u64,
 }
 
 impl Conversations {
+    /// The generator's conversations: none live, and those a previous server left in the saved
+    /// store (found again by their titles) waiting on disk.
     fn new(engine: Arc<Engine>, options: GeneratorOptions) -> Self {
-        Self {
+        let mut this = Self {
             engine,
-            options,
+            store: None,
+            saved: Vec::new(),
             live: Vec::new(),
             clock: 0,
+            options,
+        };
+        if let Some(saved) = this.options.saved.clone() {
+            match this.open_saved(&saved.db) {
+                Ok(()) => this.trim_saved(),
+                Err(e) => tracing::warn!(
+                    "idle conversations will be dropped, not kept on disk ({}): {e}",
+                    saved.db.display()
+                ),
+            }
         }
+        this
     }
 
-    /// The live conversation that `input` extends (the longest such), taken out.
+    fn open_saved(&mut self, db: &std::path::Path) -> Result<(), StoreError> {
+        if let Some(dir) = db.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
+        }
+        let store = Store::open(db)?;
+        let mut rows = store.list()?;
+        rows.sort_by_key(|r| r.updated);
+        for row in rows {
+            match Known::from_title(&row.title) {
+                Some(known) => {
+                    self.clock += 1;
+                    self.saved.push(Saved {
+                        known,
+                        id: row.id,
+                        used: self.clock,
+                    });
+                }
+                None => {
+                    let _ = store.delete(row.id);
+                }
+            }
+        }
+        self.store = Some(store);
+        Ok(())
+    }
+
+    /// The conversation that `input` extends (the longest such), live or restored from disk.
     fn take_prefix_of(&mut self, input: &Input) -> Option<Live> {
-        let best = self
+        let prefixes = Prefixes::of(input);
+        let live = self
             .live
             .iter()
             .enumerate()
-            .filter_map(|(i, l)| l.known.extended_by(input).map(|n| (i, n)))
-            .max_by_key(|&(_, n)| n)
-            .map(|(i, _)| i)?;
-        Some(self.live.swap_remove(best))
+            .filter_map(|(i, l)| l.known.extended_by(&prefixes).map(|n| (n, i)))
+            .max();
+        let saved = self
+            .saved
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.known.extended_by(&prefixes).map(|n| (n, i)))
+            .max();
+        match (live, saved) {
+            (Some((n, i)), saved) if saved.is_none_or(|(m, _)| n >= m) => {
+                Some(self.live.swap_remove(i))
+            }
+            (_, Some((_, i))) => {
+                let saved = self.saved.swap_remove(i);
+                self.restore(saved)
+            }
+            _ => None,
+        }
     }
 
-    /// Keeps `live`, dropping the least recently used conversations beyond the limit.
+    /// A saved conversation back in RAM: its session resumed from the store (its cache from
+    /// the KV file, or its window read again). `None`, and the row deleted, when that fails.
+    fn restore(&mut self, saved: Saved) -> Option<Live> {
+        let store = self.store.as_ref()?;
+        let resumed = store
+            .history(saved.id)
+            .map_err(SavedError::from)
+            .and_then(|h| {
+                let engine = self.engine.clone();
+                Ok(Session::resume(engine, SamplingParams::default(), Box::new(h))?)
+            })
+            .and_then(|(mut session, how)| {
+                if let Resumed::Reread(why) = &how {
+                    tracing::info!("a saved conversation's cache is read again: {why}");
+                }
+                session.catch_up(&AtomicBool::new(false), &mut |_| {})?;
+                session.set_recall(self.options.recall.clone())?;
+                Ok(session)
+            });
+        match resumed {
+            Ok(session) => Some(Live {
+                known: saved.known,
+                session,
+                stored: Some(saved.id),
+                used: saved.used,
+            }),
+            Err(e) => {
+                tracing::warn!("a saved conversation could not be restored (read anew): {e}");
+                let _ = store.delete(saved.id);
+                None
+            }
+        }
+    }
+
+    /// Keeps `live`; beyond the limit the least recently used conversations go to disk (or
+    /// are dropped when none are kept there).
     fn keep(&mut self, mut live: Live) {
         self.clock += 1;
         live.used = self.clock;
@@ -182,8 +396,73 @@ impl Conversations {
                 .min_by_key(|(_, l)| l.used)
                 .map(|(i, _)| i)
             {
-                self.live.swap_remove(oldest);
+                let idle = self.live.swap_remove(oldest);
+                self.put_away(idle);
             }
+        }
+    }
+
+    /// Saves an idle conversation to the store (only what changed since it was last there)
+    /// and lets go of its RAM.
+    fn put_away(&mut self, mut idle: Live) {
+        let Some(store) = &self.store else { return };
+        let saved = (|| -> Result<i64, SavedError> {
+            let id = match idle.stored {
+                Some(id) => id,
+                None => {
+                    let model = &self.engine.model.info().name;
+                    let id = store.create(&idle.known.title(), model, idle.session.params())?;
+                    idle.stored = Some(id);
+                    idle.session.attach_history(Box::new(store.history(id)?));
+                    id
+                }
+            };
+            store.rename(id, &idle.known.title())?;
+            idle.session.save()?;
+            Ok(id)
+        })();
+        let (stored, known) = (idle.stored, idle.known);
+        drop(idle); // the session lets go of its history (and its lock)
+        match saved {
+            Ok(id) => {
+                self.saved.push(Saved {
+                    known,
+                    id,
+                    used: self.clock,
+                });
+                self.trim_saved();
+            }
+            Err(e) => {
+                tracing::warn!("an idle conversation could not be saved (dropped): {e}");
+                if let Some(id) = stored {
+                    let _ = store.delete(id);
+                }
+            }
+        }
+    }
+
+    /// Deletes the least recently used saved conversations beyond the limit.
+    fn trim_saved(&mut self) {
+        let (Some(store), Some(options)) = (&self.store, &self.options.saved) else {
+            return;
+        };
+        while self.saved.len() > options.max {
+            let oldest = (0..self.saved.len()).min_by_key(|&i| self.saved[i].used);
+            if let Some(i) = oldest {
+                let gone = self.saved.swap_remove(i);
+                if let Err(e) = store.delete(gone.id) {
+                    tracing::warn!("a saved conversation could not be deleted: {e}");
+                }
+            }
+        }
+    }
+
+    /// A conversation that will not be continued: its saved row (stale now) goes too.
+    fn forget(&self, live: Live) {
+        let stored = live.stored;
+        drop(live);
+        if let (Some(store), Some(id)) = (&self.store, stored) {
+            let _ = store.delete(id);
         }
     }
 
@@ -200,23 +479,19 @@ impl Conversations {
         let mut session = Session::new(
             self.engine.clone(),
             self.options.params,
-            crate::sampling::SamplingParams::default(),
+            SamplingParams::default(),
             system.clone(),
         )?;
         session.set_raw(matches!(input, Input::Text { .. }));
         session.set_recall(self.options.recall.clone())?;
         let known = match input {
-            Input::Chat(_) => Known::Chat(
-                system
-                    .map(|s| Message::new(Role::System, s))
-                    .into_iter()
-                    .collect(),
-            ),
-            Input::Text { .. } => Known::Text(String::new()),
+            Input::Chat(messages) => Known::of_chat(&messages[..system.is_some() as usize]),
+            Input::Text { .. } => Known::of_text(""),
         };
         Ok(Live {
             known,
             session,
+            stored: None,
             used: 0,
         })
     }
@@ -229,99 +504,126 @@ impl Conversations {
             Some(l) => l,
             None => self.fresh(&request.input)?,
         };
-        let session = &mut live.session;
-        session.set_sampling(request.sampling.clone())?;
-        let reused = session.token_count();
-        let start = std::time::Instant::now();
-        let (fed, user) = match (&live.known, &request.input) {
-            (Known::Chat(known), Input::Chat(messages)) => {
-                read_exchanges(session, &messages[known.len()..])?
+        match reply(&mut live, &request, &events, is_continued) {
+            Ok(Some(known)) => {
+                live.known = known;
+                self.keep(live);
+                Ok(())
             }
-            (Known::Text(known), Input::Text { prompt, echo }) => {
-                if *echo {
-                    let _ = events.send(Event::Text(prompt.clone()));
-                }
-                (0, prompt[known.len()..].to_string())
+            // The client left: nobody knows this reply, so no request will continue it.
+            Ok(None) => {
+                self.forget(live);
+                Ok(())
             }
-            _ => unreachable!("a conversation is continued only by input of its kind"),
-        };
-        let cancel = AtomicBool::new(false);
-        let mut stops = StopMatcher::new(request.stop.clone());
-        let mut sent = String::new();
-        let send = |text: String, sent: &mut String| {
-            if text.is_empty() {
-                return;
+            Err(e) => {
+                self.forget(live);
+                Err(e)
             }
-            sent.push_str(&text);
-            if events.send(Event::Text(text)).is_err() {
-                cancel.store(true, Ordering::Relaxed); // the client went away
+        }
+    }
+}
+
+/// Feeds what `request` adds to `live` and generates the reply, sending its events. Returns
+/// what the client then knows of the conversation, or `None` when it left before the end.
+fn reply(
+    live: &mut Live,
+    request: &Checked,
+    events: &UnboundedSender<Event>,
+    is_continued: bool,
+) -> Result<Option<Known>, SessionError> {
+    let session = &mut live.session;
+    session.set_sampling(request.sampling.clone())?;
+    let reused = session.token_count();
+    let start = std::time::Instant::now();
+    let (fed, user) = match (live.known, &request.input) {
+        (
+            Known::Chat {
+                messages: known, ..
+            },
+            Input::Chat(messages),
+        ) => read_exchanges(session, &messages[known..])?,
+        (Known::Text { bytes, .. }, Input::Text { prompt, echo }) => {
+            if *echo {
+                let _ = events.send(Event::Text(prompt.clone()));
             }
-        };
-        let report = session.turn(&user, Some(request.max_tokens), &cancel, &mut |e| {
-            // Every prefill chunk and every token reports: a client that left is noticed
-            // within one, whether or not the token showed text.
-            if events.is_closed() {
+            (0, prompt[bytes..].to_string())
+        }
+        _ => unreachable!("a conversation is continued only by input of its kind"),
+    };
+    let cancel = AtomicBool::new(false);
+    let mut stops = StopMatcher::new(request.stop.clone());
+    let mut sent = String::new();
+    let send = |text: String, sent: &mut String| {
+        if text.is_empty() {
+            return;
+        }
+        sent.push_str(&text);
+        if events.send(Event::Text(text)).is_err() {
+            cancel.store(true, Ordering::Relaxed); // the client went away
+        }
+    };
+    let report = session.turn(&user, Some(request.max_tokens), &cancel, &mut |e| {
+        // Every prefill chunk and every token reports: a client that left is noticed
+        // within one, whether or not the token showed text.
+        if events.is_closed() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        if let TurnEvent::Text(t) = e {
+            let (text, hit) = stops.push(t);
+            send(text, &mut sent);
+            if hit {
                 cancel.store(true, Ordering::Relaxed);
             }
-            if let TurnEvent::Text(t) = e {
-                let (text, hit) = stops.push(t);
-                send(text, &mut sent);
-                if hit {
-                    cancel.store(true, Ordering::Relaxed);
-                }
-            }
-        })?;
-        if !stops.hit {
-            send(stops.finish(), &mut sent);
         }
-        let finish = match report.stop {
-            StopReason::Length if !stops.hit => FinishReason::Length,
-            _ => FinishReason::Stop,
-        };
-        let stats = session.stats();
-        let fed = (fed + report.prompt_tokens) as u64;
-        let usage = Usage {
-            prompt_tokens: reused + fed,
-            completion_tokens: report.generated_tokens as u64,
-            total_tokens: reused + fed + report.generated_tokens as u64,
-            lambdachat: LambdaUsage {
-                continued: is_continued,
-                tokens_reused: reused,
-                tokens_fed: fed,
-                tokens_seen: stats.tokens_seen,
-                tokens_attended: stats.attended_global + stats.attended_window,
-                tokens_evicted: stats.evicted,
-                kv_bytes: stats.bytes,
-                // What the earlier exchanges took counts as prefill too.
-                prefill_s: start.elapsed().as_secs_f64() - report.decode_time.as_secs_f64(),
-                decode_s: report.decode_time.as_secs_f64(),
-                decode_tok_s: report.decode_tok_s(),
-            },
-        };
-        tracing::info!(
-            continued = is_continued,
-            reused,
-            fed,
-            generated = report.generated_tokens,
-            raw = session.is_raw(),
-            "completion"
-        );
-        let _ = events.send(Event::Done(finish, usage));
-        if report.stop == StopReason::Cancelled && !stops.hit {
-            // The client left: nobody knows this reply, so no request will continue it.
-            return Ok(());
-        }
-        live.known = match request.input {
-            Input::Chat(mut messages) => {
-                messages.push(Message::new(Role::Assistant, sent));
-                Known::Chat(messages)
-            }
-            // What the client can send back: the prompt and the completion it was sent.
-            Input::Text { prompt, .. } => Known::Text(prompt + &sent),
-        };
-        self.keep(live);
-        Ok(())
+    })?;
+    if !stops.hit {
+        send(stops.finish(), &mut sent);
     }
+    let finish = match report.stop {
+        StopReason::Length if !stops.hit => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    let stats = session.stats();
+    let fed = (fed + report.prompt_tokens) as u64;
+    let usage = Usage {
+        prompt_tokens: reused + fed,
+        completion_tokens: report.generated_tokens as u64,
+        total_tokens: reused + fed + report.generated_tokens as u64,
+        lambdachat: LambdaUsage {
+            continued: is_continued,
+            tokens_reused: reused,
+            tokens_fed: fed,
+            tokens_seen: stats.tokens_seen,
+            tokens_attended: stats.attended_global + stats.attended_window,
+            tokens_evicted: stats.evicted,
+            kv_bytes: stats.bytes,
+            // What the earlier exchanges took counts as prefill too.
+            prefill_s: start.elapsed().as_secs_f64() - report.decode_time.as_secs_f64(),
+            decode_s: report.decode_time.as_secs_f64(),
+            decode_tok_s: report.decode_tok_s(),
+        },
+    };
+    tracing::info!(
+        continued = is_continued,
+        reused,
+        fed,
+        generated = report.generated_tokens,
+        raw = session.is_raw(),
+        "completion"
+    );
+    let _ = events.send(Event::Done(finish, usage));
+    if report.stop == StopReason::Cancelled && !stops.hit {
+        return Ok(None);
+    }
+    Ok(Some(match &request.input {
+        Input::Chat(messages) => {
+            let mut messages = messages.clone();
+            messages.push(Message::new(Role::Assistant, sent));
+            Known::of_chat(&messages)
+        }
+        // What the client can send back: the prompt and the completion it was sent.
+        Input::Text { prompt, .. } => Known::of_text(&format!("{prompt}{sent}")),
+    }))
 }
 
 /// Reads what follows the known part of a chat into `session`: exchanges with their given

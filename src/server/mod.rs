@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use generator::{Event, Job, Refused};
-pub use generator::{Generator, GeneratorOptions};
+pub use generator::{Generator, GeneratorOptions, SavedOptions};
 use openai::{ApiError, ChatRequest, Checked, FinishReason, TextRequest, Usage};
 
 use crate::sampling::SamplingParams;
