@@ -566,12 +566,27 @@ fn idle_conversations_wait_on_disk_and_come_back() {
         m
     };
     let (again, ext) = chat(&on_disk, &more(&a, &reply_a)); // A back, B to disk
-    assert_eq!(ext["continued"], true, "{ext}");
+    assert_eq!(
+        (&ext["continued"], &ext["restored"]),
+        (&json!(true), &json!(true)),
+        "{ext}"
+    );
     let seen = first["tokens_seen"].as_u64().unwrap();
-    assert!(ext["tokens_reused"].as_u64().unwrap() >= seen, "{ext} after {first}");
-    assert_eq!(again, chat(&in_ram, &more(&a, &reply_a)).0);
+    assert!(
+        ext["tokens_reused"].as_u64().unwrap() >= seen,
+        "{ext} after {first}"
+    );
+    let (in_ram_again, ext) = chat(&in_ram, &more(&a, &reply_a));
+    assert_eq!(again, in_ram_again);
+    assert_eq!(
+        (&ext["continued"], &ext["restored"]),
+        (&json!(true), &json!(false)),
+        "{ext}"
+    );
 
-    // Another server on the same store finds B there.
+    // Another server on the same store finds B there (once the first has written it: that
+    // happens after the reply was sent).
+    saved_rows_become(&db, 2);
     let later = start(Options {
         conversations: 1,
         saved: Some((db.clone(), 2)),
@@ -591,7 +606,21 @@ fn idle_conversations_wait_on_disk_and_come_back() {
     for topic in ["birds", "fish", "frogs", "bees", "ants"] {
         chat(&capped, &[user(&format!("tell me about {topic}"))]);
     }
-    let rows = lambdachat::store::Store::open(&db).unwrap().list().unwrap();
-    let titles: Vec<_> = rows.iter().map(|r| r.title.clone()).collect();
-    assert_eq!(rows.len(), 2, "{titles:?}");
+    saved_rows_become(&db, 2);
+}
+
+/// Waits until the saved store at `db` holds `n` saved conversations: the generator saves an
+/// idle one after it sent the reply that made it idle.
+fn saved_rows_become(db: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = lambdachat::store::Store::open(db).unwrap().list().unwrap();
+        // A row is created, then its conversation saved into it.
+        if rows.len() == n && rows.iter().all(|r| r.messages > 0) {
+            return;
+        }
+        let titles: Vec<_> = rows.iter().map(|r| r.title.clone()).collect();
+        assert!(Instant::now() < deadline, "{titles:?}, not {n} rows");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -130,6 +130,8 @@ struct Live {
     session: Session,
     stored: Option<i64>,
     used: u64,
+    /// It came back from disk for this request.
+    restored: bool,
 }
 
 /// Why a conversation could not go to disk or come back from it.
@@ -357,7 +359,11 @@ impl Conversations {
             .map_err(SavedError::from)
             .and_then(|h| {
                 let engine = self.engine.clone();
-                Ok(Session::resume(engine, SamplingParams::default(), Box::new(h))?)
+                Ok(Session::resume(
+                    engine,
+                    SamplingParams::default(),
+                    Box::new(h),
+                )?)
             })
             .and_then(|(mut session, how)| {
                 if let Resumed::Reread(why) = &how {
@@ -373,6 +379,7 @@ impl Conversations {
                 session,
                 stored: Some(saved.id),
                 used: saved.used,
+                restored: true,
             }),
             Err(e) => {
                 tracing::warn!("a saved conversation could not be restored (read anew): {e}");
@@ -493,20 +500,24 @@ impl Conversations {
             session,
             stored: None,
             used: 0,
+            restored: false,
         })
     }
 
     fn answer(&mut self, job: Job) -> Result<(), SessionError> {
         let Job { request, events } = job;
+        let restore_start = std::time::Instant::now();
         let continued = self.take_prefix_of(&request.input);
         let is_continued = continued.is_some();
         let mut live = match continued {
             Some(l) => l,
             None => self.fresh(&request.input)?,
         };
-        match reply(&mut live, &request, &events, is_continued) {
+        let restore_s = restore_start.elapsed().as_secs_f64();
+        match reply(&mut live, &request, &events, is_continued, restore_s) {
             Ok(Some(known)) => {
                 live.known = known;
+                live.restored = false;
                 self.keep(live);
                 Ok(())
             }
@@ -530,6 +541,7 @@ fn reply(
     request: &Checked,
     events: &UnboundedSender<Event>,
     is_continued: bool,
+    restore_s: f64,
 ) -> Result<Option<Known>, SessionError> {
     let session = &mut live.session;
     session.set_sampling(request.sampling.clone())?;
@@ -591,6 +603,8 @@ fn reply(
         total_tokens: reused + fed + report.generated_tokens as u64,
         lambdachat: LambdaUsage {
             continued: is_continued,
+            restored: live.restored,
+            restore_s: if live.restored { restore_s } else { 0.0 },
             tokens_reused: reused,
             tokens_fed: fed,
             tokens_seen: stats.tokens_seen,

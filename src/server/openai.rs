@@ -408,6 +408,9 @@ pub struct Usage {
 pub struct LambdaUsage {
     /// The request continued a conversation the server held.
     pub continued: bool,
+    /// That conversation came back from disk (it had been idle), in `restore_s` seconds.
+    pub restored: bool,
+    pub restore_s: f64,
     /// Tokens of the conversation that were already in the cache.
     pub tokens_reused: u64,
     /// Tokens run through the model for the request's messages.
