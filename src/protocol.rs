@@ -35,6 +35,9 @@ pub type EventSender = tokio::sync::mpsc::UnboundedSender<Event>;
 pub enum Command {
     /// A user message: prefill it and stream a reply.
     Send(String),
+    /// The last user message edited: take back it and its reply (the cache rewound to before
+    /// it), then send this one in its place.
+    ReplaceLast(String),
     /// Replace the last reply with a new one.
     Regenerate,
     SetSampling(SamplingParams),
@@ -125,6 +128,15 @@ pub enum Event {
     },
     /// The regenerated reply starts: the front end drops the last assistant message.
     Regenerating,
+    /// The last exchange was taken back for `text`, whose reply follows.
+    TakenBack {
+        text: String,
+    },
+    /// The last exchange cannot be taken back any more (the cache's state before it is gone:
+    /// the conversation was opened since, or a pin changed the cache); `text` was not sent.
+    NotTakenBack {
+        text: String,
+    },
     Timeline(Timeline),
     Inspect(InspectView),
     Sessions(Vec<SessionSummary>),

@@ -277,6 +277,14 @@ impl Worker<'_> {
         self.cancel.store(false, Ordering::Relaxed);
         match command {
             Command::Send(text) => self.reply(Some(text)),
+            Command::ReplaceLast(text) => {
+                if self.session.take_back_exchange() {
+                    self.emit.send(Event::TakenBack { text: text.clone() });
+                    self.reply(Some(text));
+                } else {
+                    self.emit.send(Event::NotTakenBack { text });
+                }
+            }
             Command::Regenerate => {
                 if self.session.can_regenerate() {
                     self.emit.send(Event::Regenerating);

@@ -351,3 +351,34 @@ fn a_raw_conversation_continues_the_text_as_written() {
     expected.extend(plain(more));
     assert_eq!(raw.tokens(0..raw.token_count()).unwrap().ids, expected);
 }
+
+/// An exchange taken back (the user edits their last message) leaves no trace: the new
+/// message gets the reply, tokens and cache counters of a conversation that never had the old
+/// one — also after a save and a resume — though the old exchange evicted tokens of the window.
+#[test]
+fn a_taken_back_exchange_leaves_no_trace() {
+    let params = small();
+    let (dir, id, mut edited) = saved_session(params, &["Hello there", "Tell me a long story"]);
+    assert!(edited.can_take_back());
+    assert!(edited.take_back_exchange());
+    assert!(
+        !edited.take_back_exchange(),
+        "one exchange kept to take back"
+    );
+    let reply = turn(&mut edited, "What is 2+2?");
+    edited.save().unwrap();
+    let (_twin_dir, _, mut twin) = saved_session(params, &["Hello there"]);
+    assert_eq!(reply, turn(&mut twin, "What is 2+2?"));
+    let ids = |s: &Session| s.tokens(0..s.token_count()).unwrap().ids;
+    assert_eq!(ids(&edited), ids(&twin));
+    assert_eq!(edited.stats(), twin.stats());
+    assert_eq!(edited.message_count(), twin.message_count());
+    // Saved and resumed: the history forgot the old exchange too.
+    drop(edited);
+    let (mut resumed, _) = resume(&dir, id);
+    assert_eq!(ids(&resumed), ids(&twin));
+    assert_eq!(turn(&mut resumed, "And 3+3?"), turn(&mut twin, "And 3+3?"));
+    // A pin drops what taking back needs: then nothing is taken back.
+    resumed.pin(1).unwrap();
+    assert!(!resumed.take_back_exchange());
+}

@@ -378,3 +378,20 @@ fn session_list() {
     key(&mut app, KeyCode::Char('d'));
     insta::assert_snapshot!(draw(&app).backend());
 }
+
+/// Up on an empty box: the last message is in the box to edit, and the box says what Enter
+/// and Esc do with it.
+#[test]
+fn editing_the_last_message() {
+    let mut app = app((72, 14));
+    app.visualizer = false;
+    conversation(
+        &mut app,
+        vec![
+            Message::new(Role::User, "What is a borrow?"),
+            Message::new(Role::Assistant, "A reference that does not own its value."),
+        ],
+    );
+    key(&mut app, KeyCode::Up);
+    insta::assert_snapshot!(draw(&app).backend());
+}

@@ -78,7 +78,8 @@ pub struct HostLayerCache {
     pub(super) entropy: bool,
     pub(super) last_entropy: Vec<f32>,
     /// What the passes since the cache's rewind point overwrote (`persist.rs`).
-    pub(super) undo: Option<Undo>,
+    /// Rewind points, the last set last: each keeps what was overwritten since it was set.
+    pub(super) undo: Vec<Undo>,
     /// Whether tokens leaving the window are kept in [`Self::evicted`] (recall's store takes
     /// them after each pass).
     pub(super) keep_evicted: bool,
@@ -145,7 +146,7 @@ impl HostLayerCache {
             last_attention: Vec::new(),
             entropy: false,
             last_entropy: Vec::new(),
-            undo: None,
+            undo: Vec::new(),
             keep_evicted: false,
             evicted: Evicted::default(),
         }
@@ -1047,8 +1048,8 @@ pub struct HostCache {
     /// Changes of the global stores a length does not show (pins, rewinds): see
     /// `globals_version`.
     pub(super) globals_changes: u64,
-    /// Where [`Self::rewind`] goes back to.
-    pub(super) mark_position: Option<u64>,
+    /// Where each [`Self::rewind`] goes back to, the last point set last.
+    pub(super) mark_position: Vec<u64>,
     /// Recall of evicted tokens (docs/ALGORITHM.md §10), when on.
     pub(super) recall: RecallSlot,
 }
@@ -1081,7 +1082,7 @@ impl HostCache {
             next_position: 0,
             pinned: Vec::new(),
             globals_changes: 0,
-            mark_position: None,
+            mark_position: Vec::new(),
             recall: RecallSlot::default(),
         }
     }
@@ -1169,7 +1170,7 @@ impl HostCache {
     /// point is dropped (a regeneration after a pin continues from the pinned cache instead).
     fn apply_pins(&mut self) {
         let before = self.globals_version();
-        self.forget_mark();
+        self.forget_marks();
         for layer in &mut self.layers {
             layer.set_pinned(&self.pinned);
         }

@@ -59,20 +59,21 @@ impl HostLayerCache {
     /// slot held something at the mark.
     pub(super) fn keep_for_rewind(&mut self, slot: usize) {
         let row = self.geometry.n_kv_heads * self.geometry.head_dim;
-        let Some(undo) = &mut self.undo else { return };
-        if slot >= undo.ring_len || !undo.saved_slots.insert(slot) {
-            return;
+        for undo in &mut self.undo {
+            if slot >= undo.ring_len || !undo.saved_slots.insert(slot) {
+                continue;
+            }
+            undo.saved.push((
+                slot,
+                self.ring_pos[slot],
+                self.ring_k.to_f32(slot * row..(slot + 1) * row),
+                self.ring_v.to_f32(slot * row..(slot + 1) * row),
+            ));
         }
-        undo.saved.push((
-            slot,
-            self.ring_pos[slot],
-            self.ring_k.to_f32(slot * row..(slot + 1) * row),
-            self.ring_v.to_f32(slot * row..(slot + 1) * row),
-        ));
     }
 
     fn mark(&mut self) {
-        self.undo = Some(Undo {
+        self.undo.push(Undo {
             seen: self.seen,
             global_len: self.global_pos.len(),
             ring_len: self.ring_pos.len(),
@@ -82,7 +83,7 @@ impl HostLayerCache {
     }
 
     fn rewind(&mut self) {
-        let Some(undo) = self.undo.take() else { return };
+        let Some(undo) = self.undo.pop() else { return };
         let row = self.geometry.n_kv_heads * self.geometry.head_dim;
         for (slot, pos, k, v) in undo.saved {
             self.ring_pos[slot] = pos;
@@ -213,7 +214,7 @@ impl HostCache {
         if position <= self.next_position {
             return;
         }
-        self.forget_mark();
+        self.forget_marks();
         self.next_position = position;
         for layer in &mut self.layers {
             layer.seen = position;
@@ -221,9 +222,10 @@ impl HostCache {
     }
 
     /// Starts remembering what the passes from now on overwrite, so [`Self::rewind`] can put
-    /// the cache back here.
+    /// the cache back here. Points nest: a rewind (or a forget) takes the last point set, and
+    /// the one before stays good (a turn keeps one before its prompt and one after).
     pub fn mark(&mut self) {
-        self.mark_position = Some(self.next_position);
+        self.mark_position.push(self.next_position);
         self.layers.iter_mut().for_each(HostLayerCache::mark);
         if let Some(recall) = self.recall.0.as_mut() {
             recall.mark();
@@ -233,7 +235,7 @@ impl HostCache {
     /// Puts the cache back where [`Self::mark`] was set (the mark is used up); `false` when
     /// there is no mark (none set, or pins changed since).
     pub fn rewind(&mut self) -> bool {
-        let Some(next) = self.mark_position.take() else {
+        let Some(next) = self.mark_position.pop() else {
             return false;
         };
         let before = self.globals_version();
@@ -247,12 +249,23 @@ impl HostCache {
         true
     }
 
-    /// Drops the rewind point (and what it kept).
+    /// Drops the last rewind point set (and what it kept).
     pub fn forget_mark(&mut self) {
-        self.mark_position = None;
-        self.layers.iter_mut().for_each(|l| l.undo = None);
+        self.mark_position.pop();
+        self.layers.iter_mut().for_each(|l| {
+            l.undo.pop();
+        });
         if let Some(recall) = self.recall.0.as_mut() {
             recall.forget_mark();
+        }
+    }
+
+    /// Drops every rewind point: the cache changed in a way they cannot undo.
+    pub fn forget_marks(&mut self) {
+        self.mark_position.clear();
+        self.layers.iter_mut().for_each(|l| l.undo.clear());
+        if let Some(recall) = self.recall.0.as_mut() {
+            recall.forget_marks();
         }
     }
 }
@@ -395,6 +408,48 @@ mod tests {
                 ..c.stats()
             };
             assert_eq!(counts(&cache), counts(&twin), "start {start}");
+            let rest = &all[4 * start..4 * (start + 6)];
+            assert_eq!(
+                feed(&mut cache, rest),
+                feed(&mut twin, rest),
+                "start {start}"
+            );
+        }
+    }
+
+    /// Two points, one inside the other (a turn's before its prompt and after it): rewinding
+    /// the inner one and then the outer one puts the cache back where the outer one was set,
+    /// whatever the passes between them overwrote.
+    #[test]
+    fn nested_rewind_points_go_back_in_turn() {
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let all = tokens(40);
+        let counts = |c: &HostCache| CacheStats {
+            bytes: 0,
+            ..c.stats()
+        };
+        for (start, prompt) in [(1, 2), (5, 1), (12, 7)] {
+            let mut cache = HostCache::new(params, geometry(params));
+            feed(&mut cache, &all[..4 * start]);
+            let outer = cache.clone();
+            cache.mark();
+            feed(&mut cache, &all[4 * start..4 * (start + prompt)]);
+            let inner = cache.clone();
+            cache.mark();
+            feed(
+                &mut cache,
+                &all[4 * (start + prompt)..4 * (start + prompt + 4)],
+            );
+            assert!(cache.rewind());
+            assert_eq!(counts(&cache), counts(&inner), "start {start}");
+            // The inner point can be set again and used again (a second regeneration).
+            cache.mark();
+            feed(&mut cache, &all[4 * start..4 * (start + 2)]);
+            assert!(cache.rewind());
+            assert!(cache.rewind());
+            assert!(!cache.rewind(), "two points, two rewinds");
+            assert_eq!(counts(&cache), counts(&outer), "start {start}");
+            let mut twin = outer.clone();
             let rest = &all[4 * start..4 * (start + 6)];
             assert_eq!(
                 feed(&mut cache, rest),

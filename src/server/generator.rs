@@ -591,6 +591,8 @@ fn reply(
     if !stops.hit {
         send(stops.finish(), &mut sent);
     }
+    // Nothing is regenerated here: the cache need not keep copies of what it overwrote.
+    session.drop_rewind_points();
     let finish = match report.stop {
         StopReason::Length if !stops.hit => FinishReason::Length,
         _ => FinishReason::Stop,

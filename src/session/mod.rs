@@ -163,6 +163,9 @@ struct Regen {
     point: RewindPoint,
     head: SessionHead,
     logits: Tensor,
+    /// The state before the prompt (a point set before the reply's), kept so the whole
+    /// exchange can be taken back: `None` for an exchange read in with a given reply.
+    before_prompt: Option<(RewindPoint, SessionHead)>,
 }
 
 /// What a turn renders: see [`Session::rendered_messages`].
@@ -1012,11 +1015,11 @@ impl Session {
                 return Err(e);
             }
         };
-        self.cache.forget(point);
         let prefill_time = start.elapsed();
         let (logits, prompt_tokens) = match prefilled {
             Prefilled::Ready(logits, n) => (logits, n),
             Prefilled::Stopped(done) => {
+                self.cache.forget(point);
                 return Ok(TurnReport {
                     prompt_tokens: done,
                     generated_tokens: 0,
@@ -1031,6 +1034,7 @@ impl Session {
             point: self.cache.mark(),
             head: self.head.clone(),
             logits: logits.clone(),
+            before_prompt: Some((point, before.head)),
         });
         let mut report = self.generate_or_undo(logits, max_tokens, cancel, on_event)?;
         report.prompt_tokens = prompt_tokens;
@@ -1159,10 +1163,73 @@ impl Session {
         }
     }
 
-    fn drop_regen(&mut self) {
+    /// Drops what regenerating or taking back the last exchange needs (the cache's rewind
+    /// points, the last set first): the cache keeps no copies of what it overwrites after that.
+    pub fn drop_rewind_points(&mut self) {
         if let Some(r) = self.regen.take() {
             self.cache.forget(r.point);
+            if let Some((point, _)) = r.before_prompt {
+                self.cache.forget(point);
+            }
         }
+    }
+
+    fn drop_regen(&mut self) {
+        self.drop_rewind_points();
+    }
+
+    /// Whether [`Self::take_back_exchange`] can take the last exchange back.
+    pub fn can_take_back(&self) -> bool {
+        self.regen
+            .as_ref()
+            .is_some_and(|r| r.before_prompt.is_some())
+    }
+
+    /// Takes the last exchange back — the user's message and its reply — as if it had never
+    /// been sent: the cache returns to its state before the message (undoing what the prompt
+    /// and the reply overwrote), the conversation too, and the saved history forgets them at
+    /// its next save. `false`, and nothing changes, when that state is not kept (no exchange
+    /// since the conversation was opened, or a pin changed the cache since).
+    pub fn take_back_exchange(&mut self) -> bool {
+        if !self.can_take_back() {
+            return false;
+        }
+        let Some(r) = self.regen.take() else {
+            return false;
+        };
+        let Some((before, head)) = r.before_prompt else {
+            return false;
+        };
+        if !self.cache.rewind(r.point) || !self.cache.rewind(before) {
+            // The points were dropped with a pin: the cache is as it was, with no way back.
+            return false;
+        }
+        self.head = head;
+        self.forget_after_head();
+        true
+    }
+
+    /// After the head went back: drops what the conversation recorded past it from the
+    /// unsaved part, has the history forget it at the next save, and has the KV file rewrite
+    /// from the cache's position on.
+    fn forget_after_head(&mut self) {
+        let (messages, tokens) = (self.head.message_count, self.head.token_count);
+        self.unsaved.messages.retain(|m| m.index < messages);
+        if self.unsaved.tokens.first > tokens {
+            self.unsaved.tokens = TokenRun::starting_at(tokens);
+        } else {
+            self.unsaved.tokens.truncate(tokens);
+        }
+        let truncate = self.unsaved.truncate.map_or((messages, tokens), |(m, t)| {
+            (m.min(messages), t.min(tokens))
+        });
+        self.unsaved.truncate = Some(truncate);
+        // The KV store may hold what was taken back: the next save forgets it before new
+        // tokens take its positions, and writes from there (with any slot of the window that
+        // was overwritten in the file).
+        let mark = self.cache.next_position();
+        self.kv.forget_from = Some(self.kv.forget_from.map_or(mark, |f| f.min(mark)));
+        self.kv.upto = self.kv.upto.min(mark);
     }
 
     /// Feeds what a resumed conversation's cache lacks: the tokens after the saved cache, or —
@@ -1293,27 +1360,12 @@ impl Session {
         let recent = std::mem::take(&mut self.head.recent);
         self.head = r.head.clone();
         self.head.recent = recent;
-        let (messages, tokens) = (self.head.message_count, self.head.token_count);
-        self.unsaved.messages.retain(|m| m.index < messages);
-        if self.unsaved.tokens.first > tokens {
-            self.unsaved.tokens = TokenRun::starting_at(tokens);
-        } else {
-            self.unsaved.tokens.truncate(tokens);
-        }
-        let truncate = self.unsaved.truncate.map_or((messages, tokens), |(m, t)| {
-            (m.min(messages), t.min(tokens))
-        });
-        self.unsaved.truncate = Some(truncate);
-        // The KV store may hold the old reply: the next save forgets it before the new one
-        // takes its positions, and writes from there (with any slot of the window the old
-        // reply's overwrote in the file).
-        let mark = self.cache.next_position();
-        self.kv.forget_from = Some(self.kv.forget_from.map_or(mark, |f| f.min(mark)));
-        self.kv.upto = self.kv.upto.min(mark);
+        self.forget_after_head();
         self.regen = Some(Regen {
             point: self.cache.mark(),
             head: r.head,
             logits: r.logits.clone(),
+            before_prompt: r.before_prompt,
         });
         Some(r.logits)
     }

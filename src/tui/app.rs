@@ -104,6 +104,8 @@ pub struct App {
     pub worker_alive: bool,
     /// Older messages were asked for and have not arrived yet.
     loading_older: bool,
+    /// The message box holds the last user message to replace it (Up on an empty box).
+    pub replacing: bool,
 }
 
 impl App {
@@ -129,6 +131,7 @@ impl App {
             quitting: false,
             worker_alive: true,
             loading_older: false,
+            replacing: false,
         }
     }
 
@@ -259,6 +262,12 @@ impl App {
         let page = self.page();
         match action {
             Action::Send => return self.send(),
+            Action::Stop if self.replacing && self.generation.is_none() => {
+                self.replacing = false;
+                self.input.set("");
+                self.note("not replaced: your last message stays as it was");
+            }
+            Action::HistoryPrev if self.may_start_replacing() => self.start_replacing(),
             Action::Stop => {
                 if self.generation.is_some() {
                     self.notice = Some(StatusNote {
@@ -283,6 +292,10 @@ impl App {
             other => {
                 if !self.conversation.scroll_by(other, page) {
                     input::act(&mut self.input, other);
+                    // Off to the history of sent messages: no longer a replacement.
+                    if self.input.is_browsing() {
+                        self.replacing = false;
+                    }
                 }
             }
         }
@@ -332,11 +345,48 @@ impl App {
             return Vec::new();
         }
         let text = self.input.take();
-        self.conversation.push(Role::User, text.clone());
-        self.conversation.to_bottom();
         self.generation = Some(Generation::default());
         self.notice = None;
+        if std::mem::take(&mut self.replacing) {
+            // The worker says whether the exchange was taken back; the pane follows then.
+            return vec![Effect::Worker(Command::ReplaceLast(text))];
+        }
+        self.conversation.push(Role::User, text.clone());
+        self.conversation.to_bottom();
         vec![Effect::Worker(Command::Send(text))]
+    }
+
+    /// Up on an empty message box, with no reply streaming, after a message of the user's:
+    /// the box takes that message, to edit and send in its place.
+    fn may_start_replacing(&self) -> bool {
+        self.input.text().is_empty()
+            && !self.replacing
+            && self.generation.is_none()
+            && self.phase == Phase::Ready
+            && self.last_user_message().is_some()
+    }
+
+    /// The user's message of the last exchange (the last message, or the one before a reply).
+    fn last_user_message(&self) -> Option<&str> {
+        let messages = &self.conversation.messages;
+        let last = messages.last()?;
+        let user = match last.role {
+            Role::User => last,
+            _ => messages
+                .iter()
+                .rev()
+                .nth(1)
+                .filter(|m| m.role == Role::User)?,
+        };
+        Some(&user.content)
+    }
+
+    fn start_replacing(&mut self) {
+        let Some(text) = self.last_user_message().map(str::to_string) else {
+            return;
+        };
+        self.input.set(&text);
+        self.replacing = true;
     }
 
     fn regenerate(&mut self) -> Vec<Effect> {
@@ -602,6 +652,37 @@ impl App {
                     self.note(format!("history read ({tokens} tokens)"));
                 }
             }
+            Event::TakenBack { text } => {
+                if self
+                    .conversation
+                    .messages
+                    .last()
+                    .is_some_and(|m| m.role == Role::Assistant)
+                {
+                    self.conversation.pop();
+                }
+                if self
+                    .conversation
+                    .messages
+                    .last()
+                    .is_some_and(|m| m.role == Role::User)
+                {
+                    self.conversation.pop();
+                }
+                self.conversation.push(Role::User, text);
+                self.conversation.to_bottom();
+            }
+            Event::NotTakenBack { text } => {
+                self.generation = None;
+                if self.input.text().is_empty() {
+                    self.input.set(&text);
+                }
+                self.error(format!(
+                    "your last message can no longer be replaced (the conversation was opened or \
+                     pinned since); {} sends this as a new message",
+                    self.keymap.key_of(Action::Send)
+                ));
+            }
             Event::Regenerating => {
                 if self
                     .conversation
@@ -774,6 +855,67 @@ mod tests {
             press(&mut app, KeyCode::Enter),
             [Effect::Worker(Command::Send(block))]
         );
+    }
+
+    /// Up on an empty box takes the last user message; Enter asks the worker to replace the
+    /// exchange, and the pane follows what the worker says: the old message and its reply give
+    /// way to the new one, or (when it cannot be replaced) the text comes back to the box.
+    #[test]
+    fn up_on_an_empty_box_edits_the_last_message_and_enter_replaces_it() {
+        let mut app = app();
+        send(&mut app, "one");
+        app.update(Msg::Worker(Event::Text("reply one".into())));
+        finish(&mut app, true);
+        send(&mut app, "two");
+        app.update(Msg::Worker(Event::Text("reply two".into())));
+        finish(&mut app, true);
+        assert!(press(&mut app, KeyCode::Up).is_empty());
+        assert!(app.replacing);
+        assert_eq!(app.input.text(), "two");
+        // Esc keeps the exchange as it was.
+        press(&mut app, KeyCode::Esc);
+        assert!(!app.replacing && app.input.is_empty());
+        press(&mut app, KeyCode::Up);
+        type_text(&mut app, "!");
+        assert_eq!(
+            press(&mut app, KeyCode::Enter),
+            [Effect::Worker(Command::ReplaceLast("two!".into()))]
+        );
+        assert!(!app.replacing && app.generation.is_some());
+        assert_eq!(
+            app.conversation.messages.len(),
+            4,
+            "nothing changes before the worker says"
+        );
+        app.update(Msg::Worker(Event::TakenBack {
+            text: "two!".into(),
+        }));
+        app.update(Msg::Worker(Event::Text("reply two!".into())));
+        finish(&mut app, true);
+        let shown: Vec<&str> = app
+            .conversation
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect();
+        assert_eq!(shown, ["one", "reply one", "two!", "reply two!"]);
+        // The worker could not: the text comes back, nothing is lost.
+        press(&mut app, KeyCode::Up);
+        press(&mut app, KeyCode::Enter);
+        app.update(Msg::Worker(Event::NotTakenBack {
+            text: "two!".into(),
+        }));
+        assert!(app.generation.is_none());
+        assert_eq!(app.input.text(), "two!");
+        assert!(app.notice.as_ref().is_some_and(|n| n.error));
+        assert_eq!(app.conversation.messages.len(), 4);
+        // A second Up leaves the edit for the history of sent messages.
+        app.input.set("");
+        press(&mut app, KeyCode::Up);
+        assert!(app.replacing);
+        press(&mut app, KeyCode::Up);
+        assert!(!app.replacing);
+        assert!(app.input.is_browsing());
     }
 
     #[test]

@@ -233,6 +233,11 @@ impl Editor {
         text
     }
 
+    /// Whether the box shows a sent message from the history (not the draft).
+    pub fn is_browsing(&self) -> bool {
+        self.browsing.is_some()
+    }
+
     /// Shows the previous sent message (the draft is kept for coming back).
     pub fn history_prev(&mut self) {
         let i = match self.browsing {

@@ -190,7 +190,7 @@ pub const BINDINGS: &[Binding] = &[
         Chat,
         Action::HistoryPrev,
         "history_prev",
-        Own("previous sent message"),
+        Own("edit the last message; again: sent ones"),
         &["up"],
     ),
     bind(

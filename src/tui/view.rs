@@ -106,6 +106,7 @@ pub fn draw(frame: &mut Frame<'_>, app: &App) {
         theme,
         keymap: &app.keymap,
         replying: app.generation.is_some(),
+        replacing: app.replacing,
         focused: app.overlay.is_none() && app.inspect.is_none() && !app.quitting,
     };
     input::draw(frame, input_area, &app.input, look);

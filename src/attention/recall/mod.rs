@@ -190,7 +190,8 @@ pub struct Recall {
     last_refresh: Option<u64>,
     refreshes: u64,
     /// What the cache's rewind point goes back to.
-    mark: Option<Mark>,
+    /// Rewind points, the last set last.
+    marks: Vec<Mark>,
     /// The first I/O error, kept for the caller (recall stops; attention goes on without it).
     failure: Option<String>,
 }
@@ -236,7 +237,7 @@ impl Recall {
             geometry,
             last_refresh: None,
             refreshes: 0,
-            mark: None,
+            marks: Vec::new(),
             failure: None,
         }
     }
@@ -425,7 +426,7 @@ impl Recall {
         tracing::warn!("recall stopped: {e}");
         self.failure.get_or_insert(e.to_string());
         self.store = None;
-        self.mark = None;
+        self.marks.clear();
         self.digests
             .iter_mut()
             .for_each(|d| *d = LayerDigests::default());
@@ -434,7 +435,7 @@ impl Recall {
 
     /// Remembers how much is stored and what each layer recalls, for [`Self::rewind`].
     pub fn mark(&mut self) {
-        self.mark = Some(Mark {
+        self.marks.push(Mark {
             stored: self.store.as_ref().map_or(0, EvictedStore::len),
             last_refresh: self.last_refresh,
             recalled: self.recalled.clone(),
@@ -444,7 +445,7 @@ impl Recall {
 
     /// Forgets what was stored since [`Self::mark`]: those tokens are back in the window.
     pub fn rewind(&mut self) {
-        let Some(mark) = self.mark.take() else { return };
+        let Some(mark) = self.marks.pop() else { return };
         // The passes after the mark go as they went the first time: the same blocks, chosen
         // again at the same positions.
         self.recalled = mark.recalled;
@@ -470,7 +471,11 @@ impl Recall {
     }
 
     pub fn forget_mark(&mut self) {
-        self.mark = None;
+        self.marks.pop();
+    }
+
+    pub fn forget_marks(&mut self) {
+        self.marks.clear();
     }
 
     /// The blocks the first recalling layer attends to now (what the status bar counts).

@@ -52,6 +52,8 @@ pub struct InputLook<'a> {
     pub keymap: &'a Keymap,
     /// A reply is streaming (the hint says how to stop it).
     pub replying: bool,
+    /// The box holds the last user message, to replace it.
+    pub replacing: bool,
     /// The terminal cursor belongs here (no panel in front).
     pub focused: bool,
 }
@@ -61,9 +63,16 @@ pub fn draw(frame: &mut Frame<'_>, area: Rect, editor: &Editor, look: InputLook<
         theme,
         keymap,
         replying,
+        replacing,
         focused,
     } = look;
-    let hint = if replying {
+    let hint = if replacing {
+        format!(
+            " editing your last message · {} replaces it and its reply · {} keeps them ",
+            keymap.key_of(Action::Send),
+            keymap.key_of(Action::Stop)
+        )
+    } else if replying {
         format!(
             " replying… ({} stops; you can type the next message) ",
             keymap.key_of(Action::Stop)
