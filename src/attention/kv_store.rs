@@ -199,6 +199,23 @@ impl KvVec {
         }
     }
 
+    /// A copy of the values of `range`, in this vector's type (exact).
+    pub fn slice(&self, range: Range<usize>) -> Self {
+        match self {
+            KvVec::F32(v) => KvVec::F32(v[range].to_vec()),
+            KvVec::F16(v) => KvVec::F16(v[range].to_vec()),
+        }
+    }
+
+    /// Overwrites the values from `at` with `src` (exact when both have one type).
+    pub fn write_from(&mut self, at: usize, src: &KvVec) {
+        match (self, src) {
+            (KvVec::F32(v), KvVec::F32(s)) => v[at..at + s.len()].copy_from_slice(s),
+            (KvVec::F16(v), KvVec::F16(s)) => v[at..at + s.len()].copy_from_slice(s),
+            (this, other) => this.write(at, &other.to_f32(0..other.len())),
+        }
+    }
+
     /// The values of `range` as f32.
     pub fn to_f32(&self, range: Range<usize>) -> Vec<f32> {
         let mut out = vec![0f32; range.len()];

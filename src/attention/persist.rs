@@ -31,7 +31,8 @@ pub(super) struct Undo {
     ring_len: usize,
     /// Ring slots overwritten since the mark, with the position, keys and values they held,
     /// each slot once.
-    saved: Vec<(usize, u64, Vec<f32>, Vec<f32>)>,
+    /// (In the ring's own type: a copy of f16 slots takes half an f32 one.)
+    saved: Vec<(usize, u64, KvVec, KvVec)>,
     saved_slots: HashSet<usize>,
 }
 
@@ -66,8 +67,8 @@ impl HostLayerCache {
             undo.saved.push((
                 slot,
                 self.ring_pos[slot],
-                self.ring_k.to_f32(slot * row..(slot + 1) * row),
-                self.ring_v.to_f32(slot * row..(slot + 1) * row),
+                self.ring_k.slice(slot * row..(slot + 1) * row),
+                self.ring_v.slice(slot * row..(slot + 1) * row),
             ));
         }
     }
@@ -87,8 +88,8 @@ impl HostLayerCache {
         let row = self.geometry.n_kv_heads * self.geometry.head_dim;
         for (slot, pos, k, v) in undo.saved {
             self.ring_pos[slot] = pos;
-            self.ring_k.write(slot * row, &k);
-            self.ring_v.write(slot * row, &v);
+            self.ring_k.write_from(slot * row, &k);
+            self.ring_v.write_from(slot * row, &v);
         }
         self.ring_pos.truncate(undo.ring_len);
         self.ring_k.truncate(undo.ring_len * row);
