@@ -25,8 +25,9 @@ pub struct ServeArgs {
     /// Conversations kept live in RAM, each one bounded Λ cache; the least recently used go first
     #[arg(long, default_value_t = 4)]
     pub conversations: usize,
-    /// Idle conversations beyond --conversations kept on disk (in the data dir, per port) and
-    /// restored on their next request; the least recently used go first; 0 drops them
+    /// Idle conversations beyond --conversations kept on disk (in the data dir, per port; not
+    /// with --port 0) and restored on their next request; the least recently used go first; 0
+    /// drops them
     #[arg(long, default_value_t = 16)]
     pub saved_conversations: usize,
     /// Requests that may wait while one is answered; more are refused with 429
@@ -38,9 +39,10 @@ pub struct ServeArgs {
 }
 
 /// Where idle conversations wait: a store of the server's own per port (so two servers never
-/// share one), in the data dir; none when none are to be kept or there is no data dir.
+/// share one), in the data dir; none when none are to be kept, when the port is any free one
+/// (a later server could not know its store), or when there is no data dir.
 fn saved_options(port: u16, max: usize) -> Option<SavedOptions> {
-    if max == 0 {
+    if max == 0 || port == 0 {
         return None;
     }
     match crate::fetch::data_dir() {

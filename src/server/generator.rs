@@ -521,7 +521,7 @@ impl Conversations {
                 self.keep(live);
                 Ok(())
             }
-            // The client left: nobody knows this reply, so no request will continue it.
+            // Nobody knows this conversation as the cache holds it: no request will continue it.
             Ok(None) => {
                 self.forget(live);
                 Ok(())
@@ -535,7 +535,8 @@ impl Conversations {
 }
 
 /// Feeds what `request` adds to `live` and generates the reply, sending its events. Returns
-/// what the client then knows of the conversation, or `None` when it left before the end.
+/// what the client then knows of the conversation, or `None` when that is not what the cache
+/// holds (it left before the end, or a stop sequence cut the reply short).
 fn reply(
     live: &mut Live,
     request: &Checked,
@@ -628,7 +629,9 @@ fn reply(
         "completion"
     );
     let _ = events.send(Event::Done(finish, usage));
-    if report.stop == StopReason::Cancelled && !stops.hit {
+    // A client that left knows no reply; one whose stop sequence ended it knows less of the
+    // reply than the cache read (the stop and what came with it): neither can be continued.
+    if report.stop == StopReason::Cancelled || stops.hit {
         return Ok(None);
     }
     Ok(Some(match &request.input {

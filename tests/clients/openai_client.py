@@ -60,6 +60,16 @@ def basics(url):
     models = c.models.list()
     assert len(models.data) == 1, models
 
+    # Raw completion: a text continued with no template, whole and streamed alike.
+    done = c.completions.create(model="anything", prompt="once upon a time", max_tokens=4)
+    assert done.object == "text_completion", done
+    assert done.usage.completion_tokens == 4, done.usage
+    pieces = c.completions.create(
+        model="anything", prompt="once upon a time", max_tokens=4, stream=True
+    )
+    text = "".join(p.choices[0].text for p in pieces if p.choices)
+    assert text == done.choices[0].text, (text, done.choices[0].text)
+
 
 def load(url):
     c = client(url)
