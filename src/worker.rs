@@ -278,7 +278,12 @@ impl Worker<'_> {
         match command {
             Command::Send(text) => self.reply(Some(text)),
             Command::ReplaceLast(text) => {
+                // A title made from the message being replaced follows the new one.
+                let retitle = self.only_message_title().is_some_and(|t| t == self.title);
                 if self.session.take_back_exchange() {
+                    if retitle {
+                        self.retitle(title_from(&text));
+                    }
                     self.emit.send(Event::TakenBack { text: text.clone() });
                     self.reply(Some(text));
                 } else {
@@ -508,6 +513,29 @@ impl Worker<'_> {
 
     /// Creates the store's row for a new conversation (with its first message) and moves the
     /// session onto it.
+    /// The title the conversation's only user message would give it (`None` with more).
+    fn only_message_title(&self) -> Option<String> {
+        let count = self.session.message_count();
+        let messages = self.session.messages(0..count).ok()?;
+        let mut users = messages.iter().filter(|m| m.role == Role::User);
+        let only = users.next()?;
+        users.next().is_none().then(|| title_from(&only.content))
+    }
+
+    /// Renames the open conversation (saved or not yet).
+    fn retitle(&mut self, title: String) {
+        if let (Some(store), Some(id)) = (&self.store, self.id) {
+            match store.rename(id, &title) {
+                Ok(()) => self.emit.send(Event::Titled {
+                    id,
+                    title: title.clone(),
+                }),
+                Err(e) => return self.emit.send(Event::Error(e.to_string())),
+            }
+        }
+        self.title = title;
+    }
+
     fn create_saved(&mut self, first_message: &str) {
         let (Some(store), None) = (&self.store, self.id) else {
             return;

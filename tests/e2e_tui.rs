@@ -205,6 +205,53 @@ fn chat_quit_and_resume() {
     assert!(screen.quit());
 }
 
+/// Up on the empty box, the message edited, Enter: the old exchange leaves the screen and the
+/// saved conversation, the new one takes its place (and a resume shows only it).
+#[test]
+fn editing_the_last_message_replaces_the_exchange() {
+    let model = common::default_model_path();
+    let model = model.to_str().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let args = ["-m", model, "--temperature", "0", "--max-tokens", "24"];
+    let minute = Duration::from_secs(60);
+    let mut screen = Screen::start(&args, data.path());
+    screen.wait_for("the model to load", minute, |t| t.contains("ready"));
+    let france = "What is the capital of France? Answer with one word.";
+    screen.type_text(france);
+    screen.send(b"\r");
+    screen.wait_for("the reply", minute, |t| {
+        t.contains("Paris") && t.contains("ready · last")
+    });
+    screen.send(b"\x1b[A"); // Up
+    screen.wait_for("the message to edit", minute, |t| {
+        t.contains("editing your last message")
+    });
+    for _ in france.chars() {
+        screen.send(b"\x7f");
+    }
+    screen.type_text("What is the capital of Italy? Answer with one word.");
+    screen.send(b"\r");
+    let shown = screen.wait_for("the new reply", minute, |t| {
+        t.contains("Rome") && t.contains("ready · last")
+    });
+    assert!(
+        !shown.contains("France") && !shown.contains("Paris"),
+        "{shown}"
+    );
+    assert!(screen.quit());
+    let mut resume_args = args.to_vec();
+    resume_args.push("--resume");
+    let screen = Screen::start(&resume_args, data.path());
+    let shown = screen.wait_for("the conversation restored", minute, |t| {
+        t.contains("resumed") && t.contains("Rome")
+    });
+    assert!(
+        !shown.contains("France") && !shown.contains("Paris"),
+        "{shown}"
+    );
+    assert!(screen.quit());
+}
+
 /// Not a test of its own: the chat, run inside this test binary when a test starts it in a
 /// pseudo-terminal with `LAMBDACHAT_E2E_ARGS` (its arguments, separated by U+001F). This
 /// binary's library has the test-only `faults` feature; the `lambdachat` binary never has.

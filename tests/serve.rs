@@ -253,7 +253,8 @@ fn a_stop_sequence_ends_the_reply_before_it() {
     assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
     // The cache read the stop sequence, which the client never saw: the conversation is read
     // again rather than continued with text the client does not know.
-    let messages = json!([user("count"), {"role": "assistant", "content": expected}, user("go on")]);
+    let messages =
+        json!([user("count"), {"role": "assistant", "content": expected}, user("go on")]);
     let (_, next) = post(&url, &json!({"messages": messages, "max_tokens": 2}));
     assert_eq!(next["usage"]["lambdachat"]["continued"], false, "{next}");
 }
