@@ -98,6 +98,13 @@ pub fn run(args: ServeArgs, config: &Config) -> Result<i32> {
             "serving {model} on http://{addr}/v1 (Λ: n_global {}, n_local {}; {} conversations live at most; Ctrl-C stops)",
             params.n_global, params.n_local, args.conversations
         );
+        if engine.template.is_fallback() {
+            eprintln!(
+                "note: the model has no chat template of its own; chat completions are written in \
+                 {}. A base model answers better through /v1/completions (raw text)",
+                engine.template.fallback_name()
+            );
+        }
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
