@@ -291,10 +291,20 @@ impl App {
             }
             other => {
                 if !self.conversation.scroll_by(other, page) {
+                    let cursor = self.input.cursor();
                     input::act(&mut self.input, other);
-                    // Off to the history of sent messages: no longer a replacement.
-                    if self.input.is_browsing() {
+                    if self.input.is_browsing() && self.replacing {
+                        // Off to the history of sent messages: no longer a replacement, and
+                        // the way back leads to the empty box it started from.
                         self.replacing = false;
+                        self.input.forget_draft();
+                    } else if self.replacing
+                        && other == Action::HistoryNext
+                        && self.input.cursor() == cursor
+                    {
+                        // Down past the message being edited: back to the empty box.
+                        self.replacing = false;
+                        self.input.set("");
                     }
                 }
             }
@@ -988,6 +998,14 @@ mod tests {
         finish(&mut app, true);
         press(&mut app, KeyCode::Up);
         assert_eq!(app.input.text(), "one");
+        press(&mut app, KeyCode::Down);
+        assert_eq!(app.input.text(), "");
+        assert!(!app.replacing);
+        // Up twice: the edit, then the history; Down twice: back to the empty box.
+        press(&mut app, KeyCode::Up);
+        press(&mut app, KeyCode::Up);
+        assert!(app.input.is_browsing() && !app.replacing);
+        press(&mut app, KeyCode::Down);
         press(&mut app, KeyCode::Down);
         assert_eq!(app.input.text(), "");
         type_text(&mut app, "/sess");

@@ -238,6 +238,11 @@ impl Editor {
         self.browsing.is_some()
     }
 
+    /// Makes the box come back empty from the history (the draft was not the user's own).
+    pub fn forget_draft(&mut self) {
+        self.draft.clear();
+    }
+
     /// Shows the previous sent message (the draft is kept for coming back).
     pub fn history_prev(&mut self) {
         let i = match self.browsing {
