@@ -630,3 +630,23 @@ fn saved_rows_become(db: &std::path::Path, n: usize) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// With no room to wait (`--queue 0`), requests sent one after another are never refused: a
+/// request that follows a finished reply gets the generator even while it still tidies up
+/// after that reply (keeping the conversation, saving an idle one to disk).
+#[test]
+fn requests_one_after_another_are_never_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = start(Options {
+        queue: 0,
+        conversations: 1,
+        saved: Some((dir.path().join("c.db"), 2)),
+        ..Options::default()
+    });
+    let url = format!("{base}/v1/chat/completions");
+    for i in 0..20 {
+        let body = json!({"messages": [user(&format!("question {i}"))], "max_tokens": 2});
+        let (status, reply) = post(&url, &body);
+        assert_eq!(status, 200, "request {i}: {reply}");
+    }
+}

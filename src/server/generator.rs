@@ -12,8 +12,8 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 
 use candle_core::Device;
 use sha2::{Digest, Sha256};
@@ -41,9 +41,29 @@ pub enum Event {
 }
 
 /// A checked request and where its events go.
-pub struct Job {
-    pub request: Checked,
-    pub events: UnboundedSender<Event>,
+struct Job {
+    request: Checked,
+    events: UnboundedSender<Event>,
+    slot: Slot,
+}
+
+/// A job's place among those the generator accepts (the one running and the `queue` waiting):
+/// given back once, when its reply is sent in full or when the job ends otherwise, so a request
+/// that follows a finished reply is never refused while the generator tidies up after it.
+struct Slot(Arc<AtomicUsize>, bool);
+
+impl Slot {
+    fn release(&mut self) {
+        if !std::mem::replace(&mut self.1, true) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// How the generator runs.
@@ -82,24 +102,42 @@ pub enum Refused {
 /// The handle the HTTP side queues jobs through.
 #[derive(Clone)]
 pub struct Generator {
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
+    /// Jobs accepted and not done: at most `limit` (one running, `queue` waiting).
+    taken: Arc<AtomicUsize>,
+    limit: usize,
 }
 
 impl Generator {
     /// Starts the generation thread.
     pub fn start(engine: Arc<Engine>, options: GeneratorOptions) -> std::io::Result<Self> {
-        let (jobs, queue) = sync_channel(options.queue);
+        let (jobs, queue) = channel();
+        let limit = options.queue + 1;
         std::thread::Builder::new()
             .name("generation".into())
             .spawn(move || run(Conversations::new(engine, options), queue))?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs,
+            taken: Arc::new(AtomicUsize::new(0)),
+            limit,
+        })
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), Refused> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => Refused::Busy,
-            TrySendError::Disconnected(_) => Refused::Gone,
-        })
+    /// Queues `request`, whose events go to `events`; refused when one job runs and `queue`
+    /// wait already.
+    pub fn submit(&self, request: Checked, events: UnboundedSender<Event>) -> Result<(), Refused> {
+        if self.taken.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.taken.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Busy);
+        }
+        let slot = Slot(self.taken.clone(), false);
+        self.jobs
+            .send(Job {
+                request,
+                events,
+                slot,
+            })
+            .map_err(|_| Refused::Gone) // the job, and so its slot, came back and was dropped
     }
 }
 
@@ -505,7 +543,11 @@ impl Conversations {
     }
 
     fn answer(&mut self, job: Job) -> Result<(), SessionError> {
-        let Job { request, events } = job;
+        let Job {
+            request,
+            events,
+            mut slot,
+        } = job;
         let restore_start = std::time::Instant::now();
         let continued = self.take_prefix_of(&request.input);
         let is_continued = continued.is_some();
@@ -514,7 +556,14 @@ impl Conversations {
             None => self.fresh(&request.input)?,
         };
         let restore_s = restore_start.elapsed().as_secs_f64();
-        match reply(&mut live, &request, &events, is_continued, restore_s) {
+        match reply(
+            &mut live,
+            &request,
+            &events,
+            is_continued,
+            restore_s,
+            &mut slot,
+        ) {
             Ok(Some(known)) => {
                 live.known = known;
                 live.restored = false;
@@ -543,6 +592,7 @@ fn reply(
     events: &UnboundedSender<Event>,
     is_continued: bool,
     restore_s: f64,
+    slot: &mut Slot,
 ) -> Result<Option<Known>, SessionError> {
     let session = &mut live.session;
     session.set_sampling(request.sampling.clone())?;
@@ -628,6 +678,8 @@ fn reply(
         raw = session.is_raw(),
         "completion"
     );
+    // The reply is complete for the client: the next request may take this job's place.
+    slot.release();
     let _ = events.send(Event::Done(finish, usage));
     // A client that left knows no reply; one whose stop sequence ended it knows less of the
     // reply than the cache read (the stop and what came with it): neither can be continued.

@@ -33,7 +33,7 @@ use futures::Stream;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use generator::{Event, Job, Refused};
+use generator::{Event, Refused};
 pub use generator::{Generator, GeneratorOptions, SavedOptions};
 use openai::{ApiError, ChatRequest, Checked, FinishReason, TextRequest, Usage};
 
@@ -343,7 +343,7 @@ async fn respond(
     let include_usage = request.include_usage;
     state
         .generator
-        .submit(Job { request, events })
+        .submit(request, events)
         .map_err(|refused| match refused {
             Refused::Busy => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
