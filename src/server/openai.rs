@@ -17,15 +17,26 @@ use crate::sampling::SamplingParams;
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<WireMessage>,
+    #[serde(flatten)]
+    pub shared: Shared,
+    /// OpenAI's newer name for `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+}
+
+/// The fields both kinds of request have, checked the same way.
+#[derive(Debug, Deserialize)]
+pub struct Shared {
     #[serde(default)]
     pub temperature: Option<f32>,
     #[serde(default)]
     pub top_p: Option<f32>,
     #[serde(default)]
     pub max_tokens: Option<usize>,
-    /// OpenAI's newer name for `max_tokens`.
-    #[serde(default)]
-    pub max_completion_tokens: Option<usize>,
     #[serde(default)]
     pub stop: Option<Stop>,
     #[serde(default)]
@@ -34,10 +45,6 @@ pub struct ChatRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub tools: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,20 +91,8 @@ const MAX_STOPS: usize = 4;
 #[derive(Debug, Deserialize)]
 pub struct TextRequest {
     pub prompt: TextPrompt,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub max_tokens: Option<usize>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub shared: Shared,
     #[serde(default)]
     pub echo: bool,
     #[serde(default)]
@@ -170,16 +165,9 @@ impl ChatRequest {
             .map(|(i, m)| m.check(i))
             .collect::<Result<Vec<_>, _>>()?;
         check_order(&messages)?;
-        let common = Common {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            stop: self.stop,
-            seed: self.seed,
-            stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-        };
-        common.check(
+        let mut shared = self.shared;
+        shared.max_tokens = self.max_completion_tokens.or(shared.max_tokens);
+        shared.check(
             Input::Chat(messages),
             defaults,
             max_tokens_cap,
@@ -230,36 +218,19 @@ impl TextRequest {
                 Some("prompt"),
             ));
         }
-        let common = Common {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            max_tokens: self.max_tokens,
-            stop: self.stop,
-            seed: self.seed,
-            stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
-        };
         let input = Input::Text {
             prompt,
             echo: self.echo,
         };
         let default_length = TEXT_DEFAULT_MAX_TOKENS.min(max_tokens_cap);
-        common.check(input, defaults, max_tokens_cap, default_length)
+        self.shared
+            .check(input, defaults, max_tokens_cap, default_length)
     }
 }
 
-/// The fields both kinds of request share, checked the same way.
-struct Common {
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    max_tokens: Option<usize>,
-    stop: Option<Stop>,
-    seed: Option<u64>,
-    stream: bool,
-    include_usage: bool,
-}
-
-impl Common {
+impl Shared {
+    /// `input` with these fields checked: `max_tokens` within the cap (`default_length` when
+    /// not given), the stop sequences, the sampling over the server's `defaults`.
     fn check(
         self,
         input: Input,
@@ -309,7 +280,7 @@ impl Common {
             max_tokens,
             stop,
             stream: self.stream,
-            include_usage: self.include_usage,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
     }
 }

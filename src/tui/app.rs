@@ -663,22 +663,8 @@ impl App {
                 }
             }
             Event::TakenBack { text } => {
-                if self
-                    .conversation
-                    .messages
-                    .last()
-                    .is_some_and(|m| m.role == Role::Assistant)
-                {
-                    self.conversation.pop();
-                }
-                if self
-                    .conversation
-                    .messages
-                    .last()
-                    .is_some_and(|m| m.role == Role::User)
-                {
-                    self.conversation.pop();
-                }
+                self.conversation.pop_if(Role::Assistant);
+                self.conversation.pop_if(Role::User);
                 self.conversation.push(Role::User, text);
                 self.conversation.to_bottom();
             }
@@ -694,14 +680,7 @@ impl App {
                 ));
             }
             Event::Regenerating => {
-                if self
-                    .conversation
-                    .messages
-                    .last()
-                    .is_some_and(|m| m.role == Role::Assistant)
-                {
-                    self.conversation.pop();
-                }
+                self.conversation.pop_if(Role::Assistant);
                 self.generation = Some(Generation::default());
                 self.conversation.to_bottom();
             }

@@ -245,9 +245,11 @@ impl Conversation {
         }
     }
 
-    /// Drops the last message (a reply being regenerated).
-    pub fn pop(&mut self) {
-        if self.messages.pop().is_some() {
+    /// Drops the last message when it is `role`'s (a reply being regenerated, an exchange
+    /// taken back).
+    pub fn pop_if(&mut self, role: Role) {
+        if self.messages.last().is_some_and(|m| m.role == role) {
+            self.messages.pop();
             self.total -= 1;
         }
     }
