@@ -164,8 +164,8 @@ struct Regen {
     head: SessionHead,
     logits: Tensor,
     /// The state before the prompt (a point set before the reply's), kept so the whole
-    /// exchange can be taken back: `None` for an exchange read in with a given reply.
-    before_prompt: Option<(RewindPoint, SessionHead)>,
+    /// exchange can be taken back.
+    before_prompt: (RewindPoint, SessionHead),
 }
 
 /// What a turn renders: see [`Session::rendered_messages`].
@@ -1003,7 +1003,7 @@ impl Session {
     ) -> Result<TurnReport, SessionError> {
         #[cfg(feature = "faults")]
         crate::faults::on_turn();
-        self.drop_regen();
+        self.drop_rewind_points();
         let before = self.checkpoint();
         let point = self.cache.mark();
         let start = Instant::now();
@@ -1034,7 +1034,7 @@ impl Session {
             point: self.cache.mark(),
             head: self.head.clone(),
             logits: logits.clone(),
-            before_prompt: Some((point, before.head)),
+            before_prompt: (point, before.head),
         });
         let mut report = self.generate_or_undo(logits, max_tokens, cancel, on_event)?;
         report.prompt_tokens = prompt_tokens;
@@ -1048,7 +1048,7 @@ impl Session {
     /// then stands as after a generated reply that ended its turn. A transaction like
     /// [`Self::turn`]: on an error nothing of it stays. Returns the tokens fed.
     pub fn exchange(&mut self, user: &str, reply: &str) -> Result<usize, SessionError> {
-        self.drop_regen();
+        self.drop_rewind_points();
         let before = self.checkpoint();
         let point = self.cache.mark();
         let never = AtomicBool::new(false);
@@ -1168,21 +1168,13 @@ impl Session {
     pub fn drop_rewind_points(&mut self) {
         if let Some(r) = self.regen.take() {
             self.cache.forget(r.point);
-            if let Some((point, _)) = r.before_prompt {
-                self.cache.forget(point);
-            }
+            self.cache.forget(r.before_prompt.0);
         }
-    }
-
-    fn drop_regen(&mut self) {
-        self.drop_rewind_points();
     }
 
     /// Whether [`Self::take_back_exchange`] can take the last exchange back.
     pub fn can_take_back(&self) -> bool {
-        self.regen
-            .as_ref()
-            .is_some_and(|r| r.before_prompt.is_some())
+        self.regen.is_some()
     }
 
     /// Takes the last exchange back — the user's message and its reply — as if it had never
@@ -1191,15 +1183,10 @@ impl Session {
     /// its next save. `false`, and nothing changes, when that state is not kept (no exchange
     /// since the conversation was opened, or a pin changed the cache since).
     pub fn take_back_exchange(&mut self) -> bool {
-        if !self.can_take_back() {
-            return false;
-        }
         let Some(r) = self.regen.take() else {
             return false;
         };
-        let Some((before, head)) = r.before_prompt else {
-            return false;
-        };
+        let (before, head) = r.before_prompt;
         if !self.cache.rewind(r.point) || !self.cache.rewind(before) {
             // The points were dropped with a pin: the cache is as it was, with no way back.
             return false;
