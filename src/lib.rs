@@ -23,6 +23,7 @@ pub mod logging;
 pub mod model;
 pub mod progress;
 pub mod protocol;
+pub mod remote;
 pub mod sampling;
 pub mod server;
 pub mod session;

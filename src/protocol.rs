@@ -195,6 +195,12 @@ pub enum Notice {
         title: String,
         from_snapshot: bool,
     },
+    /// A conversation saved through `--connect` was opened: the server still holds it (its
+    /// cache goes on), or reads it anew with the next message.
+    ResumedRemote {
+        title: String,
+        held: bool,
+    },
 }
 
 /// A message as a front end shows it.
@@ -236,7 +242,7 @@ pub enum TokenState {
 }
 
 /// The state of one message's characters, for dimming evicted text.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MessageMap {
     /// The message's index in the conversation.
     pub index: usize,
@@ -247,7 +253,7 @@ pub struct MessageMap {
 }
 
 /// What the next query attends to, over the whole conversation.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Timeline {
     /// The cache's counters, the next query's window start among them.
     pub stats: CacheStats,
@@ -264,7 +270,7 @@ pub struct Timeline {
 }
 
 /// One token in the inspect view.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenInfo {
     pub position: u64,
     pub id: u32,
@@ -275,7 +281,7 @@ pub struct TokenInfo {
 }
 
 /// A message's tokens as the model holds them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InspectView {
     pub message: usize,
     pub tokens: Vec<TokenInfo>,
@@ -293,6 +299,11 @@ pub struct Settings {
     pub kv_type: KvType,
     /// The open conversation continues raw text (no chat template).
     pub raw: bool,
+    /// The engine says what its cache attends (the visualizer, inspect mode, pins): the local
+    /// worker and a lambdachat server do; another OpenAI-compatible server does not.
+    pub attention_view: bool,
+    /// The server chatted through (`--connect`), when the engine is remote.
+    pub server: Option<String>,
 }
 
 /// One line of the session list.
@@ -304,4 +315,51 @@ pub struct SessionSummary {
     pub messages: usize,
     /// Seconds since the Unix epoch.
     pub updated: i64,
+}
+
+/// What `GET /lambdachat/v1/info` answers: a lambdachat server's Λ, for a front end connected
+/// with `--connect` (another OpenAI-compatible server has no such route).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServerInfo {
+    pub model: String,
+    pub n_global: usize,
+    pub n_local: usize,
+    pub distance_limit: u64,
+    /// How the server's caches hold keys and values (`f32`, `f16`).
+    pub kv_type: String,
+    /// The longest reply a request may ask for.
+    pub max_tokens: usize,
+}
+
+/// `POST /lambdachat/v1/conversation`: a look at (or a pin in) the conversation a lambdachat
+/// server holds for `messages` exactly (every reply as the server sent it), found as a request
+/// that continues it would find it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LookRequest {
+    pub messages: Vec<Message>,
+    pub look: Look,
+}
+
+/// What to do with the conversation; message indices count the system prompt as message 0
+/// when there is one, as the chat's do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Look {
+    Timeline,
+    Inspect(usize),
+    Pin(usize),
+    Unpin(usize),
+}
+
+/// The answer to a [`LookRequest`]: the conversation's timeline after the look, and what the
+/// look asked for.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Looked {
+    pub timeline: Timeline,
+    #[serde(default)]
+    pub inspect: Option<InspectView>,
+    /// A pin's tokens and how many of them had already been evicted (0 tokens: the message
+    /// has none in the model).
+    #[serde(default)]
+    pub pinned: Option<(u64, u64)>,
 }

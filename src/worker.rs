@@ -192,6 +192,8 @@ fn run(
         recall: options.recall.as_ref().map(|(p, _)| *p),
         kv_type: engine.kv_type,
         raw: false,
+        attention_view: true,
+        server: None,
     };
     let session = Session::new(
         engine.clone(),

@@ -346,3 +346,10 @@ fn an_exposed_server_without_a_key_does_not_start() {
         .unwrap();
     assert_clean_error(&out, "--api-key");
 }
+
+#[test]
+fn connect_needs_the_full_screen_chat() {
+    // Piped (no terminal), as with --plain: the remote chat is full-screen only.
+    let out = run(&["chat", "--connect", "http://127.0.0.1:9", "--plain"]);
+    assert_clean_error(&out, "--connect needs the full-screen chat");
+}

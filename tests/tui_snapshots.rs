@@ -27,6 +27,8 @@ fn app(size: (u16, u16)) -> App {
             recall: None,
             kv_type: KvType::F16,
             raw: false,
+            attention_view: true,
+            server: None,
         },
     }));
     app
@@ -207,6 +209,8 @@ fn visualizer_with_recalled_tokens() {
             recall: Some(RecallParams::default()),
             kv_type: KvType::F16,
             raw: false,
+            attention_view: true,
+            server: None,
         },
     }));
     let mut messages = Vec::new();
@@ -393,5 +397,37 @@ fn editing_the_last_message() {
         ],
     );
     key(&mut app, KeyCode::Up);
+    insta::assert_snapshot!(draw(&app).backend());
+}
+
+/// Through `--connect` to a server that is not lambdachat's: the title names the server, the
+/// status bar counts nothing of a cache it cannot see, and the visualizer says why it is empty.
+#[test]
+fn connected_to_a_plain_openai_server() {
+    let mut app = App::new(Keymap::default(), Theme::default(), (90, 24));
+    app.update(Msg::Worker(Event::Ready {
+        model: "llama3.2".into(),
+        settings: Settings {
+            params: LambdaParams {
+                n_global: 0,
+                n_local: 0,
+                distance_limit: 0,
+            },
+            sampling: SamplingParams::default(),
+            max_tokens: 512,
+            recall: None,
+            kv_type: KvType::F16,
+            raw: false,
+            attention_view: false,
+            server: Some("http://gpu-box:11434".into()),
+        },
+    }));
+    conversation(
+        &mut app,
+        vec![
+            Message::new(Role::User, "Say hi"),
+            Message::new(Role::Assistant, "Hello there, friend!"),
+        ],
+    );
     insta::assert_snapshot!(draw(&app).backend());
 }

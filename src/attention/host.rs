@@ -104,7 +104,7 @@ impl Evicted {
 }
 
 /// What the cache holds, for the status bar and the benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     /// Tokens fed so far.
     pub tokens_seen: u64,

@@ -131,6 +131,8 @@ pub fn run(args: UiArgs, config: &Config) -> Result<i32> {
             recall: settings.recall,
             kv_type: settings.load_options.kv_type,
             raw: false,
+            attention_view: true,
+            server: None,
         },
     }));
     app.update(Msg::Worker(Event::Opened {

@@ -36,6 +36,14 @@ pub struct ChatArgs {
     /// not a terminal)
     #[arg(long)]
     pub plain: bool,
+    /// Chat with a model on a server instead: a lambdachat server (the attention view
+    /// included) or any OpenAI-compatible one (Ollama, llama-server, vLLM), e.g.
+    /// http://gpu-box:8080; --model then names the server's model [default: the first it lists]
+    #[arg(long, value_name = "URL")]
+    pub connect: Option<String>,
+    /// Key the server wants, sent as `Authorization: Bearer KEY` (with --connect)
+    #[arg(long, env = "LAMBDACHAT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Longest reply when neither the flag nor the config file says.
@@ -45,22 +53,13 @@ const DEFAULT_MAX_TOKENS: usize = 2048;
 pub const DEFAULT_SNAPSHOT_BUDGET_MIB: u64 = 2048;
 
 pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
-    let settings = args.run.settings(config)?;
-    let max_tokens = args
-        .max_tokens
-        .or(config.max_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
+    if let Some(url) = args.connect.clone() {
+        return connect(args, url, config);
     }
+    let settings = args.run.settings(config)?;
+    let max_tokens = max_tokens(&args, config)?;
     let system = args.system.clone().or_else(|| config.system.clone());
-    let resume = match args.resume.as_deref() {
-        None => None,
-        Some("latest") => Some(None),
-        Some(id) => Some(Some(id.parse::<i64>().map_err(|_| {
-            anyhow!("--resume takes a session id (a number), not \"{id}\"; `lambdachat sessions` lists them")
-        })?)),
-    };
+    let resume = resume(&args)?;
     let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     if args.plain || !terminal {
         if resume.is_some() {
@@ -73,11 +72,7 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
     let theme = Theme::from_config(config)?;
     let size = crossterm::terminal::size().unwrap_or((80, 24));
     let app = App::new(keymap, theme, size);
-    let store = crate::fetch::data_dir().ok().map(|d| {
-        let _ = std::fs::create_dir_all(&d);
-        crate::durable::restrict_dir(&d);
-        d.join("sessions.db")
-    });
+    let store = store_path("sessions.db");
     let recall = settings.recall_setup()?;
     let options = WorkerOptions {
         recall,
@@ -98,6 +93,70 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
     });
     crate::tui::run(app, start)?;
     Ok(0)
+}
+
+fn max_tokens(args: &ChatArgs, config: &Config) -> Result<usize> {
+    let max_tokens = args
+        .max_tokens
+        .or(config.max_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    Ok(max_tokens)
+}
+
+/// `--resume`: `None` (start anew), `Some(None)` (the latest) or `Some(Some(id))`.
+fn resume(args: &ChatArgs) -> Result<Option<Option<i64>>> {
+    Ok(match args.resume.as_deref() {
+        None => None,
+        Some("latest") => Some(None),
+        Some(id) => Some(Some(id.parse::<i64>().map_err(|_| {
+            anyhow!("--resume takes a session id (a number), not \"{id}\"; `lambdachat sessions` lists them")
+        })?)),
+    })
+}
+
+/// `--connect URL`: the full-screen chat with a server as its engine. Conversations are saved
+/// in `remote.db` beside the local ones.
+fn connect(args: ChatArgs, url: String, config: &Config) -> Result<i32> {
+    let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    if args.plain || !terminal {
+        bail!("--connect needs the full-screen chat (a terminal, without --plain)");
+    }
+    let keymap = Keymap::from_config(config)?;
+    let theme = Theme::from_config(config)?;
+    let size = crossterm::terminal::size().unwrap_or((80, 24));
+    let options = crate::remote::RemoteOptions {
+        url,
+        api_key: args.api_key.clone(),
+        model: args
+            .run
+            .model
+            .model
+            .as_ref()
+            .map(|m| m.display().to_string()),
+        sampling: args.run.settings(config)?.sampling,
+        max_tokens: max_tokens(&args, config)?,
+        system: args.system.clone().or_else(|| config.system.clone()),
+        store: store_path("remote.db"),
+        resume: resume(&args)?,
+    };
+    let start: crate::protocol::Start = Box::new(move |events| {
+        let remote = crate::remote::spawn(options, events)?;
+        Ok(Box::new(remote) as Box<dyn crate::protocol::Backend>)
+    });
+    crate::tui::run(App::new(keymap, theme, size), start)?;
+    Ok(0)
+}
+
+/// A database in the data dir (created, private), when there is a data dir.
+fn store_path(name: &str) -> Option<std::path::PathBuf> {
+    crate::fetch::data_dir().ok().map(|d| {
+        let _ = std::fs::create_dir_all(&d);
+        crate::durable::restrict_dir(&d);
+        d.join(name)
+    })
 }
 
 /// ` + N recalled` when recall is on (0 said plainly: nothing scored, nothing remembered).

@@ -20,11 +20,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::openai::{Checked, FinishReason, Input, LambdaUsage, Usage};
+use crate::attention::KvType;
 use crate::attention::LambdaParams;
 use crate::attention::recall::RecallParams;
 use crate::chat::{Message, Role};
 use crate::engine::Engine;
-use crate::protocol::StopReason;
+use crate::protocol::{Look, LookRequest, Looked, Notice, StopReason};
 use crate::sampling::SamplingParams;
 use crate::session::{Resumed, Session, SessionError, TurnEvent};
 use crate::store::{Store, StoreError};
@@ -38,11 +39,25 @@ pub enum Event {
     Done(FinishReason, Usage),
     /// The job failed (nothing more follows).
     Failed(String),
+    /// Prompt tokens read so far, of `total`, before the reply's first token.
+    Prefill { done: usize, total: usize },
+    /// A look's answer (the job's only event).
+    Looked(Looked),
+    /// The look's conversation is not held (never was, or was dropped).
+    NotHeld,
 }
 
-/// A checked request and where its events go.
+/// What a job asks of the generator.
+enum Work {
+    /// A completion.
+    Reply(Checked),
+    /// A look at a conversation (the lambdachat extension).
+    Look(LookRequest),
+}
+
+/// Work and where its events go.
 struct Job {
-    request: Checked,
+    work: Work,
     events: UnboundedSender<Event>,
     slot: Slot,
 }
@@ -103,6 +118,10 @@ pub enum Refused {
 #[derive(Clone)]
 pub struct Generator {
     jobs: Sender<Job>,
+    /// The Λ every conversation runs with.
+    pub params: LambdaParams,
+    /// How the caches hold keys and values.
+    pub kv_type: KvType,
     /// Jobs accepted and not done: at most `limit` (one running, `queue` waiting).
     taken: Arc<AtomicUsize>,
     limit: usize,
@@ -113,11 +132,14 @@ impl Generator {
     pub fn start(engine: Arc<Engine>, options: GeneratorOptions) -> std::io::Result<Self> {
         let (jobs, queue) = channel();
         let limit = options.queue + 1;
+        let (params, kv_type) = (options.params, engine.kv_type);
         std::thread::Builder::new()
             .name("generation".into())
             .spawn(move || run(Conversations::new(engine, options), queue))?;
         Ok(Self {
             jobs,
+            params,
+            kv_type,
             taken: Arc::new(AtomicUsize::new(0)),
             limit,
         })
@@ -126,17 +148,27 @@ impl Generator {
     /// Queues `request`, whose events go to `events`; refused when one job runs and `queue`
     /// wait already.
     pub fn submit(&self, request: Checked, events: UnboundedSender<Event>) -> Result<(), Refused> {
+        self.queue(Work::Reply(request), events)
+    }
+
+    /// Queues a look at a conversation, as [`Self::submit`] queues a request: in turn with
+    /// the replies (the thread owns the conversations).
+    pub fn look(
+        &self,
+        request: LookRequest,
+        events: UnboundedSender<Event>,
+    ) -> Result<(), Refused> {
+        self.queue(Work::Look(request), events)
+    }
+
+    fn queue(&self, work: Work, events: UnboundedSender<Event>) -> Result<(), Refused> {
         if self.taken.fetch_add(1, Ordering::AcqRel) >= self.limit {
             self.taken.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::Busy);
         }
         let slot = Slot(self.taken.clone(), false);
         self.jobs
-            .send(Job {
-                request,
-                events,
-                slot,
-            })
+            .send(Job { work, events, slot })
             .map_err(|_| Refused::Gone) // the job, and so its slot, came back and was dropped
     }
 }
@@ -542,12 +574,41 @@ impl Conversations {
         })
     }
 
+    /// Takes a look at the conversation held for `request.messages` exactly, live or on disk;
+    /// it then counts as used.
+    fn look(&mut self, request: LookRequest) -> Result<Event, SessionError> {
+        let known = Known::of_chat(&request.messages);
+        let held = match self.live.iter().position(|l| l.known == known) {
+            Some(i) => Some(self.live.swap_remove(i)),
+            None => match self.saved.iter().position(|s| s.known == known) {
+                Some(i) => {
+                    let saved = self.saved.swap_remove(i);
+                    self.restore(saved)
+                }
+                None => None,
+            },
+        };
+        let Some(mut live) = held else {
+            return Ok(Event::NotHeld);
+        };
+        let looked = look_at(&mut live.session, request.look);
+        self.keep(live);
+        Ok(Event::Looked(looked?))
+    }
+
     fn answer(&mut self, job: Job) -> Result<(), SessionError> {
         let Job {
-            request,
+            work,
             events,
             mut slot,
         } = job;
+        let request = match work {
+            Work::Reply(request) => request,
+            Work::Look(look) => {
+                let _ = events.send(self.look(look)?);
+                return Ok(());
+            }
+        };
         let restore_start = std::time::Instant::now();
         let continued = self.take_prefix_of(&request.input);
         let is_continued = continued.is_some();
@@ -583,6 +644,28 @@ impl Conversations {
     }
 }
 
+/// What `look` asks of `session`, and its timeline after it.
+fn look_at(session: &mut Session, look: Look) -> Result<Looked, SessionError> {
+    let mut inspect = None;
+    let mut pinned = None;
+    match look {
+        Look::Timeline => {}
+        Look::Inspect(i) => inspect = Some(session.inspect(i)?),
+        Look::Pin(i) => {
+            pinned = Some(match session.pin(i)? {
+                Notice::Pinned { tokens, lost } => (tokens, lost),
+                _ => (0, 0),
+            })
+        }
+        Look::Unpin(i) => session.unpin(i)?,
+    }
+    Ok(Looked {
+        timeline: session.timeline()?,
+        inspect,
+        pinned,
+    })
+}
+
 /// Feeds what `request` adds to `live` and generates the reply, sending its events. Returns
 /// what the client then knows of the conversation, or `None` when that is not what the cache
 /// holds (it left before the end, or a stop sequence cut the reply short).
@@ -596,6 +679,8 @@ fn reply(
 ) -> Result<Option<Known>, SessionError> {
     let session = &mut live.session;
     session.set_sampling(request.sampling.clone())?;
+    // What inspect mode shows of the reply's last token, when the client asked for it.
+    session.set_probe(request.probe);
     let reused = session.token_count();
     let start = std::time::Instant::now();
     let (fed, user) = match (live.known, &request.input) {
@@ -631,12 +716,18 @@ fn reply(
         if events.is_closed() {
             cancel.store(true, Ordering::Relaxed);
         }
-        if let TurnEvent::Text(t) = e {
-            let (text, hit) = stops.push(t);
-            send(text, &mut sent);
-            if hit {
-                cancel.store(true, Ordering::Relaxed);
+        match e {
+            TurnEvent::Text(t) => {
+                let (text, hit) = stops.push(t);
+                send(text, &mut sent);
+                if hit {
+                    cancel.store(true, Ordering::Relaxed);
+                }
             }
+            TurnEvent::Prefill { done, total } => {
+                let _ = events.send(Event::Prefill { done, total });
+            }
+            TurnEvent::Stats(_) => {}
         }
     })?;
     if !stops.hit {

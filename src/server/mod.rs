@@ -6,6 +6,10 @@
 //! - `POST /v1/completions`: a text continued raw, with no chat template (base models), in the
 //!   same two ways; a prompt that extends an earlier prompt and its completion continues it.
 //! - `GET /v1/models`, `GET /health`.
+//! - lambdachat's extension, for the chat connected with `--connect`: `GET /lambdachat/v1/info`
+//!   (the Λ) and `POST /lambdachat/v1/conversation` (a held conversation's timeline, a
+//!   message's tokens, pins). While a streamed reply's prompt is read, SSE comments
+//!   (`: prefill DONE/TOTAL`, which OpenAI clients skip) say how far it got.
 //!
 //! The HTTP side (axum on a current-thread tokio runtime) checks requests and never touches the
 //! model; [`generator`] runs every job on one thread that owns the live conversations. Errors
@@ -37,6 +41,7 @@ use generator::{Event, Refused};
 pub use generator::{Generator, GeneratorOptions, SavedOptions};
 use openai::{ApiError, ChatRequest, Checked, FinishReason, TextRequest, Usage};
 
+use crate::protocol::{LookRequest, Looked, ServerInfo};
 use crate::sampling::SamplingParams;
 
 /// What the HTTP side needs.
@@ -156,6 +161,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(text_completions))
         .route("/v1/models", get(models))
+        .route("/lambdachat/v1/info", get(info))
+        .route("/lambdachat/v1/conversation", post(conversation))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -236,6 +243,59 @@ async fn models(State(state): State<Arc<ServerState>>) -> Json<serde_json::Value
             "owned_by": "lambdachat",
         }]
     }))
+}
+
+async fn info(State(state): State<Arc<ServerState>>) -> Json<ServerInfo> {
+    let params = state.generator.params;
+    Json(ServerInfo {
+        model: state.model.clone(),
+        n_global: params.n_global,
+        n_local: params.n_local,
+        distance_limit: params.distance_limit,
+        kv_type: state.generator.kv_type.name().to_string(),
+        max_tokens: state.max_tokens,
+    })
+}
+
+/// A look at a held conversation (see [`LookRequest`]): queued with the replies, as the
+/// generation thread owns the conversations.
+async fn conversation(
+    State(state): State<Arc<ServerState>>,
+    request: Request,
+) -> Result<Json<Looked>, ApiError> {
+    let body: LookRequest = read_json(&state, request, "a conversation look").await?;
+    let (events, mut replies) = unbounded_channel();
+    state.generator.look(body, events).map_err(refusal)?;
+    match replies.recv().await {
+        Some(Event::Looked(looked)) => Ok(Json(looked)),
+        Some(Event::NotHeld) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "conversation_not_held",
+            "the server holds no conversation with exactly these messages (it reads them anew \
+             with the next request)",
+        )),
+        Some(Event::Failed(message)) => Err(ApiError::invalid(&message, Some("look"))),
+        _ => Err(failed("the generator stopped before answering".into())),
+    }
+}
+
+/// Why a job was not queued, in OpenAI's shape.
+fn refusal(refused: Refused) -> ApiError {
+    match refused {
+        Refused::Busy => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "server_busy",
+            "the server is busy with other requests; retry shortly",
+        ),
+        Refused::Gone => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "generator_stopped",
+            "the model is not running any more; restart the server",
+        ),
+    }
 }
 
 fn now() -> u64 {
@@ -341,23 +401,7 @@ async fn respond(
     let (events, replies) = unbounded_channel();
     let stream = request.stream;
     let include_usage = request.include_usage;
-    state
-        .generator
-        .submit(request, events)
-        .map_err(|refused| match refused {
-            Refused::Busy => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "server_busy",
-                "the server is busy with other requests; retry shortly",
-            ),
-            Refused::Gone => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "generator_stopped",
-                "the model is not running any more; restart the server",
-            ),
-        })?;
+    state.generator.submit(request, events).map_err(refusal)?;
     let n = state.requests.fetch_add(1, Ordering::Relaxed);
     let prefix = match shape {
         Shape::Chat => "chatcmpl",
@@ -497,6 +541,7 @@ async fn collect(
             Event::Text(t) => text.push_str(&t),
             Event::Done(finish, usage) => return Ok((text, finish, usage)),
             Event::Failed(message) => return Err(failed(message)),
+            Event::Prefill { .. } | Event::Looked(_) | Event::NotHeld => {}
         }
     }
     Err(failed(
@@ -520,9 +565,13 @@ fn stream_chunks(
         async move {
             while queue.is_empty() && !ended {
                 let event = replies.recv().await;
-                ended = !matches!(event, Some(Event::Text(_)));
+                ended = !matches!(event, Some(Event::Text(_) | Event::Prefill { .. }));
                 match event {
                     Some(Event::Text(t)) => queue.push_back(reply.chunk(Piece::Text(&t))),
+                    Some(Event::Prefill { done, total }) => {
+                        let note = format!("prefill {done}/{total}");
+                        queue.push_back(SseEvent::default().comment(note));
+                    }
                     Some(Event::Done(finish, usage)) => {
                         queue.push_back(reply.chunk(Piece::Finish(finish)));
                         if include_usage {
@@ -534,7 +583,7 @@ fn stream_chunks(
                             SseEvent::default().data(failed(message).body().to_string()),
                         );
                     }
-                    None => {
+                    Some(Event::Looked(_) | Event::NotHeld) | None => {
                         let gone = failed("the generator stopped before the reply ended".into());
                         queue.push_back(SseEvent::default().data(gone.body().to_string()));
                     }

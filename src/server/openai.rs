@@ -45,6 +45,17 @@ pub struct Shared {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// lambdachat's own options (other servers ignore the field).
+    #[serde(default)]
+    pub lambdachat: Option<Extension>,
+}
+
+/// A request's `lambdachat` field.
+#[derive(Debug, Default, Deserialize)]
+pub struct Extension {
+    /// Record the attention of the reply's last token, for inspect mode (`--connect` asks).
+    #[serde(default)]
+    pub inspect: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +146,8 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Record what the reply's last token attends (for a look with [`crate::protocol::Look::Inspect`]).
+    pub probe: bool,
 }
 
 impl ChatRequest {
@@ -281,6 +294,7 @@ impl Shared {
             stop,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            probe: self.lambdachat.is_some_and(|e| e.inspect),
         })
     }
 }

@@ -209,6 +209,8 @@ mod tests {
             recall: None,
             kv_type: KvType::F16,
             raw: false,
+            attention_view: true,
+            server: None,
         }
     }
 

@@ -95,8 +95,16 @@ pub fn draw(frame: &mut Frame<'_>, app: &App) {
         ),
     }
     if app.visualizer {
-        let distance_limit = params.map_or(0, |p| p.distance_limit);
-        visualizer::draw(frame, vis, theme, &app.timeline, distance_limit);
+        match app.settings.as_ref() {
+            Some(s) if !s.attention_view => {
+                let server = s.server.as_deref().unwrap_or("this server");
+                visualizer::draw_unavailable(frame, vis, theme, server);
+            }
+            _ => {
+                let distance_limit = params.map_or(0, |p| p.distance_limit);
+                visualizer::draw(frame, vis, theme, &app.timeline, distance_limit);
+            }
+        }
     }
     if let Some(i) = &app.inspect {
         let role = app.conversation.get(i.message).map(|m| m.role);
@@ -133,6 +141,10 @@ fn draw_title(frame: &mut Frame<'_>, app: &App, area: Rect) {
     if !app.model.is_empty() {
         spans.push(Span::styled(" · ", dim));
         spans.push(Span::raw(app.model.clone()));
+    }
+    if let Some(server) = app.settings.as_ref().and_then(|s| s.server.as_deref()) {
+        spans.push(Span::styled(" @ ", dim));
+        spans.push(Span::raw(server.to_string()));
     }
     spans.push(Span::styled(" · ", dim));
     spans.push(Span::styled(
@@ -193,6 +205,11 @@ fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
             Style::default().fg(app.theme.accent)
         };
         spans.extend([sep(), Span::styled(n.text.clone(), style)]);
+    }
+    // A server that is not lambdachat's says nothing of its cache.
+    if app.settings.as_ref().is_some_and(|s| !s.attention_view) {
+        frame.render_widget(Paragraph::new(Line::from(spans)), area);
+        return;
     }
     let capacity = app
         .settings

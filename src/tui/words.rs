@@ -56,6 +56,12 @@ pub fn notice(notice: &Notice) -> String {
             title,
             from_snapshot: false,
         } => format!("resumed \"{title}\"; feeding its history again (no current snapshot)"),
+        Notice::ResumedRemote { title, held: true } => {
+            format!("resumed \"{title}\"; the server still holds its cache")
+        }
+        Notice::ResumedRemote { title, held: false } => {
+            format!("resumed \"{title}\"; the server reads it with your next message")
+        }
     }
 }
 

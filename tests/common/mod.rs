@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod server;
 pub mod tiny;
 
 use std::path::{Path, PathBuf};

@@ -16,6 +16,32 @@ use crate::tui::widgets::state_color;
 /// Rows of the panel, borders included.
 pub const ROWS: u16 = 8;
 
+/// The panel for a server that does not say what its cache attends (one that is not a
+/// lambdachat server): what is missing and why, rather than an empty Λ.
+pub fn draw_unavailable(frame: &mut Frame<'_>, area: Rect, theme: &Theme, server: &str) {
+    let block = Block::default()
+        .borders(Borders::TOP | Borders::BOTTOM)
+        .border_style(Style::default().fg(theme.evicted))
+        .title(Span::styled(
+            " Attention window ",
+            Style::default().fg(theme.accent),
+        ));
+    let lines = vec![
+        Line::from(format!("Not available for {server}.")),
+        Line::from(Span::styled(
+            "It is not a lambdachat server, so it does not say what its cache attends; \
+             the chat itself works as usual. `lambdachat serve` on that machine shows the Λ here.",
+            Style::default().fg(theme.evicted),
+        )),
+    ];
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    frame.render_widget(
+        Paragraph::new(lines).wrap(ratatui::widgets::Wrap { trim: true }),
+        inner,
+    );
+}
+
 /// The Λ over the whole conversation: each row is a query position (sampled from the first
 /// token to the next one), each column a span of key positions, coloured by how that query
 /// sees them: the sink stripe on the left, the window as a diagonal band, evicted dots between;
