@@ -22,6 +22,9 @@ pub enum BenchCommand {
     /// Chat N tokens through the worker, the store and the screen: memory, time to first
     /// token, save time, database size and bytes written at checkpoints.
     Soak(super::bench_soak::SoakArgs),
+    /// Drive `lambdachat serve` over HTTP in this process: time to first token turn after turn
+    /// of a continued conversation, and decode speed through SSE against in-process decoding.
+    Serve(super::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -75,6 +78,7 @@ pub fn run(cmd: BenchCommand, config: &Config) -> Result<i32> {
         BenchCommand::Prefill(a) => prefill(a, config),
         BenchCommand::Ui(a) => super::bench_ui::run(a, config),
         BenchCommand::Soak(a) => super::bench_soak::run(a, config),
+        BenchCommand::Serve(a) => super::bench_serve::run(a, config),
     }
 }
 

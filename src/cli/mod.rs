@@ -4,6 +4,7 @@
 mod ask;
 mod bench;
 mod bench_bandwidth;
+mod bench_serve;
 mod bench_soak;
 mod bench_ui;
 mod chat;

@@ -71,8 +71,8 @@ pub struct StreamEnd {
     pub finish: Option<String>,
     /// `usage.prompt_tokens` and `usage.completion_tokens`, when the server sent them.
     pub usage: Option<(u64, u64)>,
-    /// Tokens per second as a lambdachat server measured them where they were made.
-    pub decode_tok_s: Option<f64>,
+    /// A lambdachat server's `usage.lambdachat` (tokens reused and fed, decode speed…).
+    pub extension: Option<serde_json::Value>,
     /// Stopped by the caller; the connection was dropped, which stops the server's generation.
     pub cancelled: bool,
 }
@@ -82,6 +82,13 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     key: Option<String>,
+}
+
+impl StreamEnd {
+    /// Tokens per second as a lambdachat server measured them where they were made.
+    pub fn server_tok_s(&self) -> Option<f64> {
+        self.extension.as_ref()?.get("decode_tok_s")?.as_f64()
+    }
 }
 
 impl Client {
@@ -307,9 +314,7 @@ fn read_chunk(
     if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
         let n = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         end.usage = Some((n("prompt_tokens"), n("completion_tokens")));
-        end.decode_tok_s = usage
-            .pointer("/lambdachat/decode_tok_s")
-            .and_then(|v| v.as_f64());
+        end.extension = usage.get("lambdachat").cloned();
     }
     let choice = chunk.get("choices").and_then(|c| c.get(0));
     let Some(choice) = choice else {

@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, Piece, StreamEnd};
 
 use crate::attention::{KvType, LambdaParams};
 use crate::chat::{Message, Role, code_blocks};
@@ -29,7 +29,6 @@ use crate::protocol::{
 };
 use crate::sampling::SamplingParams;
 use crate::store::{markdown_message, markdown_title, title_from};
-use client::{Piece, StreamEnd};
 use saved::SavedChats;
 
 /// Least time between two progress events while a reply streams.
@@ -586,11 +585,12 @@ impl Remote<'_> {
         let tok_s = first.map_or(0.0, |start| tok_s(pieces, start));
         match streamed {
             Ok(end) => {
+                let server_tok_s = end.server_tok_s();
                 let StreamEnd {
                     finish,
                     usage,
-                    decode_tok_s,
                     cancelled,
+                    ..
                 } = end;
                 // Whatever came is the reply, a stopped one included: the conversation goes
                 // on from what the user saw.
@@ -608,7 +608,7 @@ impl Remote<'_> {
                     stop,
                     prompt_tokens,
                     generated,
-                    tok_s: decode_tok_s.unwrap_or(tok_s),
+                    tok_s: server_tok_s.unwrap_or(tok_s),
                     replied: true,
                 });
             }
