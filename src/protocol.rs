@@ -24,6 +24,27 @@ pub trait Backend {
     fn cancel(&self);
 }
 
+/// An engine on a thread of its own (the local worker, the remote backend): commands queue on a
+/// channel and are carried out in order; a stop goes through a flag the engine checks between
+/// tokens (and between prefill chunks), as the queue is busy while a reply streams.
+pub struct EngineThread {
+    pub commands: std::sync::mpsc::Sender<Command>,
+    pub cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+impl Backend for EngineThread {
+    fn send(&self, command: Command) {
+        // An engine that has stopped already reported why.
+        let _ = self.commands.send(command);
+    }
+
+    fn cancel(&self) {
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Starts an engine that reports on the given channel.
 pub type Start = Box<dyn FnOnce(EventSender) -> std::io::Result<Box<dyn Backend>>>;
 

@@ -10,8 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -20,7 +19,9 @@ use crate::attention::LambdaParams;
 use crate::attention::recall::RecallParams;
 use crate::engine::Engine;
 use crate::progress::{Progress, download_line};
-use crate::protocol::{Backend, Command, Event, EventSender, Notice, Role, Settings, ShownMessage};
+use crate::protocol::{
+    Command, EngineThread, Event, EventSender, Notice, Role, Settings, ShownMessage,
+};
 use crate::sampling::SamplingParams;
 use crate::session::{MessageRecord, Resumed, Session, TurnEvent, TurnReport};
 use crate::store::{Store, markdown_message, markdown_title, title_from};
@@ -53,29 +54,11 @@ pub struct WorkerOptions {
     pub recall: Option<(RecallParams, PathBuf)>,
 }
 
-pub struct WorkerHandle {
-    pub commands: Sender<Command>,
-    /// Set to stop the reply or prefill in progress.
-    pub cancel: Arc<AtomicBool>,
-    pub thread: JoinHandle<()>,
-}
-
-impl Backend for WorkerHandle {
-    fn send(&self, command: Command) {
-        // A worker that has stopped already reported why.
-        let _ = self.commands.send(command);
-    }
-
-    fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Name of the worker thread (in the log, and in a debugger's thread list).
 const THREAD_NAME: &str = "lambdachat-worker";
 
 /// Starts the worker thread.
-pub fn spawn(options: WorkerOptions, events: EventSender) -> std::io::Result<WorkerHandle> {
+pub fn spawn(options: WorkerOptions, events: EventSender) -> std::io::Result<EngineThread> {
     let (commands, inbox) = channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -104,7 +87,7 @@ pub fn spawn(options: WorkerOptions, events: EventSender) -> std::io::Result<Wor
             }
             emit.send(Event::Stopped);
         })?;
-    Ok(WorkerHandle {
+    Ok(EngineThread {
         commands,
         cancel,
         thread,

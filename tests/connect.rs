@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::server::{Options, start};
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use lambdachat::protocol::{Backend, Event, Role, SamplingParams, StopReason};
-use lambdachat::remote::{RemoteHandle, RemoteOptions, spawn};
+use lambdachat::remote::{RemoteOptions, spawn};
 use lambdachat::tui::app::{App, Effect, Msg};
 use lambdachat::tui::keymap::Keymap;
 use lambdachat::tui::theme::Theme;
@@ -46,7 +46,7 @@ fn options(url: &str, key: Option<&str>, data: &Path) -> RemoteOptions {
 /// The app and its remote engine, wired as `tui::run` wires them.
 struct Chat {
     app: App,
-    remote: RemoteHandle,
+    remote: lambdachat::protocol::EngineThread,
     events: UnboundedReceiver<Event>,
     /// Every event the engine sent, in order.
     seen: Vec<Event>,

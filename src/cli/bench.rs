@@ -7,6 +7,7 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 
 use super::RunArgs;
+use crate::attention::LambdaParams;
 use crate::config::Config;
 use crate::eval::rss_bytes;
 use crate::session::Session;
@@ -98,13 +99,8 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
     let limit = bandwidth_limit(&engine)?;
     if !args.json {
         println!(
-            "decode benchmark: {} ({}), {} threads, n_global {}, n_local {}, {} keys and values, after {} prompt tokens",
-            engine.model.info().name,
-            engine.path.display(),
-            candle_core::utils::get_num_threads(),
-            params.n_global,
-            params.n_local,
-            engine.kv_type,
+            "decode benchmark: {}, after {} prompt tokens",
+            setup(&engine, params),
             prompt.len()
         );
         if let Some(l) = &limit {
@@ -194,6 +190,20 @@ fn decode(args: DecodeArgs, config: &Config) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// What a benchmark runs on, for its first line: the model, its file, the threads, the Λ and
+/// the K/V type.
+pub(super) fn setup(engine: &crate::engine::Engine, params: LambdaParams) -> String {
+    format!(
+        "{} ({}), {} threads, n_global {}, n_local {}, {} keys and values",
+        engine.model.info().name,
+        engine.path.display(),
+        candle_core::utils::get_num_threads(),
+        params.n_global,
+        params.n_local,
+        engine.kv_type,
+    )
 }
 
 /// The bandwidth bound of a decode step (`bench_bandwidth`).

@@ -62,13 +62,8 @@ pub fn run(args: ServeBenchArgs, config: &Config) -> Result<i32> {
     )?;
     let client = Client::new(&base, None)?;
     println!(
-        "serve benchmark: {} ({}), {} threads, n_global {}, n_local {}, {} keys and values, greedy",
-        engine.model.info().name,
-        engine.path.display(),
-        candle_core::utils::get_num_threads(),
-        params.n_global,
-        params.n_local,
-        engine.kv_type,
+        "serve benchmark: {}, greedy",
+        super::bench::setup(&engine, params)
     );
     let capacity = (params.n_global + params.n_local) as u64;
     let long = conversation_ttft(&client, &args, capacity)?;

@@ -16,13 +16,13 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::RunArgs;
 use crate::config::Config;
 use crate::eval::rss_bytes;
-use crate::protocol::{Backend, Command, Event, Notice};
+use crate::protocol::{Backend, Command, EngineThread, Event, Notice};
 use crate::store;
 use crate::tui::app::{App, Effect, Msg};
 use crate::tui::keymap::Keymap;
 use crate::tui::theme::Theme;
 use crate::tui::view;
-use crate::worker::{self, WorkerHandle, WorkerOptions};
+use crate::worker::{self, WorkerOptions};
 
 #[derive(Args)]
 pub struct SoakArgs {
@@ -128,7 +128,7 @@ fn message(turn: u64, chars: usize) -> String {
 
 /// The chat under test: the worker, the chat screen it feeds, and what the last turns showed.
 struct Soak {
-    worker: WorkerHandle,
+    worker: EngineThread,
     rx: UnboundedReceiver<Event>,
     app: App,
     term: Terminal<TestBackend>,

@@ -15,8 +15,7 @@ mod saved;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::JoinHandle;
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 pub use client::{Client, ClientError, Piece, StreamEnd};
@@ -24,8 +23,8 @@ pub use client::{Client, ClientError, Piece, StreamEnd};
 use crate::attention::{KvType, LambdaParams};
 use crate::chat::{Message, Role, code_blocks};
 use crate::protocol::{
-    Backend, Command, Event, EventSender, Look, LookRequest, Looked, Notice, ServerInfo, Settings,
-    ShownMessage, StopReason, Timeline,
+    Command, EngineThread, Event, EventSender, Look, LookRequest, Looked, Notice, ServerInfo,
+    Settings, ShownMessage, StopReason, Timeline,
 };
 use crate::sampling::SamplingParams;
 use crate::store::{markdown_message, markdown_title, title_from};
@@ -51,24 +50,8 @@ pub struct RemoteOptions {
     pub resume: Option<Option<i64>>,
 }
 
-pub struct RemoteHandle {
-    commands: Sender<Command>,
-    cancel: Arc<AtomicBool>,
-    pub thread: JoinHandle<()>,
-}
-
-impl Backend for RemoteHandle {
-    fn send(&self, command: Command) {
-        let _ = self.commands.send(command);
-    }
-
-    fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Starts the remote backend's thread; it connects, then reports on `events`.
-pub fn spawn(options: RemoteOptions, events: EventSender) -> std::io::Result<RemoteHandle> {
+pub fn spawn(options: RemoteOptions, events: EventSender) -> std::io::Result<EngineThread> {
     let (commands, inbox) = channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
@@ -81,7 +64,7 @@ pub fn spawn(options: RemoteOptions, events: EventSender) -> std::io::Result<Rem
             run(options, &inbox, flag, &emit);
             emit(Event::Stopped);
         })?;
-    Ok(RemoteHandle {
+    Ok(EngineThread {
         commands,
         cancel,
         thread,
