@@ -147,7 +147,7 @@ fn run(
         }
     };
     let mut remote = Remote {
-        label: format!("{model} @ {}", client.base()),
+        label: format!("{} @ {}", shown_name(&model), client.base()),
         client,
         model,
         info,
@@ -163,7 +163,7 @@ fn run(
     };
     remote.start_fresh();
     emit(Event::Ready {
-        model: remote.model.clone(),
+        model: shown_name(&remote.model).to_string(),
         settings: remote.settings.clone(),
     });
     match options.resume {
@@ -681,6 +681,31 @@ impl Remote<'_> {
     }
 }
 
+/// A model id as the title bar shows it: llama-server lists a model by its file's path, vLLM by
+/// `ORG/NAME`; the last part says which model it is.
+fn shown_name(id: &str) -> &str {
+    id.rsplit('/').find(|part| !part.is_empty()).unwrap_or(id)
+}
+
 fn tok_s(pieces: usize, since: Instant) -> f64 {
     pieces as f64 / since.elapsed().as_secs_f64().max(1e-6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_are_shown_by_their_last_part() {
+        assert_eq!(
+            shown_name("/models/qwen2.5-coder-0.5b.gguf"),
+            "qwen2.5-coder-0.5b.gguf"
+        );
+        assert_eq!(
+            shown_name("Qwen/Qwen2.5-7B-Instruct"),
+            "Qwen2.5-7B-Instruct"
+        );
+        assert_eq!(shown_name("llama3.2:latest"), "llama3.2:latest");
+        assert_eq!(shown_name("odd/"), "odd");
+    }
 }
