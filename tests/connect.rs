@@ -138,12 +138,9 @@ impl Chat {
 }
 
 fn replies(app: &App) -> usize {
-    (0..8)
-        .filter(|&i| {
-            app.conversation
-                .get(i)
-                .is_some_and(|m| m.role == Role::Assistant)
-        })
+    (0..)
+        .map_while(|i| app.conversation.get(i))
+        .filter(|m| m.role == Role::Assistant)
         .count()
 }
 

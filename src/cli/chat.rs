@@ -67,11 +67,7 @@ pub fn run(args: ChatArgs, config: &Config) -> Result<i32> {
         }
         return plain(settings, system, max_tokens);
     }
-    // Bad keymap or theme entries stop here, before the screen changes.
-    let keymap = Keymap::from_config(config)?;
-    let theme = Theme::from_config(config)?;
-    let size = crossterm::terminal::size().unwrap_or((80, 24));
-    let app = App::new(keymap, theme, size);
+    let app = app(config)?;
     let store = store_path("sessions.db");
     let recall = settings.recall_setup()?;
     let options = WorkerOptions {
@@ -124,9 +120,7 @@ fn connect(args: ChatArgs, url: String, config: &Config) -> Result<i32> {
     if args.plain || !terminal {
         bail!("--connect needs the full-screen chat (a terminal, without --plain)");
     }
-    let keymap = Keymap::from_config(config)?;
-    let theme = Theme::from_config(config)?;
-    let size = crossterm::terminal::size().unwrap_or((80, 24));
+    let app = app(config)?;
     let options = crate::remote::RemoteOptions {
         url,
         api_key: args.api_key.clone(),
@@ -146,8 +140,17 @@ fn connect(args: ChatArgs, url: String, config: &Config) -> Result<i32> {
         let remote = crate::remote::spawn(options, events)?;
         Ok(Box::new(remote) as Box<dyn crate::protocol::Backend>)
     });
-    crate::tui::run(App::new(keymap, theme, size), start)?;
+    crate::tui::run(app, start)?;
     Ok(0)
+}
+
+/// The chat screen as the config file sets it up: bad keymap or theme entries stop here,
+/// before the screen changes.
+fn app(config: &Config) -> Result<App> {
+    let keymap = Keymap::from_config(config)?;
+    let theme = Theme::from_config(config)?;
+    let size = crossterm::terminal::size().unwrap_or((80, 24));
+    Ok(App::new(keymap, theme, size))
 }
 
 /// A database in the data dir (created, private), when there is a data dir.

@@ -236,7 +236,7 @@ impl Remote<'_> {
         self.cancel.store(false, Ordering::Relaxed);
         match command {
             Command::Send(text) => {
-                self.push(Message::new(Role::User, text));
+                self.messages.push(Message::new(Role::User, text));
                 self.reply();
             }
             Command::ReplaceLast(text) => {
@@ -247,7 +247,7 @@ impl Remote<'_> {
                     self.retitle(title_from(&text));
                 }
                 (self.emit)(Event::TakenBack { text: text.clone() });
-                self.push(Message::new(Role::User, text));
+                self.messages.push(Message::new(Role::User, text));
                 self.reply();
             }
             Command::Regenerate => {
@@ -375,10 +375,6 @@ impl Remote<'_> {
             message_count: self.messages.len(),
             ..Timeline::default()
         }
-    }
-
-    fn push(&mut self, m: Message) {
-        self.messages.push(m);
     }
 
     fn pop_if(&mut self, role: Role) {
@@ -577,7 +573,7 @@ impl Remote<'_> {
                 } = end;
                 // Whatever came is the reply, a stopped one included: the conversation goes
                 // on from what the user saw.
-                self.push(Message::new(Role::Assistant, text));
+                self.messages.push(Message::new(Role::Assistant, text));
                 let (prompt_tokens, generated) =
                     usage.map_or((0, pieces), |(p, c)| (p as usize, c as usize));
                 let stop = if cancelled {
@@ -597,7 +593,7 @@ impl Remote<'_> {
             }
             Err(e) => {
                 if !text.is_empty() {
-                    self.push(Message::new(Role::Assistant, text));
+                    self.messages.push(Message::new(Role::Assistant, text));
                 }
                 let retry = if e.status() == Some(429) {
                     " (the server is busy)"
