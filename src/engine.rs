@@ -25,6 +25,11 @@ pub enum EngineError {
          they do not belong together"
     )]
     VocabMismatch { tokenizer: usize, model: usize },
+    #[error(
+        "{kv_type} keys and values need a head size that is a multiple of 32, and this model's \
+         is {head_dim}: use --kv-type f16"
+    )]
+    KvType { kv_type: KvType, head_dim: usize },
 }
 
 pub struct Engine {
@@ -87,6 +92,13 @@ impl Engine {
                 (tokenizer, files.chat_template, files.eos_ids)
             }
         };
+        let head_dim = model.info().head_dim;
+        if !options.kv_type.holds_rows_of(head_dim) {
+            return Err(EngineError::KvType {
+                kv_type: options.kv_type,
+                head_dim,
+            });
+        }
         let rows = model.info().vocab_size;
         if tokenizer.vocab_size() > rows {
             return Err(EngineError::VocabMismatch {

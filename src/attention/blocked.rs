@@ -66,13 +66,14 @@ pub(super) struct BlockScratch {
     sum: Vec<f32>,
     /// `Σ e·s` per row, for the entropy.
     weighted: Vec<f64>,
-    /// An f16 segment's block of keys or values widened to f32, `[key][head_dim]`.
+    /// A narrow segment's block of keys or values widened to f32, `[key][head_dim]`.
     widened: Vec<f32>,
 }
 
 /// A block of `n` slots from `start` of one KV head's rows as the `gemm` crate reads them:
-/// a pointer and the stride between slots. f32 rows are read in place; f16 rows are widened
-/// into `buf` first (`n × head_dim` conversions against `rows × n × head_dim` multiplications).
+/// a pointer and the stride between slots. f32 rows are read in place; f16 and q8_0 rows are
+/// widened into `buf` first (`n × head_dim` conversions against `rows × n × head_dim`
+/// multiplications).
 fn block_rows(
     rows: KvView<'_>,
     seg: &BlockSegment<'_>,
@@ -84,11 +85,10 @@ fn block_rows(
     let first = start * seg.stride + seg.offset;
     match rows {
         KvView::F32(v) => (v[first..].as_ptr(), seg.stride),
-        KvView::F16(v) => {
-            use half::slice::HalfFloatSliceExt;
+        narrow => {
             buf.resize(n * head_dim, 0.0);
             for (j, out) in buf.chunks_exact_mut(head_dim).enumerate() {
-                v[first + j * seg.stride..][..head_dim].convert_to_f32_slice(out);
+                narrow.widen(first + j * seg.stride, out);
             }
             (buf.as_ptr(), head_dim)
         }

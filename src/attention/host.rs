@@ -1296,19 +1296,28 @@ mod tests {
     /// The largest |Δ| against the oracle each storage type may show. f32 is exact up to the
     /// order of additions (seen: 3e-7). f16 rounds each stored key and value by up to 2⁻¹¹ of
     /// itself: on these inputs (keys up to 3, queries and values up to 1) outputs move by up to
-    /// 4e-4 (seen over the whole grid). A wrong mask, rotation or distance moves them by 1e-1.
+    /// 4e-4 (seen over the whole grid). q8_0 moves each by up to half a step of its block's
+    /// `max|x| / 127` (keys: 1.2e-2): outputs by up to 7e-3 (seen over the whole grid). A wrong mask, rotation or
+    /// distance moves them by 1e-1.
     fn tolerance(kv_type: KvType) -> f64 {
         match kv_type {
             KvType::F32 => 1e-5,
             KvType::F16 => 2e-3,
+            KvType::Q8_0 => 2e-2,
         }
     }
 
-    const KV_TYPES: [KvType; 2] = [KvType::F32, KvType::F16];
+    const KV_TYPES: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8_0];
 
-    /// Max |Δ| of the cache's outputs against the oracle, and the tolerance of `kv_type`.
+    /// Max |Δ| of the cache's outputs against the oracle, and the tolerance of `kv_type`. A
+    /// type that cannot hold the case's heads (q8_0: 16 values, half a block) runs it with
+    /// heads of 32.
     fn run(case: &Case, style: RopeStyle, kv_type: KvType) -> f64 {
-        let hd = case.hd;
+        let hd = if kv_type.holds_rows_of(case.hd) {
+            case.hd
+        } else {
+            super::super::kv_store::Q8_BLOCK
+        };
         let mut rng = StdRng::seed_from_u64(
             (case.t * 31 + case.chunk * 7 + case.g * 3 + case.l + case.kv) as u64,
         );

@@ -8,13 +8,14 @@
 //! in registers across all keys). Scores of keys the rule hides are −∞ and contribute exactly
 //! zero.
 
-use super::kv_store::{KvElem, KvView};
+use super::kv_store::{KvRows, KvView};
 use crate::kernels::{Kernel, fast_exp};
 
 /// How many slots ahead of use rows are prefetched.
 const PREFETCH_AHEAD: usize = 8;
 
-/// Keys and values stored `[slot][kv_head][head_dim]` (f32 or f16), viewed for one KV head.
+/// Keys and values stored `[slot][kv_head][head_dim]` (f32, f16 or q8_0), viewed for one KV
+/// head.
 pub(super) struct Rows<'a> {
     pub keys: KvView<'a>,
     pub values: KvView<'a>,
@@ -26,28 +27,44 @@ pub(super) struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// Asks the CPU to start loading slot `j` of `data` (each row is a few cache lines). Rows are
-    /// strided and cross a 4 KiB page every few slots, where hardware prefetchers stop; without
-    /// this, the pass waits on memory rather than computing.
+    /// Index of slot `j`'s first value of this KV head.
     #[inline(always)]
-    fn prefetch<E>(&self, data: &[E], j: usize, from: usize, d: usize) {
-        #[cfg(target_arch = "x86_64")]
+    fn at(&self, j: usize) -> usize {
+        j * self.stride + self.offset
+    }
+
+    /// Asks the CPU to start loading `d` values from `from` of slot `j` of `data` (each row is
+    /// a few cache lines). Rows are strided and cross a 4 KiB page every few slots, where
+    /// hardware prefetchers stop; without this, the pass waits on memory rather than computing.
+    #[inline(always)]
+    fn prefetch<'d>(&self, data: impl KvRows<'d>, j: usize, from: usize, d: usize) {
         if j < self.len {
-            let start = j * self.stride + self.offset + from;
-            for line in (0..d).step_by(64 / size_of::<E>()) {
-                // SAFETY: prefetch is a hint that never faults; the address is inside `data`.
-                unsafe {
-                    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-                    _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(start + line) as *const i8);
-                }
-            }
+            data.prefetch(self.at(j) + from, d);
         }
     }
 
-    /// The first `d` values of slot `j` of `data` (the keys or the values, typed).
-    #[inline(always)]
-    fn row<'d, E>(&self, data: &'d [E], j: usize, d: usize) -> &'d [E] {
-        &data[j * self.stride + self.offset..][..d]
+    /// Whether `data` holds `head_dim` values of every slot (the unchecked loads rely on it).
+    fn fits<'d>(&self, data: impl KvRows<'d>, head_dim: usize) -> bool {
+        self.len == 0 || self.at(self.len - 1) + head_dim <= data.len()
+    }
+}
+
+/// Values `at .. at + len` of `data` as f32: in place when they are f32, else widened into
+/// `buf`.
+#[inline(always)]
+fn row_f32<'b, 'd: 'b>(
+    data: impl KvRows<'d>,
+    at: usize,
+    len: usize,
+    buf: &'b mut Vec<f32>,
+) -> &'b [f32] {
+    match data.f32s() {
+        Some(all) => &all[at..at + len],
+        None => {
+            buf.resize(len, 0.0);
+            data.widen(at, buf);
+            buf
+        }
     }
 }
 
@@ -222,6 +239,10 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
                 #[inline(always)]
                 || self.score_in(keys, scores, at, scale, wide),
             ),
+            KvView::Q8(keys) => kernel.vectorize(
+                #[inline(always)]
+                || self.score_in(keys, scores, at, scale, wide),
+            ),
         }
     }
 
@@ -236,6 +257,10 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
                 #[inline(always)]
                 || self.accumulate_in(values, probs, at, out, wide),
             ),
+            KvView::Q8(values) => kernel.vectorize(
+                #[inline(always)]
+                || self.accumulate_in(values, probs, at, out, wide),
+            ),
         }
     }
 }
@@ -247,9 +272,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// [`SegmentView::score`] over keys of one element type; `wide` scores whole blocks of 16
     /// keys with AVX-512 first.
     #[inline(always)]
-    fn score_in<E: KvElem>(
+    fn score_in<'d>(
         &self,
-        keys: &[E],
+        keys: impl KvRows<'d>,
         scores: &mut [f32],
         at: Placement,
         scale: f32,
@@ -281,7 +306,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             if !(self.visible)(j) {
                 continue;
             }
-            let k = E::as_f32(self.rows.row(keys, j, head_dim), &mut widened);
+            let k = row_f32(keys, self.rows.at(j), head_dim, &mut widened);
             // Up to four heads per sweep over the key: independent FMA chains, one key load.
             let mut g = 0;
             while g < group {
@@ -308,9 +333,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     /// [`SegmentView::accumulate`] over values of one element type: each value row added into
     /// every head's outputs, or with `wide` the outputs held in AVX-512 registers.
     #[inline(always)]
-    fn accumulate_in<E: KvElem>(
+    fn accumulate_in<'d>(
         &self,
-        values: &[E],
+        values: impl KvRows<'d>,
         probs: &[f32],
         at: Placement,
         out: &mut [f32],
@@ -333,7 +358,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         let mut widened = Vec::new();
         for j in 0..self.rows.len {
             self.rows.prefetch(values, j + PREFETCH_AHEAD, 0, head_dim);
-            let v = E::as_f32(self.rows.row(values, j, head_dim), &mut widened);
+            let v = row_f32(values, self.rows.at(j), head_dim, &mut widened);
             for g in 0..group {
                 let p = probs[g * n_keys + base + j];
                 if p != 0.0 {
@@ -404,9 +429,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn score_blocks<E: KvElem>(
+    fn score_blocks<'d>(
         &self,
-        keys: &[E],
+        keys: impl KvRows<'d>,
         scores: &mut [f32],
         at: Placement,
         scale: f32,
@@ -424,6 +449,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         }
         assert!(self.queries.len() >= group * head_dim);
         assert!(scores.len() >= (group - 1) * n_keys + base + blocks * 16);
+        assert!(self.rows.fits(keys, head_dim));
         // Keys that are not f32 are widened once per block here, not in every head's pass (7
         // conversions of each key for the default model's groups of 7 heads, the pass's
         // bottleneck); the block stays in L1.
@@ -437,24 +463,23 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             if visible == 0 {
                 continue; // the buffer starts at −∞
             }
-            let stored: [&[E]; 16] = std::array::from_fn(|k| self.rows.row(keys, j0 + k, head_dim));
-            if E::f32_row(stored[0]).is_none() {
-                widened.resize(16 * head_dim, 0.0);
-                for (row, out) in stored.iter().zip(widened.chunks_exact_mut(head_dim)) {
-                    for c in (0..head_dim).step_by(16) {
-                        // SAFETY: 16 of the `head_dim` values of the row and of its place.
-                        unsafe {
-                            _mm512_storeu_ps(
-                                out.as_mut_ptr().add(c),
-                                E::load16(row.as_ptr().add(c)),
-                            )
-                        };
+            let rows: [&[f32]; 16] = match keys.f32s() {
+                Some(all) => std::array::from_fn(|k| &all[self.rows.at(j0 + k)..][..head_dim]),
+                None => {
+                    widened.resize(16 * head_dim, 0.0);
+                    for (k, out) in widened.chunks_exact_mut(head_dim).enumerate() {
+                        let row = self.rows.at(j0 + k);
+                        for c in (0..head_dim).step_by(16) {
+                            // SAFETY: 16 of the `head_dim` values of a slot the assertion
+                            // above checked, and of its place in `widened`.
+                            unsafe {
+                                _mm512_storeu_ps(out.as_mut_ptr().add(c), keys.load16(row + c))
+                            };
+                        }
                     }
+                    std::array::from_fn(|k| &widened[k * head_dim..(k + 1) * head_dim])
                 }
-            }
-            let rows: [&[f32]; 16] = std::array::from_fn(|k| {
-                E::f32_row(stored[k]).unwrap_or_else(|| &widened[k * head_dim..(k + 1) * head_dim])
-            });
+            };
             for g in 0..group {
                 let q = &self.queries[g * head_dim..(g + 1) * head_dim];
                 // SAFETY: every load reads 16 of the `head_dim` values of `q` and of the key
@@ -482,9 +507,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn accumulate_in_registers<E: KvElem>(
+    fn accumulate_in_registers<'d>(
         &self,
-        values: &[E],
+        values: impl KvRows<'d>,
         probs: &[f32],
         at: Placement,
         out: &mut [f32],
@@ -518,9 +543,9 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn add_weighted<E: KvElem, const H: usize>(
+    fn add_weighted<'d, const H: usize>(
         &self,
-        values: &[E],
+        values: impl KvRows<'d>,
         probs: [&[f32]; H],
         slice: usize,
         head_dim: usize,
@@ -530,14 +555,15 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         for p in probs {
             assert!(p.len() >= self.rows.len);
         }
-        // SAFETY: each load reads 16 of the 64 values
-        // `value(j, slice + 64)[slice..]` checks, and `j` is inside every `probs` (above).
+        assert!(slice + SLICE <= head_dim && self.rows.fits(values, head_dim));
+        // SAFETY: each load reads 16 of the 64 values from `slice` of a slot's `head_dim`
+        // (checked above), and `j` is inside every `probs` (above).
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); SLICE / 16]; H];
             for j in 0..self.rows.len {
                 self.rows.prefetch(values, j + PREFETCH_AHEAD, slice, SLICE);
-                let v = self.rows.row(values, j, slice + SLICE)[slice..].as_ptr();
-                let v: [__m512; SLICE / 16] = std::array::from_fn(|c| E::load16(v.add(16 * c)));
+                let v = self.rows.at(j) + slice;
+                let v: [__m512; SLICE / 16] = std::array::from_fn(|c| values.load16(v + 16 * c));
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(*probs[h].get_unchecked(j));
                     for (a, v) in acc.iter_mut().zip(v) {
@@ -645,6 +671,7 @@ fn softmax_numerators(row: &mut [f32]) -> (f32, f32) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::kv_store::{KvType, KvVec};
     use super::*;
     use rand::{RngExt, SeedableRng, rngs::StdRng};
 
@@ -653,51 +680,65 @@ mod tests {
     /// and the rest) and the one-key-at-a-time paths (`head_dim` not a multiple of 16 or 64),
     /// over two segments with keys hidden in both.
     ///
-    /// Every instruction set the CPU has, with keys and values stored as f32 and as f16 (the
-    /// random values are f16 numbers, so both hold the same ones and share the tolerance).
+    /// Every instruction set the CPU has, with keys and values stored as f32, f16 and q8_0
+    /// (the random values are q8_0 blocks whose scales are powers of two, so all three hold
+    /// the same numbers and share the tolerance).
     #[test]
     fn group_attention_matches_a_direct_softmax() {
         for kernel in Kernel::available() {
-            for halves in [false, true] {
-                group_attention_matches_a_direct_softmax_on(kernel, halves);
+            for kv_type in [KvType::F32, KvType::F16, KvType::Q8_0] {
+                group_attention_matches_a_direct_softmax_on(kernel, kv_type);
             }
         }
     }
 
     /// [`group_attention_matches_a_direct_softmax`] with one instruction set and storage.
-    fn group_attention_matches_a_direct_softmax_on(kernel: Kernel, halves: bool) {
-        use half::f16;
+    fn group_attention_matches_a_direct_softmax_on(kernel: Kernel, kv_type: KvType) {
         let mut rng = StdRng::seed_from_u64(11);
         for (group, head_dim, n_kv_heads) in [(7, 64, 2), (4, 256, 1), (3, 32, 2), (2, 24, 1)] {
+            if !kv_type.holds_rows_of(head_dim) {
+                continue;
+            }
             let stride = n_kv_heads * head_dim;
             let lens = [5usize, 45];
+            // Per block of 32: a scale 2⁻⁶…2⁻⁸ and values of ±127 steps, one at the block's
+            // max, so every storage type holds them exactly.
             let mut random = |n: usize| -> Vec<f32> {
+                let mut scale = 1.0;
                 (0..n)
-                    .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                    .map(|i| {
+                        if i % 32 == 0 {
+                            scale = [1.0 / 64.0, 1.0 / 128.0, 1.0 / 256.0][rng.random_range(0..3)];
+                        }
+                        let q = if i % 32 == 5 {
+                            127
+                        } else {
+                            rng.random_range(-127..=127)
+                        };
+                        q as f32 * scale
+                    })
                     .collect()
             };
             let keys: Vec<Vec<f32>> = lens.iter().map(|&n| random(n * stride)).collect();
             let values: Vec<Vec<f32>> = lens.iter().map(|&n| random(n * stride)).collect();
             let queries: Vec<Vec<f32>> = lens.iter().map(|_| random(group * head_dim)).collect();
-            let to_f16 = |rows: &Vec<Vec<f32>>| -> Vec<Vec<f16>> {
+            let store = |rows: &Vec<Vec<f32>>| -> Vec<KvVec> {
                 rows.iter()
-                    .map(|r| r.iter().map(|&x| f16::from_f32(x)).collect())
+                    .map(|r| {
+                        let mut v = KvVec::new(kv_type);
+                        v.extend(r);
+                        assert_eq!(&v.to_f32(0..r.len()), r, "{kv_type} holds them exactly");
+                        v
+                    })
                     .collect()
             };
-            let (keys16, values16) = (to_f16(&keys), to_f16(&values));
-            fn view<'a>(halves: bool, f32s: &'a [f32], f16s: &'a [f16]) -> KvView<'a> {
-                if halves {
-                    KvView::F16(f16s)
-                } else {
-                    KvView::F32(f32s)
-                }
-            }
+            let (keys_held, values_held) = (store(&keys), store(&values));
             let kv = n_kv_heads - 1;
             let hidden = |s: usize, j: usize| (s == 0 && j == 2) || (s == 1 && j % 7 == 3);
             let segment = |s: usize| Segment {
                 rows: Rows {
-                    keys: view(halves, &keys[s], &keys16[s]),
-                    values: view(halves, &values[s], &values16[s]),
+                    keys: keys_held[s].view(),
+                    values: values_held[s].view(),
                     stride,
                     offset: kv * head_dim,
                     len: lens[s],
@@ -749,7 +790,7 @@ mod tests {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(
                 split < 1e-5,
-                "{kernel:?} f16 {halves} group {group} head_dim {head_dim}: split {split}"
+                "{kernel:?} {kv_type} group {group} head_dim {head_dim}: split {split}"
             );
             for g in 0..group {
                 let mut weights = Vec::new();
@@ -774,7 +815,7 @@ mod tests {
                     let got = out[g * head_dim + d] as f64;
                     assert!(
                         (got - want).abs() < 1e-4,
-                        "{kernel:?} f16 {halves} group {group} head_dim {head_dim}: head {g} \
+                        "{kernel:?} {kv_type} group {group} head_dim {head_dim}: head {g} \
                          value {d}: {got} vs {want}"
                     );
                 }

@@ -1,8 +1,9 @@
 //! The bounded cache as a safetensors file, so a saved conversation resumes exactly where it
 //! stopped without running its history through the model again.
 //!
-//! Per layer `i`: `layers.i.{global_k, global_v, ring_k, ring_v}` (`[slots, kv·head_dim]`, f32 or
-//! f16: the cache's [`KvType`], which restores with them)
+//! Per layer `i`: `layers.i.{global_k, global_v, ring_k, ring_v}` (`[slots, kv·head_dim]` as
+//! f32 or f16, or `[slots, bytes]` of GGML's q8_0 blocks as u8: the cache's [`KvType`], which
+//! restores with them)
 //! and `layers.i.{global_pos, ring_pos}` (u64). The header's metadata holds the Λ parameters,
 //! each layer's token count, the pinned ranges and a format tag. Loading checks every shape
 //! against the model's own geometry: a snapshot from another model or other parameters is
@@ -65,19 +66,20 @@ impl HostCache {
             let row = l.geometry.n_kv_heads * l.geometry.head_dim;
             let (g, r) = (l.global_pos.len(), l.ring_pos.len());
             let kv = dtype_of(l.kv_type());
+            let width = width_of(l.kv_type(), row);
             let mut add = |name: &str, dtype, shape: Vec<usize>, data| {
                 buffers.push((format!("layers.{i}.{name}"), dtype, shape, data))
             };
-            add("global_k", kv, vec![g, row], l.global_k.to_le_bytes());
-            add("global_v", kv, vec![g, row], l.global_v.to_le_bytes());
+            add("global_k", kv, vec![g, width], l.global_k.to_le_bytes());
+            add("global_v", kv, vec![g, width], l.global_v.to_le_bytes());
             add(
                 "global_pos",
                 Dtype::U64,
                 vec![g],
                 bytes_of(&l.global_pos).to_vec(),
             );
-            add("ring_k", kv, vec![r, row], l.ring_k.to_le_bytes());
-            add("ring_v", kv, vec![r, row], l.ring_v.to_le_bytes());
+            add("ring_k", kv, vec![r, width], l.ring_k.to_le_bytes());
+            add("ring_v", kv, vec![r, width], l.ring_v.to_le_bytes());
             add(
                 "ring_pos",
                 Dtype::U64,
@@ -229,6 +231,15 @@ fn dtype_of(kv_type: KvType) -> Dtype {
     match kv_type {
         KvType::F32 => Dtype::F32,
         KvType::F16 => Dtype::F16,
+        KvType::Q8_0 => Dtype::U8,
+    }
+}
+
+/// Elements of the stored tensor per slot of `row` values: values, or q8_0's bytes.
+fn width_of(kv_type: KvType, row: usize) -> usize {
+    match kv_type {
+        KvType::Q8_0 => kv_type.stored_bytes(row),
+        _ => row,
     }
 }
 
@@ -256,17 +267,25 @@ fn load_layer(
         }
         Ok((rows, t.data()))
     };
-    // The layer's keys decide its type (f32 or f16); the other three must agree.
+    // The layer's keys decide its type (f32, f16 or q8_0); the other three must agree.
     let kv_type = match tensors.tensor(&format!("layers.{i}.ring_k"))?.dtype() {
         Dtype::F16 => KvType::F16,
+        Dtype::U8 => KvType::Q8_0,
         _ => KvType::F32,
     };
-    let kv = dtype_of(kv_type);
-    let (g, global_k) = get("global_k", kv, row)?;
-    let (g_v, global_v) = get("global_v", kv, row)?;
+    if !kv_type.holds_rows_of(layer.geometry.head_dim) {
+        return Err(SnapshotError::Mismatch(format!(
+            "layer {i} holds {kv_type} keys, which need a head size that is a multiple of 32 \
+             (this model's is {})",
+            layer.geometry.head_dim
+        )));
+    }
+    let (kv, width) = (dtype_of(kv_type), width_of(kv_type, row));
+    let (g, global_k) = get("global_k", kv, width)?;
+    let (g_v, global_v) = get("global_v", kv, width)?;
     let (g_p, global_pos) = get("global_pos", Dtype::U64, 1)?;
-    let (r, ring_k) = get("ring_k", kv, row)?;
-    let (r_v, ring_v) = get("ring_v", kv, row)?;
+    let (r, ring_k) = get("ring_k", kv, width)?;
+    let (r_v, ring_v) = get("ring_v", kv, width)?;
     let (r_p, ring_pos) = get("ring_pos", Dtype::U64, 1)?;
     if g != g_v || g != g_p || r != r_v || r != r_p || r > layer.geometry.window {
         return Err(SnapshotError::Mismatch(format!(
@@ -291,7 +310,7 @@ mod tests {
 
     fn feed(cache: &mut HostCache, rope: &Rope, values: &[f32]) -> Vec<f32> {
         let mut out = Vec::new();
-        for x in values.chunks(4) {
+        for x in values.chunks(cache.layers[0].geometry.head_dim) {
             let input = AttentionInput {
                 q: x,
                 k: x,
@@ -378,6 +397,35 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
         assert!(err > 0.0 && err < 2e-3, "f16 against f32: max |Δ| = {err}");
+    }
+
+    /// A q8_0 cache saves GGML's 34-byte blocks and restores as q8_0, continuing exactly; a
+    /// model whose head size is not whole blocks refuses it.
+    #[test]
+    fn a_q8_0_cache_restores_as_q8_0() {
+        let params = LambdaParams::new(2, 8, None).unwrap();
+        let geometry = vec![LayerGeometry::full(params, 1, 32); 2];
+        let rope = Rope::new(32, 10_000.0, RopeStyle::Neox);
+        let tokens: Vec<f32> = (0..32 * 30)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0)
+            .collect();
+        let mut original = HostCache::new(params, geometry.clone());
+        original.set_kv_type(KvType::Q8_0);
+        feed(&mut original, &rope, &tokens[..32 * 20]);
+        original.pin(12..13);
+        let bytes = original.to_snapshot().unwrap();
+        let mut restored = HostCache::from_snapshot(&bytes, params, geometry.clone()).unwrap();
+        assert_eq!(restored.kv_type(), KvType::Q8_0);
+        assert_eq!(restored.stats(), original.stats());
+        let a = feed(&mut original, &rope, &tokens[32 * 20..]);
+        let b = feed(&mut restored, &rope, &tokens[32 * 20..]);
+        assert_eq!(a, b);
+        let halves = vec![LayerGeometry::full(params, 2, 16); 2];
+        let err = HostCache::from_snapshot(&bytes, params, halves).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Mismatch(ref m) if m.contains("multiple of 32")),
+            "{err}"
+        );
     }
 
     /// Counters and positions a cache could not have are refused, not trusted: a ring position

@@ -445,14 +445,15 @@ pub fn feed(
 /// Bytes the KV cache of `params` holds after `tokens` tokens (sliding layers capped at their
 /// window), keys and values of the engine's type: what `vanilla` needs before it starts.
 pub fn kv_bytes_at(engine: &Engine, params: LambdaParams, tokens: usize) -> u64 {
-    let bytes = engine.kv_type.bytes();
     engine
         .model
         .layer_geometry(params)
         .iter()
         .map(|g| {
             let slots = tokens.min(g.window) + tokens.min(g.n_global);
-            (slots * g.n_kv_heads * g.head_dim * 2 * bytes) as u64
+            engine
+                .kv_type
+                .bytes_for(slots * g.n_kv_heads * g.head_dim * 2) as u64
         })
         .sum()
 }

@@ -10,8 +10,8 @@
 //! position one past the oldest that window needs: hence `n_local + 1` slots).
 //!
 //! Values are stored as the cache holds them ([`KvType`]): an f16 cache writes half the bytes
-//! of an f32 one, and since f16 → f32 → f16 is exact, nothing is lost on the way through the
-//! f32 slots the cache hands over. Files written before the element type existed have zeros
+//! of an f32 one, a q8_0 cache GGML's 34-byte blocks, and since what the cache held goes
+//! through the f32 slots it hands over and back to the same bytes, nothing is lost on the way. Files written before the element type existed have zeros
 //! where it sits, which reads as f32, as they are.
 
 use std::fs::{File, OpenOptions};
@@ -19,15 +19,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
-
 use crate::attention::KvType;
 
 const MAGIC: &[u8; 8] = b"LCKVRNG1";
 const HEADER: u64 = 4096;
 const ENTRY: u64 = 16;
 const EMPTY: u64 = u64::MAX;
+/// Values per slot past which a header is damage, not a model (a slot is one token's keys and
+/// values over every layer: about 6,000 for the default model).
+const MAX_SLOT_FLOATS: usize = 1 << 32;
 
 /// The table entry of a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +46,6 @@ pub struct KvFile {
     slots: u64,
     kv_type: KvType,
     table: Vec<Entry>,
-    /// An f16 file's slot as stored, reused from one write to the next.
-    halves: Vec<f16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +60,7 @@ impl KvFile {
     }
 
     fn slot_bytes(&self) -> u64 {
-        self.slot_floats * self.kv_type.bytes() as u64
+        self.kv_type.stored_bytes(self.slot_floats as usize) as u64
     }
 
     /// Creates (or empties) the file for slots of `slot_floats` values stored as `kv_type`,
@@ -102,7 +100,6 @@ impl KvFile {
             slots,
             kv_type,
             table: vec![empty; slots as usize],
-            halves: Vec::new(),
         })
     }
 
@@ -141,7 +138,13 @@ impl KvFile {
         let Some(kv_type) = type_of(word(24)) else {
             return Ok(None);
         };
-        if &header[..8] != MAGIC || slot_floats == 0 || slots == 0 || slots > 1 << 24 {
+        if &header[..8] != MAGIC
+            || slot_floats == 0
+            || slot_floats > MAX_SLOT_FLOATS as u64
+            || !kv_type.holds_rows_of(slot_floats as usize)
+            || slots == 0
+            || slots > 1 << 24
+        {
             return Ok(None);
         }
         let mut table = vec![0u8; (slots * ENTRY) as usize];
@@ -157,7 +160,6 @@ impl KvFile {
             slots,
             kv_type,
             table,
-            halves: Vec::new(),
         }))
     }
 
@@ -196,7 +198,10 @@ impl KvFile {
         File::open(path).ok()?.read_exact(&mut header).ok()?;
         let floats = u64::from_le_bytes(header[8..16].try_into().ok()?);
         let kv_type = type_of(u64::from_le_bytes(header[24..32].try_into().ok()?))?;
-        (&header[..8] == MAGIC).then_some(floats.checked_mul(kv_type.bytes() as u64)?)
+        let floats = usize::try_from(floats)
+            .ok()
+            .filter(|&f| f <= MAX_SLOT_FLOATS)?;
+        (&header[..8] == MAGIC).then_some(kv_type.stored_bytes(floats) as u64)
     }
 
     /// What slot `position` would sit in holds now.
@@ -214,14 +219,7 @@ impl KvFile {
     ) -> Result<(), KvFileError> {
         let err = |e| KvFileError::Io(self.path.clone(), e);
         let slot = position % self.slots;
-        let bytes: &[u8] = match self.kv_type {
-            KvType::F32 => bytemuck::cast_slice(data),
-            KvType::F16 => {
-                self.halves.resize(data.len(), f16::ZERO);
-                self.halves.convert_from_f32_slice(data);
-                bytemuck::cast_slice(&self.halves)
-            }
-        };
+        let bytes = &self.kv_type.encode(data);
         debug_assert_eq!(bytes.len() as u64, self.slot_bytes());
         self.file
             .write_all_at(bytes, self.data_offset() + slot * self.slot_bytes())
@@ -259,15 +257,7 @@ impl KvFile {
         if crc32fast::hash(&bytes) != entry.crc {
             return None;
         }
-        Some(match self.kv_type {
-            KvType::F32 => bytemuck::pod_collect_to_vec(&bytes),
-            KvType::F16 => {
-                let halves: Vec<f16> = bytemuck::pod_collect_to_vec(&bytes);
-                let mut floats = vec![0f32; halves.len()];
-                halves.convert_to_f32_slice(&mut floats);
-                floats
-            }
-        })
+        Some(self.kv_type.decode(&bytes))
     }
 
     /// The latest window end in `from..=to` the table vouches for: every position of the
@@ -297,6 +287,7 @@ fn type_code(kv_type: KvType) -> u64 {
     match kv_type {
         KvType::F32 => 0,
         KvType::F16 => 1,
+        KvType::Q8_0 => 2,
     }
 }
 
@@ -304,6 +295,7 @@ fn type_of(code: u64) -> Option<KvType> {
     match code {
         0 => Some(KvType::F32),
         1 => Some(KvType::F16),
+        2 => Some(KvType::Q8_0),
         _ => None,
     }
 }
@@ -327,6 +319,7 @@ fn decode(b: &[u8]) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn slots_wrap_and_a_window_survives_a_torn_save() {
@@ -426,5 +419,38 @@ mod tests {
         std::fs::write(&path, &header).unwrap();
         assert!(KvFile::open(&path, 8, 3).unwrap().is_none());
         assert_eq!(KvFile::token_bytes(&path), None);
+    }
+
+    #[test]
+    fn a_q8_0_file_stores_ggml_blocks_and_gives_back_what_a_q8_0_cache_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.kv");
+        // What a q8_0 cache hands over: values already on its grid.
+        let raw: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let held = KvType::Q8_0.decode(&KvType::Q8_0.encode(&raw));
+        assert_ne!(held, raw);
+        let mut f = KvFile::create(&path, 64, 3, KvType::Q8_0).unwrap();
+        f.write(0, &held, true).unwrap();
+        f.sync().unwrap();
+        assert_eq!(KvFile::token_bytes(&path), Some(2 * 34));
+        let f = KvFile::open(&path, 64, 3).unwrap().unwrap();
+        assert_eq!(
+            f.read(0),
+            Some(held),
+            "a held row requantizes to its own bytes"
+        );
+        assert!(
+            KvFile::open_as(&path, 64, 3, KvType::F16)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            KvFile::open_as(&path, 64, 3, KvType::Q8_0)
+                .unwrap()
+                .is_some()
+        );
+        // A q8_0 header whose slots are not whole blocks is damage, not a file to use.
+        KvFile::create(&path, 48, 3, KvType::Q8_0).unwrap();
+        assert!(KvFile::open(&path, 48, 3).unwrap().is_none());
     }
 }
