@@ -53,6 +53,19 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Each of `cases` within `relative` of the reference's largest logit (at least 1).
+fn assert_near(reference: (&str, &[f32]), cases: &[(&str, &Vec<f32>)], relative: f32) {
+    let (name, expected) = reference;
+    let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    for (what, logits) in cases {
+        let err = max_diff(expected, logits);
+        assert!(
+            err <= relative * scale.max(1.0),
+            "{what}: max |Δ| = {err} against {name} (logits up to {scale})"
+        );
+    }
+}
+
 /// A conversation on a window of 16 that has evicted, saved by an engine of `saved_as` in its
 /// own directory under `dir`; then either continued in place or resumed by `resumed`. The next
 /// logits and the cache's bytes (see [`next_logits`]).
@@ -129,18 +142,15 @@ fn a_conversation_resumes_across_kv_types() {
         is_f16(bytes),
         "an f32 cache resumed by an f16 engine is f16: {bytes}"
     );
-    let scale = f32_straight.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    for (what, logits) in [
-        ("f16 straight", &f16_straight),
-        ("f16 resumed as f32", &f16_in_f32),
-        ("f32 resumed as f16", &f32_in_f16),
-    ] {
-        let err = max_diff(&f32_straight, logits);
-        assert!(
-            err <= 1e-2 * scale.max(1.0),
-            "{what}: max |Δ| = {err} against f32 (logits up to {scale})"
-        );
-    }
+    assert_near(
+        ("f32", &f32_straight),
+        &[
+            ("f16 straight", &f16_straight),
+            ("f16 resumed as f32", &f16_in_f32),
+            ("f32 resumed as f16", &f32_in_f16),
+        ],
+        1e-2,
+    );
     assert_ne!(f16_straight, f32_straight, "the types do differ");
 }
 
@@ -187,16 +197,13 @@ fn a_q8_0_conversation_resumes_and_takes_17_32_of_f16() {
         (bytes as f64) > 0.8 * f16_bytes as f64,
         "a q8_0 cache resumed by an f16 engine is f16: {bytes}"
     );
-    let scale = f16_straight.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    for (what, logits) in [
-        ("q8_0 straight", &q8_straight),
-        ("q8_0 resumed as f16", &q8_in_f16),
-    ] {
-        let err = max_diff(&f16_straight, logits);
-        assert!(
-            err <= 5e-2 * scale.max(1.0),
-            "{what}: max |Δ| = {err} against f16 (logits up to {scale})"
-        );
-    }
+    assert_near(
+        ("f16", &f16_straight),
+        &[
+            ("q8_0 straight", &q8_straight),
+            ("q8_0 resumed as f16", &q8_in_f16),
+        ],
+        5e-2,
+    );
     assert_ne!(q8_straight, f16_straight, "the types do differ");
 }
