@@ -11,8 +11,9 @@
 //!
 //! Values are stored as the cache holds them ([`KvType`]): an f16 cache writes half the bytes
 //! of an f32 one, a q8_0 cache GGML's 34-byte blocks, and since what the cache held goes
-//! through the f32 slots it hands over and back to the same bytes, nothing is lost on the way. Files written before the element type existed have zeros
-//! where it sits, which reads as f32, as they are.
+//! through the f32 slots it hands over and back to the same bytes, nothing is lost on the
+//! way. Files written before the element type existed have zeros where it sits, which reads
+//! as f32, as they are.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
