@@ -3,13 +3,16 @@
 //! All query heads that share a KV head (GQA) are served together, so each key and value row is
 //! read from memory once per group instead of once per head, and nothing is copied or repeated.
 //! Three passes over a scratch buffer laid out head-major: scores (dot products; with AVX-512 in
-//! blocks of 16 keys whose sums across lanes are taken together), softmax (a branch-free exp
-//! that the compiler vectorizes), then the weighted value sum (up to four heads × 64 outputs held
-//! in registers across all keys). Scores of keys the rule hides are −∞ and contribute exactly
-//! zero.
+//! blocks of 16 keys whose sums across lanes are taken together, with AVX2 in blocks of 8:
+//! [`avx2`]), softmax (a branch-free exp that the compiler vectorizes), then the weighted value
+//! sum (outputs held in registers across the keys: up to four heads × 64 with AVX-512, four
+//! heads × 16 with AVX2). Scores of keys the rule hides are −∞ and contribute exactly zero.
 
 use super::kv_store::{KvRows, KvView};
 use crate::kernels::{Kernel, fast_exp};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 /// How many slots ahead of use rows are prefetched.
 const PREFETCH_AHEAD: usize = 8;
@@ -229,37 +232,35 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
     }
 
     fn score(&self, kernel: Kernel, scores: &mut [f32], at: Placement, scale: f32) {
-        let wide = kernel.has_avx512();
         match self.rows.keys {
             KvView::F32(keys) => kernel.vectorize(
                 #[inline(always)]
-                || self.score_in(keys, scores, at, scale, wide),
+                || self.score_in(keys, scores, at, scale, kernel),
             ),
             KvView::F16(keys) => kernel.vectorize(
                 #[inline(always)]
-                || self.score_in(keys, scores, at, scale, wide),
+                || self.score_in(keys, scores, at, scale, kernel),
             ),
             KvView::Q8(keys) => kernel.vectorize(
                 #[inline(always)]
-                || self.score_in(keys, scores, at, scale, wide),
+                || self.score_in(keys, scores, at, scale, kernel),
             ),
         }
     }
 
     fn accumulate(&self, kernel: Kernel, probs: &[f32], at: Placement, out: &mut [f32]) {
-        let wide = kernel.has_avx512();
         match self.rows.values {
             KvView::F32(values) => kernel.vectorize(
                 #[inline(always)]
-                || self.accumulate_in(values, probs, at, out, wide),
+                || self.accumulate_in(values, probs, at, out, kernel),
             ),
             KvView::F16(values) => kernel.vectorize(
                 #[inline(always)]
-                || self.accumulate_in(values, probs, at, out, wide),
+                || self.accumulate_in(values, probs, at, out, kernel),
             ),
             KvView::Q8(values) => kernel.vectorize(
                 #[inline(always)]
-                || self.accumulate_in(values, probs, at, out, wide),
+                || self.accumulate_in(values, probs, at, out, kernel),
             ),
         }
     }
@@ -267,10 +268,11 @@ impl<F: Fn(usize) -> bool> SegmentView for Segment<'_, F> {
 
 /// The passes are generic bodies inlined into [`Kernel::vectorize`]: compiled once per
 /// instruction set and chosen at run time, so a portable binary runs the wide code where the
-/// CPU has it. `wide` (AVX-512 F present) adds the hand-written AVX-512 blocks.
+/// CPU has it. On x86-64, `kernel` adds the hand-written blocks: AVX-512's here, AVX2's in
+/// [`avx2`].
 impl<F: Fn(usize) -> bool> Segment<'_, F> {
-    /// [`SegmentView::score`] over keys of one element type; `wide` scores whole blocks of 16
-    /// keys with AVX-512 first.
+    /// [`SegmentView::score`] over keys of one element type; whole blocks of keys go through
+    /// `kernel`'s blocked pass first (16 keys with AVX-512, 8 with AVX2).
     #[inline(always)]
     fn score_in<'d>(
         &self,
@@ -278,7 +280,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         scores: &mut [f32],
         at: Placement,
         scale: f32,
-        wide: bool,
+        kernel: Kernel,
     ) {
         let Placement {
             base,
@@ -290,15 +292,15 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         let mut d = [0f32; 4];
         let mut widened = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `wide` only where the CPU has AVX-512 F.
-        let first = if wide {
-            unsafe { self.score_blocks(keys, scores, at, scale) }
-        } else {
-            0
+        let first = match kernel {
+            // SAFETY: `detect` chose these kernels because the CPU has their features.
+            Kernel::Avx512Vnni => unsafe { self.score_blocks(keys, scores, at, scale) },
+            Kernel::Avx2 => unsafe { self.score_blocks_avx2(keys, scores, at, scale) },
+            Kernel::Scalar => 0,
         };
         #[cfg(not(target_arch = "x86_64"))]
         let first = {
-            let _ = wide;
+            let _ = kernel;
             0
         };
         for j in first..self.rows.len {
@@ -331,7 +333,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
     }
 
     /// [`SegmentView::accumulate`] over values of one element type: each value row added into
-    /// every head's outputs, or with `wide` the outputs held in AVX-512 registers.
+    /// every head's outputs, or with AVX-512 or AVX2 (`kernel`) the outputs held in registers.
     #[inline(always)]
     fn accumulate_in<'d>(
         &self,
@@ -339,7 +341,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         probs: &[f32],
         at: Placement,
         out: &mut [f32],
-        wide: bool,
+        kernel: Kernel,
     ) {
         let Placement {
             base,
@@ -348,13 +350,20 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             head_dim,
         } = at;
         #[cfg(target_arch = "x86_64")]
-        if wide && head_dim.is_multiple_of(SLICE) {
-            // SAFETY: `wide` only where the CPU has AVX-512 F.
-            unsafe { self.accumulate_in_registers(values, probs, at, out) };
-            return;
+        match kernel {
+            // SAFETY: `detect` chose these kernels because the CPU has their features.
+            Kernel::Avx512Vnni if head_dim.is_multiple_of(SLICE) => {
+                unsafe { self.accumulate_in_registers(values, probs, at, out) };
+                return;
+            }
+            Kernel::Avx2 if head_dim.is_multiple_of(16) => {
+                unsafe { self.accumulate_avx2(values, probs, at, out) };
+                return;
+            }
+            _ => {}
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = wide;
+        let _ = kernel;
         let mut widened = Vec::new();
         for j in 0..self.rows.len {
             self.rows.prefetch(values, j + PREFETCH_AHEAD, 0, head_dim);

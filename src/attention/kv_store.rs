@@ -108,6 +108,13 @@ pub(super) trait KvRows<'a>: Copy + Send + Sync {
     /// Values `at .. at + 16` must exist, and the CPU must have AVX-512 F.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(self, at: usize) -> std::arch::x86_64::__m512;
+
+    /// Eight values from `at`, widened to f32 (`at` a multiple of 8).
+    ///
+    /// # Safety
+    /// Values `at .. at + 8` must exist, and the CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(self, at: usize) -> std::arch::x86_64::__m256;
 }
 
 /// Prefetches the cache lines of `len` elements of `T` from `p`.
@@ -155,6 +162,14 @@ impl<'a> KvRows<'a> for &'a [f32] {
         // SAFETY: the caller guarantees 16 values from `at` and AVX-512 F.
         unsafe { std::arch::x86_64::_mm512_loadu_ps(self.as_ptr().add(at)) }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(self, at: usize) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 values from `at` and AVX2.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(self.as_ptr().add(at)) }
+    }
 }
 
 impl<'a> KvRows<'a> for &'a [f16] {
@@ -187,6 +202,15 @@ impl<'a> KvRows<'a> for &'a [f16] {
         use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps};
         // SAFETY: the caller guarantees 16 halves (32 bytes) from `at` and AVX-512 F.
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.as_ptr().add(at) as *const __m256i)) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(self, at: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps};
+        // SAFETY: the caller guarantees 8 halves (16 bytes) from `at` and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(self.as_ptr().add(at) as *const __m128i)) }
     }
 }
 
@@ -240,6 +264,20 @@ impl<'a> KvRows<'a> for Q8View<'a> {
             let q = _mm_loadu_si128(self.quants.as_ptr().add(at) as *const __m128i);
             let d = _mm512_set1_ps(*self.scales.get_unchecked(at / Q8_BLOCK));
             _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8(self, at: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 values (bytes) from `at`, whose block has its scale,
+        // and AVX2.
+        unsafe {
+            let q = _mm_loadl_epi64(self.quants.as_ptr().add(at) as *const __m128i);
+            let d = _mm256_set1_ps(*self.scales.get_unchecked(at / Q8_BLOCK));
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
         }
     }
 }

@@ -3,6 +3,7 @@
 /// `e^x` for `x ≤ 0`, branch-free so loops over it vectorize: `n = round(x / ln 2)` by the
 /// 1.5·2²³ trick, `r = x − n·ln 2` with ln 2 split in two (Cody–Waite, so `r` stays exact), `e^r`
 /// (|r| ≤ ½ ln 2) from a degree-7 Taylor polynomial, times `2^n` built in the exponent bits.
+/// Only multiplications, additions and integer operations, so a loop runs it in vectors.
 /// Relative error below 5e-7. Inputs below −87.3 give the smallest normal float, not 0; the
 /// caller maps −∞ (masked) to exactly 0.
 #[inline(always)]
@@ -12,14 +13,19 @@ pub fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
     let x = x.max(-87.33);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // `shifted`'s low mantissa bits hold n in two's complement (|n| < 2²²).
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // 2ⁿ's exponent field from those bits: the shift drops the rest of `shifted`. Not
+    // `n as i32`, whose saturating conversion does not vectorize.
+    let bits = shifted.to_bits().wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 

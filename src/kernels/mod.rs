@@ -204,15 +204,6 @@ impl Kernel {
         }
     }
 
-    /// Whether this implementation may run AVX-512 F code (the attention's blocked scores and
-    /// registers-held value sums).
-    pub(crate) fn has_avx512(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        return self == Self::Avx512Vnni;
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
     /// Runs `f` compiled for this implementation's instruction set: `f` is inlined into a
     /// function built with those features, so the compiler vectorizes its plain loops (and
     /// whatever `f` inlines) for them — AVX-512 or AVX2 in a portable binary whose baseline
