@@ -122,16 +122,8 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             let rows: [*const f32; KEYS] = match keys.f32s() {
                 Some(all) => std::array::from_fn(|k| all[self.rows.at(j0 + k)..].as_ptr()),
                 None => {
-                    for (k, out) in widened.chunks_exact_mut(head_dim).enumerate() {
-                        let row = self.rows.at(j0 + k);
-                        for c in (0..head_dim).step_by(8) {
-                            // SAFETY: 8 of the `head_dim` values of a slot the assertion above
-                            // checked, and of its place in `widened`.
-                            unsafe {
-                                _mm256_storeu_ps(out.as_mut_ptr().add(c), keys.load8(row + c))
-                            };
-                        }
-                    }
+                    // SAFETY: the assertion above checked these slots.
+                    unsafe { self.widen(keys, j0, &mut widened, head_dim) };
                     std::array::from_fn(|k| widened[k * head_dim..].as_ptr())
                 }
             };
@@ -185,6 +177,31 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
         KEYS * blocks
     }
 
+    /// Slots `first ..` of `data` (one row of `head_dim` values per `head_dim` of `into`)
+    /// widened to f32 into `into`.
+    ///
+    /// # Safety
+    /// `data` must hold `head_dim` values (a multiple of 8) of every slot widened
+    /// ([`Rows::fits`](super::Rows::fits) up to the last).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn widen<'d>(
+        &self,
+        data: impl KvRows<'d>,
+        first: usize,
+        into: &mut [f32],
+        head_dim: usize,
+    ) {
+        for (k, into) in into.chunks_exact_mut(head_dim).enumerate() {
+            let row = self.rows.at(first + k);
+            for c in (0..head_dim).step_by(8) {
+                // SAFETY: 8 of the `head_dim` values of a slot the caller vouches for, and of
+                // its place in `into`.
+                unsafe { _mm256_storeu_ps(into.as_mut_ptr().add(c), data.load8(row + c)) };
+            }
+        }
+    }
+
     /// The value pass: for each block of keys, their value rows widened to f32 (or read in
     /// place when f32), then every head's outputs summed over the block in registers, up to
     /// [`HEADS`] heads × [`SLICE`] outputs per sweep. Needs `head_dim` a multiple of 16.
@@ -227,16 +244,8 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             let (rows, stride) = match values.f32s() {
                 Some(all) => (all[self.rows.at(start)..].as_ptr(), self.rows.stride),
                 None => {
-                    for (k, into) in widened.chunks_exact_mut(head_dim).take(n).enumerate() {
-                        let row = self.rows.at(start + k);
-                        for c in (0..head_dim).step_by(8) {
-                            // SAFETY: 8 of the `head_dim` values of a slot the assertion above
-                            // checked, and of its place in `widened`.
-                            unsafe {
-                                _mm256_storeu_ps(into.as_mut_ptr().add(c), values.load8(row + c))
-                            };
-                        }
-                    }
+                    // SAFETY: the assertion above checked these slots.
+                    unsafe { self.widen(values, start, &mut widened[..n * head_dim], head_dim) };
                     (widened.as_ptr(), head_dim)
                 }
             };
