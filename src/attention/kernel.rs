@@ -432,6 +432,33 @@ fn transposed_sums(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m
 }
 
 impl<F: Fn(usize) -> bool> Segment<'_, F> {
+    /// How many whole blocks of `width` keys a blocked score pass (AVX-512's or AVX2's, one
+    /// key per vector lane) takes: none where the head is not whole vectors. Checks that the
+    /// queries, `scores` and `keys` hold everything its unchecked loads and stores touch.
+    #[inline(always)]
+    fn whole_score_blocks<'d>(
+        &self,
+        keys: impl KvRows<'d>,
+        scores: &[f32],
+        at: Placement,
+        width: usize,
+    ) -> usize {
+        let blocks = self.rows.len / width;
+        if blocks == 0 || at.group == 0 || !at.head_dim.is_multiple_of(width) {
+            return 0;
+        }
+        assert!(self.queries.len() >= at.group * at.head_dim);
+        assert!(scores.len() >= (at.group - 1) * at.n_keys + at.base + blocks * width);
+        assert!(self.rows.fits(keys, at.head_dim));
+        blocks
+    }
+
+    /// Bit `k` set where key `j0 + k` is visible, for `n ≤ 16` keys.
+    #[inline(always)]
+    fn visible_mask(&self, j0: usize, n: usize) -> u16 {
+        (0..n).fold(0, |m, k| m | (((self.visible)(j0 + k) as u16) << k))
+    }
+
     /// Scores whole blocks of 16 keys (AVX-512): each head's 16 dot products are summed across
     /// lanes together ([`transposed_sums`]) and stored as one vector, hidden keys as −∞.
     /// Returns how many keys it scored; the caller scores the rest one by one.
@@ -452,13 +479,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             group,
             head_dim,
         } = at;
-        let blocks = self.rows.len / 16;
-        if blocks == 0 || group == 0 || !head_dim.is_multiple_of(16) {
-            return 0;
-        }
-        assert!(self.queries.len() >= group * head_dim);
-        assert!(scores.len() >= (group - 1) * n_keys + base + blocks * 16);
-        assert!(self.rows.fits(keys, head_dim));
+        let blocks = self.whole_score_blocks(keys, scores, at, 16);
         // Keys that are not f32 are widened once per block here, not in every head's pass (7
         // conversions of each key for the default model's groups of 7 heads, the pass's
         // bottleneck); the block stays in L1.
@@ -468,7 +489,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             for k in 0..16 {
                 self.rows.prefetch(keys, j0 + 16 + k, 0, head_dim);
             }
-            let visible = (0..16).fold(0u16, |m, k| m | (((self.visible)(j0 + k) as u16) << k));
+            let visible = self.visible_mask(j0, 16);
             if visible == 0 {
                 continue; // the buffer starts at −∞
             }

@@ -93,13 +93,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
             group,
             head_dim,
         } = at;
-        let blocks = self.rows.len / KEYS;
-        if blocks == 0 || group == 0 || !head_dim.is_multiple_of(8) {
-            return 0;
-        }
-        assert!(self.queries.len() >= group * head_dim);
-        assert!(scores.len() >= (group - 1) * n_keys + base + blocks * KEYS);
-        assert!(self.rows.fits(keys, head_dim));
+        let blocks = self.whole_score_blocks(keys, scores, at, KEYS);
         // Keys that are not f32 are widened once per block, not once per head.
         let mut widened = vec![
             0f32;
@@ -115,7 +109,7 @@ impl<F: Fn(usize) -> bool> Segment<'_, F> {
                 self.rows
                     .prefetch(keys, j0 + 2 * PREFETCH_AHEAD + k, 0, head_dim);
             }
-            let visible = (0..KEYS).fold(0u8, |m, k| m | (((self.visible)(j0 + k) as u8) << k));
+            let visible = self.visible_mask(j0, KEYS) as u8;
             if visible == 0 {
                 continue; // the buffer starts at −∞
             }
